@@ -1,0 +1,846 @@
+"""MetaOptimize: step-size optimisation wrapped around a first-order base update.
+
+The maths is ../shared/spec/metaoptimize.md (sections 2-5); symbols in comments follow it:
+  w weights, g gradient, h trace, beta = log step size per block, alpha = exp(beta),
+  z = sum_{i in block} h_i g_i (the meta-gradient), Delta the amount subtracted from w.
+
+Layout of this file (torch.optim style): a functional core, one function per update rule
+over lists of tensors (`base_*`, `meta_*`), a thin `MetaOptimize` class that owns the
+state and the step-size blocks, the authors' packaged `MetaOptimize_AdamW_Lion_hg`, and
+the command-line glue (`add_optimizer_args`, `build_optimizer`, `build_scheduler`).
+
+Performance notes. `step()` never reads a device value on the host: step counters are
+Python ints, alpha stays a device tensor, and `step_sizes()` hands back a device tensor
+that the caller turns into numbers only when it logs. Every elementwise pass is a
+`torch._foreach_*` call over the tensor list. Internally the base state is kept in
+exponential-moving-average form, m_ema = (1 - rho) m and v_ema = (1 - lambda) v, so that
+each update is one pass (`lerp_`); the constant factors are folded into the scalar that
+multiplies alpha, which keeps the result equal to the spec's sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BASE_ALGS",
+    "META_ALGS",
+    "NAMED_STEPSIZE_GROUPS",
+    "MetaOptimize",
+    "MetaOptimize_AdamW_Lion_hg",
+    "add_optimizer_args",
+    "build_optimizer",
+    "build_scheduler",
+    "current_step_sizes",
+    "eval_weights",
+    "resolve_stepsize_groups",
+]
+
+EPS = 1e-10  # inside the square root, as in the authors' code (spec section 2)
+
+# canonical names; lookups are case-insensitive
+BASE_ALGS = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adamw": "AdamW", "adam": "AdamW", "lion": "Lion"}
+META_ALGS = {"fixed": "fixed", "sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "lion": "Lion"}
+
+# hyperparameters each algorithm reads (constructor names without the _base/_meta suffix)
+BASE_NEEDS = {
+    "SGD": ("weight_decay",),
+    "SGDm": ("weight_decay", "momentum_param"),
+    "RMSProp": ("weight_decay", "normalizer_param"),
+    "AdamW": ("weight_decay", "momentum_param", "normalizer_param"),
+    "Lion": ("weight_decay", "momentum_param", "lion_beta2"),
+}
+META_NEEDS = {
+    "fixed": (),
+    "SGD": ("meta_stepsize", "weight_decay"),
+    "RMSProp": ("meta_stepsize", "weight_decay", "normalizer_param"),
+    "Adam": ("meta_stepsize", "weight_decay", "momentum_param", "normalizer_param"),
+    "Lion": ("meta_stepsize", "weight_decay", "momentum_param", "lion_beta2"),
+}
+SYMBOLS = {
+    "weight_decay_base": "kappa", "momentum_param_base": "rho", "normalizer_param_base": "lambda",
+    "lion_beta2_base": "c", "weight_decay_meta": "kappa_bar", "momentum_param_meta": "rho_bar",
+    "normalizer_param_meta": "lambda_bar", "lion_beta2_meta": "c_bar", "meta_stepsize": "eta",
+    "alpha0": "alpha0", "gamma": "gamma",
+}
+
+# Named block lists of the paper (spec section 5); counts of consecutive parameter tensors.
+NAMED_STEPSIZE_GROUPS = {
+    "resnet18_blocks": [3, 12, 15, 15, 15, 2],
+    "resnet50_blocks": [3, 30, 39, 57, 30, 2],
+    "transformer_blocks_15m": [1, 9, 9, 9, 9, 9, 10],
+}
+GROUP_KINDS = ("scalar", "layerwise", "nodewise", "weightwise", "param_groups", "last_layer_and_others")
+
+
+def _flag(name: str) -> str:
+    """The command-line flag for a constructor argument, for error messages."""
+    flag = "--" + name.replace("_", "-").replace("lion-", "Lion-")
+    sym = SYMBOLS.get(name)
+    return f"{name} ({flag}, {sym})" if sym else f"{name} ({flag})"
+
+
+def _canonical(value: str, table: dict[str, str], name: str) -> str:
+    key = str(value).strip().lower()
+    if key not in table:
+        accepted = ", ".join(dict.fromkeys(table.values()))
+        raise ValueError(f"{_flag(name)}: unknown value {value!r}; accepted: {accepted} (case-insensitive)")
+    return table[key]
+
+
+# --------------------------------------------------------------------------------------
+# Step-size blocks
+# --------------------------------------------------------------------------------------
+
+
+def resolve_stepsize_groups(spec, num_tensors: int, group_sizes: Sequence[int] | None = None):
+    """Turn a `stepsize_groups` value into ("tensor", counts) or ("nodewise"|"weightwise", None).
+
+    `counts` lists how many consecutive parameter tensors each block holds.
+    """
+    if isinstance(spec, str):
+        key = spec.strip()
+        low = key.lower()
+        if low == "scalar":
+            return "tensor", [num_tensors]
+        if low == "layerwise":
+            return "tensor", [1] * num_tensors
+        if low in ("nodewise", "weightwise"):
+            return low, None
+        if low == "param_groups":
+            return "tensor", list(group_sizes or [num_tensors])
+        if low == "last_layer_and_others":
+            if num_tensors < 3:
+                raise ValueError(f"{_flag('stepsize_groups')}: last_layer_and_others needs at least 3 tensors")
+            return "tensor", [num_tensors - 2, 2]
+        if low in NAMED_STEPSIZE_GROUPS:
+            counts = NAMED_STEPSIZE_GROUPS[low]
+        else:
+            try:
+                counts = [int(x) for x in key.strip("[]() ").split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"{_flag('stepsize_groups')}: unknown value {spec!r}; accepted: "
+                    f"{', '.join(GROUP_KINDS + tuple(NAMED_STEPSIZE_GROUPS))}, or a list of tensor counts like [3,12,47]"
+                ) from None
+    else:
+        counts = [int(x) for x in spec]
+    if not counts or any(c <= 0 for c in counts):
+        raise ValueError(f"{_flag('stepsize_groups')}: block sizes must be positive integers, got {counts}")
+    if sum(counts) != num_tensors:
+        raise ValueError(
+            f"{_flag('stepsize_groups')}: block sizes {counts} add up to {sum(counts)}, "
+            f"but the optimizer was given {num_tensors} parameter tensors"
+        )
+    return "tensor", list(counts)
+
+
+# --------------------------------------------------------------------------------------
+# Functional core: base updates. Each returns (d, scale) with Delta = alpha * scale * d;
+# d are new tensors the caller may modify in place. State lists are updated in place.
+# --------------------------------------------------------------------------------------
+
+
+def base_sgd(params, grads, momenta, normalizers, *, weight_decay, step, **_):
+    # Delta = alpha (g + kappa w)
+    return torch._foreach_add(grads, params, alpha=weight_decay), 1.0
+
+
+def base_sgdm(params, grads, momenta, normalizers, *, weight_decay, momentum_param, step, **_):
+    # Delta = alpha (m + kappa w) with m from before this step; then m <- rho m + (1-rho) g
+    d = torch._foreach_add(momenta, params, alpha=weight_decay)
+    torch._foreach_lerp_(momenta, grads, 1.0 - momentum_param)
+    return d, 1.0
+
+
+def _normalizer_denominator(normalizers, grads, normalizer_param, step):
+    """v_ema <- lambda v_ema + (1-lambda) g^2; returns (sqrt(v_ema + eps*bc), sqrt(bc)).
+
+    With v_ema = (1-lambda) v and mu = (1-lambda)/bc, bc = 1 - lambda^t:
+    sqrt(mu v + eps) = sqrt(v_ema + eps bc) / sqrt(bc).
+    """
+    torch._foreach_mul_(normalizers, normalizer_param)
+    torch._foreach_addcmul_(normalizers, grads, grads, 1.0 - normalizer_param)
+    bc = 1.0 - normalizer_param**step
+    denom = torch._foreach_add(normalizers, EPS * bc)
+    torch._foreach_sqrt_(denom)
+    return denom, math.sqrt(bc)
+
+
+def base_rmsprop(params, grads, momenta, normalizers, *, weight_decay, normalizer_param, step, **_):
+    # Delta = alpha (g / sqrt(mu v + eps) + kappa w)
+    denom, scale = _normalizer_denominator(normalizers, grads, normalizer_param, step)
+    if weight_decay:
+        d = torch._foreach_mul(params, weight_decay / scale)
+        torch._foreach_addcdiv_(d, grads, denom)
+    else:
+        d = torch._foreach_div(grads, denom)
+    return d, scale
+
+
+def base_adamw(params, grads, momenta, normalizers, *, weight_decay, momentum_param, normalizer_param, step, **_):
+    # m <- rho m + g (a sum; stored as m_ema = (1-rho) m); Delta = alpha (m / sqrt(mu v + eps) + kappa w)
+    torch._foreach_lerp_(momenta, grads, 1.0 - momentum_param)
+    denom, sqrt_bc = _normalizer_denominator(normalizers, grads, normalizer_param, step)
+    scale = sqrt_bc / (1.0 - momentum_param)
+    if weight_decay:
+        d = torch._foreach_mul(params, weight_decay / scale)
+        torch._foreach_addcdiv_(d, momenta, denom)
+    else:
+        d = torch._foreach_div(momenta, denom)
+    return d, scale
+
+
+def base_lion(params, grads, momenta, normalizers, *, weight_decay, momentum_param, lion_beta2, step, **_):
+    # Delta = alpha (sign(c m + (1-c) g) + kappa w); then m <- rho m + (1-rho) g
+    d = torch._foreach_lerp(grads, momenta, lion_beta2)
+    torch._foreach_sign_(d)
+    if weight_decay:
+        torch._foreach_add_(d, params, alpha=weight_decay)
+    torch._foreach_lerp_(momenta, grads, 1.0 - momentum_param)
+    return d, 1.0
+
+
+BASE_RULES = {"SGD": base_sgd, "SGDm": base_sgdm, "RMSProp": base_rmsprop, "AdamW": base_adamw, "Lion": base_lion}
+
+
+# --------------------------------------------------------------------------------------
+# Functional core: meta updates of beta (a flat float32 tensor, one entry per block).
+# The meta state is small (one entry per block), so it is kept exactly in the spec's form.
+# --------------------------------------------------------------------------------------
+
+
+def meta_fixed(beta, z, momentum, normalizer, **_):
+    pass
+
+
+def meta_sgd(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, **_):
+    # beta <- (1 - eta kappa_bar) beta - eta z
+    if weight_decay:
+        beta.mul_(1.0 - meta_stepsize * weight_decay)
+    beta.add_(z, alpha=-meta_stepsize)
+
+
+def _meta_denominator(normalizer, z, normalizer_param, step):
+    # v_bar <- lambda_bar v_bar + z^2 ; sqrt(mu_bar v_bar + eps)
+    normalizer.mul_(normalizer_param).addcmul_(z, z)
+    mu = (1.0 - normalizer_param) / (1.0 - normalizer_param**step)
+    return normalizer.mul(mu).add_(EPS).sqrt_()
+
+
+def meta_rmsprop(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, normalizer_param, step, **_):
+    denom = _meta_denominator(normalizer, z, normalizer_param, step)
+    if weight_decay:
+        beta.mul_(1.0 - meta_stepsize * weight_decay)
+    beta.addcdiv_(z, denom, value=-meta_stepsize)
+
+
+def meta_adam(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, momentum_param, normalizer_param,
+              step, **_):
+    momentum.mul_(momentum_param).add_(z)  # a sum, as in the spec
+    denom = _meta_denominator(normalizer, z, normalizer_param, step)
+    if weight_decay:
+        beta.mul_(1.0 - meta_stepsize * weight_decay)
+    beta.addcdiv_(momentum, denom, value=-meta_stepsize)
+
+
+def meta_lion(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, momentum_param, lion_beta2, **_):
+    direction = torch.lerp(z, momentum, lion_beta2).sign_()  # sign(c_bar m_bar + (1 - c_bar) z)
+    if weight_decay:
+        beta.mul_(1.0 - meta_stepsize * weight_decay)
+    beta.add_(direction, alpha=-meta_stepsize)
+    momentum.lerp_(z, 1.0 - momentum_param)
+
+
+META_RULES = {"fixed": meta_fixed, "SGD": meta_sgd, "RMSProp": meta_rmsprop, "Adam": meta_adam, "Lion": meta_lion}
+
+
+# --------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------
+
+
+def _check_beta(name, value, low_open=False):
+    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        raise ValueError(f"{_flag(name)} must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value}")
+
+
+def _validate_base(alg, hp, where=""):
+    for key in BASE_NEEDS[alg]:
+        name = key + "_base"
+        value = hp.get(name)
+        if value is None:
+            raise ValueError(f"{_flag(name)} is required by alg_base={alg!r}{where} but is unset")
+        if key == "weight_decay":
+            if value < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {value}")
+        else:
+            _check_beta(name, value)
+
+
+class MetaOptimize(torch.optim.Optimizer):
+    """MetaOptimize with the Hessian-free trace (spec sections 2-5).
+
+    Args mirror the paper's command line (`--alg-base` -> `alg_base`, ...). Names of
+    algorithms are case-insensitive. Hyperparameters the chosen algorithms do not read
+    are ignored, so `None` is fine for them.
+
+    stepsize_groups: "scalar", "layerwise", "nodewise", "weightwise", "param_groups" (one
+        block per torch param group), "last_layer_and_others", a named list
+        ("resnet18_blocks", ...), or a list of tensor counts such as [3, 12, 47]. Blocks
+        follow the order of the parameters as given (all param groups, in order).
+
+    Param groups may override the base hyperparameters (weight_decay_base,
+    momentum_param_base, normalizer_param_base, lion_beta2_base), e.g. no weight decay on
+    norms; the meta hyperparameters and alpha0 are global.
+
+    `step_sizes()` returns alpha per block as a device tensor (no sync); call `.tolist()`
+    on it only when you log.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        alg_base: str = "AdamW",
+        alg_meta: str = "Lion",
+        alpha0: float = 1e-6,
+        meta_stepsize: float = 1e-3,
+        gamma: float = 1.0,
+        stepsize_groups="scalar",
+        weight_decay_base: float | None = 0.1,
+        normalizer_param_base: float | None = 0.999,
+        momentum_param_base: float | None = 0.9,
+        lion_beta2_base: float | None = None,
+        weight_decay_meta: float | None = 0.0,
+        normalizer_param_meta: float | None = None,
+        momentum_param_meta: float | None = 0.99,
+        lion_beta2_meta: float | None = 0.9,
+    ):
+        alg_base = _canonical(alg_base, BASE_ALGS, "alg_base")
+        alg_meta = _canonical(alg_meta, META_ALGS, "alg_meta")
+        if not (alpha0 is not None and alpha0 > 0 and math.isfinite(alpha0)):
+            raise ValueError(f"{_flag('alpha0')} must be a positive number, got {alpha0}")
+        if gamma is None or not (0.0 <= gamma <= 1.0):
+            raise ValueError(f"{_flag('gamma')} must be in [0, 1], got {gamma}")
+        meta_hp = {
+            "meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
+            "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
+            "lion_beta2": lion_beta2_meta,
+        }
+        for key in META_NEEDS[alg_meta]:
+            name = key if key == "meta_stepsize" else key + "_meta"
+            value = meta_hp[key]
+            if value is None:
+                raise ValueError(f"{_flag(name)} is required by alg_meta={alg_meta!r} but is unset")
+            if key == "meta_stepsize" and not value > 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {value}")
+            if key == "weight_decay" and value < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {value}")
+            if key in ("momentum_param", "normalizer_param", "lion_beta2"):
+                _check_beta(name, value)
+        defaults = dict(
+            weight_decay_base=weight_decay_base, normalizer_param_base=normalizer_param_base,
+            momentum_param_base=momentum_param_base, lion_beta2_base=lion_beta2_base,
+        )
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            _validate_base(alg_base, group, where=f" (param group {i})" if len(self.param_groups) > 1 else "")
+
+        self.alg_base, self.alg_meta = alg_base, alg_meta
+        self.alpha0, self.gamma = float(alpha0), float(gamma)
+        self.meta_hp = {k: v for k, v in meta_hp.items() if k in META_NEEDS[alg_meta]}
+        self.stepsize_groups = stepsize_groups
+        self._build_blocks(stepsize_groups)
+
+    # ---- blocks ------------------------------------------------------------------------
+
+    def _build_blocks(self, spec):
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        if not self._params:
+            raise ValueError("MetaOptimize got an empty parameter list")
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            raise ValueError(f"MetaOptimize needs all parameters on one device, got {sorted(map(str, devices))}")
+        device = self._params[0].device
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        kind, counts = resolve_stepsize_groups(spec, len(self._params), [len(g["params"]) for g in self.param_groups])
+        self._kind = kind
+        if kind == "tensor":
+            self._tensor_block = [b for b, c in enumerate(counts) for _ in range(c)]
+            self._block_sizes = counts
+            num_blocks = len(counts)
+            self._unit_sizes = [1] * len(self._params)
+        else:
+            self._tensor_block = None
+            sizes = [(p.shape[0] if p.dim() else 1) if kind == "nodewise" else p.numel() for p in self._params]
+            self._unit_sizes = sizes
+            num_blocks = sum(sizes)
+        self._offsets = [0]
+        for s in self._unit_sizes[:-1]:
+            self._offsets.append(self._offsets[-1] + s)
+        f32 = dict(device=device, dtype=torch.float32)
+        self._beta = torch.full((num_blocks,), math.log(self.alpha0), **f32)
+        self._alpha = torch.empty_like(self._beta)  # exp(beta) at the start of the step
+        self._meta_momentum = torch.zeros_like(self._beta) if "momentum_param" in self.meta_hp else None
+        self._meta_normalizer = torch.zeros_like(self._beta) if "normalizer_param" in self.meta_hp else None
+        self._meta_step = 0
+        self._plans = {}  # cache: active-parameter signature -> index tensors and groupings
+
+    @property
+    def num_blocks(self) -> int:
+        return self._beta.numel()
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """Per-tensor views of a flat per-block tensor, broadcastable against each parameter."""
+        if self._kind == "tensor":
+            unbound = flat.unbind(0)
+            return [unbound[b] for b in self._tensor_block]
+        pieces = flat.split(self._unit_sizes)
+        if self._kind == "weightwise":
+            return [x.view(p.shape) for x, p in zip(pieces, self._params)]
+        return [x.view((-1,) + (1,) * (p.dim() - 1)) if p.dim() else x.view(()) for x, p in zip(pieces, self._params)]
+
+    def _plan(self, active: tuple):
+        """Per active set (usually all parameters): z index and per-group block groupings."""
+        plan = self._plans.get(active)
+        if plan is not None:
+            return plan
+        device = self._beta.device
+        plan = {}
+        if self._kind == "tensor":
+            plan["z_index"] = torch.tensor([self._tensor_block[i] for i in active], device=device)
+            blocks_used = {self._tensor_block[i] for i in active}
+        else:
+            blocks_used = None
+        mask = None
+        if len(active) < len(self._params):
+            mask = torch.zeros(self.num_blocks, dtype=torch.bool)
+            if self._kind == "tensor":
+                mask[list(blocks_used)] = True
+            else:
+                for i in active:
+                    mask[self._offsets[i]:self._offsets[i] + self._unit_sizes[i]] = True
+            mask = mask.to(device)
+        plan["mask"] = mask  # blocks with at least one gradient; None when all are active
+        self._plans[active] = plan
+        return plan
+
+    def _mul_by_block(self, tensors: list[Tensor], idx: list[int], flat: Tensor):
+        """tensors[k] *= flat[block of parameter idx[k]] (broadcast for node/weight-wise)."""
+        if self._kind == "tensor":
+            by_block: dict[int, list[Tensor]] = {}
+            for t, i in zip(tensors, idx):
+                by_block.setdefault(self._tensor_block[i], []).append(t)
+            unbound = flat.unbind(0)
+            for b, ts in by_block.items():
+                torch._foreach_mul_(ts, unbound[b])  # one 0-d device tensor: the fast foreach path
+        else:
+            views = self._views(flat)
+            torch._foreach_mul_(tensors, [views[i] for i in idx])
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _state_for(self, p: Tensor, group) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            if "momentum_param" in BASE_NEEDS[self.alg_base]:
+                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "normalizer_param" in BASE_NEEDS[self.alg_base]:
+                state["normalizer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.alg_meta != "fixed":
+                state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["meta"] = {
+            "alg_base": self.alg_base, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
+            "step": self._meta_step, "beta": self._beta,
+            "momentum": self._meta_momentum, "normalizer": self._meta_normalizer,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        meta = state_dict.pop("meta", None)
+        if meta is None:
+            raise ValueError("not a MetaOptimize state dict (no 'meta' entry)")
+        if meta["num_blocks"] != self.num_blocks or meta["alg_base"] != self.alg_base or meta["alg_meta"] != self.alg_meta:
+            raise ValueError(
+                f"state dict is for ({meta['alg_base']}, {meta['alg_meta']}) with {meta['num_blocks']} blocks; "
+                f"this optimizer is ({self.alg_base}, {self.alg_meta}) with {self.num_blocks} blocks"
+            )
+        super().load_state_dict(state_dict)
+        # copy into the existing buffers: the per-tensor views stay valid
+        with torch.no_grad():
+            self._beta.copy_(meta["beta"])
+            if self._meta_momentum is not None:
+                self._meta_momentum.copy_(meta["momentum"])
+            if self._meta_normalizer is not None:
+                self._meta_normalizer.copy_(meta["normalizer"])
+        self._meta_step = int(meta["step"])
+
+    # ---- logging -----------------------------------------------------------------------
+
+    def step_sizes(self) -> Tensor:
+        """alpha = exp(beta) per block, a device tensor (no host sync); `.tolist()` it when logging."""
+        return torch.exp(self._beta)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        active = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
+        if not active:
+            return loss
+        plan = self._plan(active)
+        track = self.alg_meta != "fixed"
+
+        # 1. alpha = exp(beta), beta as it is before this step
+        torch.exp(self._beta, out=self._alpha)
+
+        # gather per-group lists once
+        groups = []
+        for group in self.param_groups:
+            idx, params, grads, states = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MetaOptimize does not support sparse gradients")
+                idx.append(self._index[id(p)])
+                params.append(p)
+                grads.append(p.grad)
+                states.append(self._state_for(p, group))
+            if params:
+                groups.append((group, idx, params, grads, states))
+
+        # 2. meta-gradient z_b = sum_{i in b} h_i g_i, with h from before this step
+        if track:
+            z = self._meta_gradient(groups, active, plan)
+
+        # 3-4. base update w <- w - Delta, trace h <- gamma (1 - kappa alpha) h - Delta
+        rule = BASE_RULES[self.alg_base]
+        for group, idx, params, grads, states in groups:
+            hp = {k[: -len("_base")]: group[k] for k in self.defaults}
+            for step, sub in self._split_by_step(states):
+                sp = [params[k] for k in sub]
+                sg = [grads[k] for k in sub]
+                ss = [states[k] for k in sub]
+                si = [idx[k] for k in sub]
+                for s in ss:
+                    s["step"] += 1
+                d, scale = rule(
+                    sp, sg,
+                    [s["momentum"] for s in ss] if "momentum" in ss[0] else None,
+                    [s["normalizer"] for s in ss] if "normalizer" in ss[0] else None,
+                    step=step + 1, **hp,
+                )
+                self._mul_by_block(d, si, self._alpha * scale if scale != 1.0 else self._alpha)  # d := Delta
+                torch._foreach_sub_(sp, d)
+                if track:
+                    traces = [s["trace"] for s in ss]
+                    if self.gamma == 0.0:
+                        torch._foreach_zero_(traces)
+                    else:
+                        decay = self._alpha * (-self.gamma * hp["weight_decay"]) + self.gamma  # gamma (1 - kappa alpha)
+                        self._mul_by_block(traces, si, decay)
+                    torch._foreach_sub_(traces, d)
+
+        # 5. meta update of beta with z
+        if track:
+            self._meta_step += 1
+            self._meta_update(z, plan["mask"])
+        return loss
+
+    @staticmethod
+    def _split_by_step(states):
+        """Group positions by their step count (all equal unless some grads were None before)."""
+        first = states[0]["step"]
+        if all(s["step"] == first for s in states):
+            return [(first, list(range(len(states))))]
+        by_step: dict[int, list[int]] = {}
+        for k, s in enumerate(states):
+            by_step.setdefault(s["step"], []).append(k)
+        return list(by_step.items())
+
+    def _meta_gradient(self, groups, active, plan) -> Tensor:
+        if self._kind == "tensor":
+            dots = []
+            for _, _, _, grads, states in groups:
+                for g, s in zip(grads, states):
+                    h = s["trace"]
+                    if h.is_contiguous() and g.is_contiguous():
+                        dots.append(torch.dot(h.view(-1), g.view(-1)))
+                    else:
+                        dots.append(torch.sum(h * g))
+            z_per_tensor = torch.stack(dots).to(torch.float32)
+            return torch.zeros_like(self._beta).index_add_(0, plan["z_index"], z_per_tensor)
+        # nodewise / weightwise: one entry per output unit / weight, in parameter order
+        pieces = [None] * len(self._params)
+        for _, idx, _, grads, states in groups:
+            for i, g, s in zip(idx, grads, states):
+                hg = s["trace"] * g
+                if self._kind == "nodewise" and hg.dim() > 1:
+                    hg = hg.sum(dim=tuple(range(1, hg.dim())))
+                pieces[i] = hg.reshape(-1)
+        for i, piece in enumerate(pieces):
+            if piece is None:
+                pieces[i] = torch.zeros(self._unit_sizes[i], device=self._beta.device, dtype=torch.float32)
+        return torch.cat([p.to(torch.float32) for p in pieces])
+
+    def _meta_update(self, z: Tensor, mask: Tensor | None):
+        rule = META_RULES[self.alg_meta]
+        buffers = [b for b in (self._beta, self._meta_momentum, self._meta_normalizer) if b is not None]
+        old = [b.clone() for b in buffers] if mask is not None else None
+        rule(self._beta, z, self._meta_momentum, self._meta_normalizer, step=self._meta_step, **self.meta_hp)
+        if mask is not None:  # blocks without any gradient this step keep their meta state
+            for b, o in zip(buffers, old):
+                torch.where(mask, b, o, out=b)
+
+
+# --------------------------------------------------------------------------------------
+# The authors' packaged optimizer (spec section 8)
+# --------------------------------------------------------------------------------------
+
+
+class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the authors' name)
+    """Drop-in for `meta_optimize.optimizer.MetaOptimize_AdamW_Lion_hg` (AdamW base, Lion meta).
+
+    Same argument names and defaults as the authors' package. Blocks are fixed by position,
+    so a parameter with no gradient is skipped without shifting the blocks; a block none of
+    whose tensors has a gradient is left unchanged.
+    """
+
+    def __init__(self, params, meta_stepsize=1e-3, alpha0=1e-3, stepsize_blocks="scalar", gamma=0.9999,
+                 b1=0.9, b2=0.999, meta_b1=0.99, meta_c1=0.9, weight_decay=0.0):
+        if not alpha0 > 0:
+            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        for name, value in (("b1", b1), ("b2", b2), ("meta_b1", meta_b1), ("meta_c1", meta_c1)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(meta_stepsize=meta_stepsize, gamma=gamma, b1=b1, b2=b2, meta_b1=meta_b1,
+                        meta_c1=meta_c1, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        spec = stepsize_blocks
+        if isinstance(spec, str) and spec.lower() not in ("scalar", "layerwise"):
+            raise ValueError(f"stepsize_blocks must be 'scalar', 'layerwise' or a list of tensor counts, got {spec!r}")
+        _, counts = resolve_stepsize_groups(spec, len(self._params))
+        self._blocks = []
+        start = 0
+        for c in counts:
+            self._blocks.append(self._params[start:start + c])
+            start += c
+        device = self._params[0].device
+        self.meta_state = [
+            {"beta": torch.tensor(math.log(alpha0), device=device), "meta_momentum": torch.zeros((), device=device)}
+            for _ in counts
+        ]
+
+    def step_sizes(self) -> Tensor:
+        return torch.exp(torch.stack([m["beta"] for m in self.meta_state]))
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["meta_state"] = self.meta_state
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        meta = state_dict.pop("meta_state")
+        super().load_state_dict(state_dict)
+        for mine, saved in zip(self.meta_state, meta, strict=True):
+            for k in mine:
+                mine[k].copy_(saved[k])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hp = self.defaults
+        gamma, wd = hp["gamma"], hp["weight_decay"]
+        for block, meta in zip(self._blocks, self.meta_state):
+            params = [p for p in block if p.grad is not None]
+            if not params:
+                continue
+            alpha = torch.exp(meta["beta"])
+            z = torch.zeros((), device=alpha.device)
+            for p in params:
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st.update(step=0, base_momentum=torch.zeros_like(p), base_normalizer=torch.zeros_like(p),
+                              h=torch.zeros_like(p))
+                st["step"] += 1
+                t = st["step"]
+                b1_hat = (1 - hp["b1"]) / (1 - hp["b1"] ** t)
+                b2_hat = (1 - hp["b2"]) / (1 - hp["b2"] ** t)
+                m, v, h = st["base_momentum"], st["base_normalizer"], st["h"]
+                m.lerp_(g, b1_hat)
+                v.mul_(1 - b2_hat).addcmul_(g, g, value=b2_hat)
+                if wd > 0:
+                    p.mul_(1 - alpha * wd)
+                denom = v.sqrt().add_(1e-8)
+                p.addcdiv_(m * alpha, denom, value=-1.0)
+                z = z + torch.sum(h * g)
+                h.mul_(gamma * (1 - alpha * wd)).addcdiv_(g * alpha, denom)
+            mm = meta["meta_momentum"]
+            mm.lerp_(z, 1 - hp["meta_b1"])
+            meta["beta"].add_(torch.lerp(z, mm, hp["meta_c1"]).sign() * hp["meta_stepsize"])
+        return loss
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+# --optimizer values handled here; the learning-rate-free baselines live in common/baselines.py
+OPTIMIZER_CHOICES = {"hf": "HF", "metaoptimize": "HF", "adamw": "AdamW"}
+
+
+def _optimizer_choices() -> dict[str, str]:
+    from common import baselines
+
+    return {**OPTIMIZER_CHOICES, **{k.lower(): k for k in baselines.BASELINES}}
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The paper's optimizer flags. -1 means "unset", as in the paper's scripts."""
+    from common import baselines
+
+    g = parser.add_argument_group("optimizer (paper symbols in brackets; -1 = unset)")
+    g.add_argument("--optimizer", default="HF",
+                   help="HF = MetaOptimize (Hessian-free); AdamW = torch AdamW with linear warmup and cosine decay"
+                        + "".join(f"; {k}" for k in baselines.BASELINES))
+    g.add_argument("--alg-base", default="AdamW", help="base update: SGD, SGDm, RMSProp, AdamW (alias Adam), Lion")
+    g.add_argument("--alg-meta", default="Lion", help="meta update of the log step sizes: fixed, SGD, RMSProp, Adam, Lion")
+    g.add_argument("--alpha0", type=float, default=1e-6, help="[alpha0] initial step size (fixed step when --alg-meta fixed)")
+    g.add_argument("--meta-stepsize", type=float, default=1e-3, help="[eta] meta step size")
+    g.add_argument("--gamma", type=float, default=1.0, help="[gamma] discount of future losses, in [0, 1]")
+    g.add_argument("--stepsize-groups", default="scalar",
+                   help="step-size blocks: scalar, layerwise, nodewise, weightwise, last_layer_and_others, "
+                        "resnet18_blocks, resnet50_blocks, transformer_blocks_15m, or a list like [3,12,47]")
+    g.add_argument("--weight-decay-base", type=float, default=0.1, help="[kappa] base weight decay")
+    g.add_argument("--normalizer-param-base", type=float, default=0.999, help="[lambda] base second-moment decay")
+    g.add_argument("--momentum-param-base", type=float, default=0.9, help="[rho] base momentum")
+    g.add_argument("--Lion-beta2-base", type=float, default=-1, help="[c] Lion interpolation of the base update")
+    g.add_argument("--weight-decay-meta", type=float, default=0.0, help="[kappa_bar] meta weight decay on beta")
+    g.add_argument("--normalizer-param-meta", type=float, default=-1, help="[lambda_bar] meta second-moment decay")
+    g.add_argument("--momentum-param-meta", type=float, default=0.99, help="[rho_bar] meta momentum")
+    g.add_argument("--Lion-beta2-meta", type=float, default=0.9, help="[c_bar] Lion interpolation of the meta update")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the --optimizer AdamW baseline")
+    g.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps of the --optimizer AdamW baseline")
+    baselines.add_baseline_args(parser)
+    return parser
+
+
+def _unset(value):
+    return None if value is None or value == -1 else value
+
+
+def _params_of(model_or_params):
+    if isinstance(model_or_params, torch.nn.Module):
+        return [p for p in model_or_params.parameters() if p.requires_grad]
+    return model_or_params
+
+
+def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
+    """Turn parsed command-line arguments (see `add_optimizer_args`) into an optimizer."""
+    name = _canonical(args.optimizer, _optimizer_choices(), "optimizer")
+    params = _params_of(model_or_params)
+    if name not in ("HF", "AdamW"):
+        from common import baselines
+
+        return baselines.build_baseline(name, params, args)
+    if name == "HF":
+        return MetaOptimize(
+            params,
+            alg_base=args.alg_base, alg_meta=args.alg_meta, alpha0=args.alpha0,
+            meta_stepsize=_unset(args.meta_stepsize), gamma=args.gamma, stepsize_groups=args.stepsize_groups,
+            weight_decay_base=_unset(args.weight_decay_base), normalizer_param_base=_unset(args.normalizer_param_base),
+            momentum_param_base=_unset(args.momentum_param_base), lion_beta2_base=_unset(args.Lion_beta2_base),
+            weight_decay_meta=_unset(args.weight_decay_meta), normalizer_param_meta=_unset(args.normalizer_param_meta),
+            momentum_param_meta=_unset(args.momentum_param_meta), lion_beta2_meta=_unset(args.Lion_beta2_meta),
+        )
+    # AdamW baseline: torch's AdamW; betas and weight decay from the base flags
+    beta1 = _unset(args.momentum_param_base)
+    beta2 = _unset(args.normalizer_param_base)
+    wd = _unset(args.weight_decay_base)
+    beta1 = 0.9 if beta1 is None else beta1
+    beta2 = 0.999 if beta2 is None else beta2
+    _check_beta("momentum_param_base", beta1)
+    _check_beta("normalizer_param_base", beta2)
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=args.lr, betas=(beta1, beta2), weight_decay=0.0 if wd is None else wd,
+                             fused=fused or None, foreach=None if fused else True)
+
+
+def build_scheduler(optimizer, args, total_steps: int):
+    """Linear warm-up then cosine decay to 0 for the AdamW baseline; None for MetaOptimize."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return None
+    warmup = max(0, int(args.warmup_steps))
+    total = max(int(total_steps), warmup + 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def current_step_sizes(optimizer) -> Tensor:
+    """The step size(s) an optimizer is using now, as a 1-D tensor (one entry per block/group).
+
+    MetaOptimize: alpha per block (device tensor, no sync). Others: the lr of each param group.
+    """
+    if hasattr(optimizer, "step_sizes"):
+        return optimizer.step_sizes()
+    from common import baselines
+
+    sizes = baselines.effective_step_sizes(optimizer)
+    if sizes is not None:
+        return sizes
+    return torch.tensor([float(g["lr"]) for g in optimizer.param_groups])
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer):
+    """Evaluate on the weights the optimizer means to be evaluated.
+
+    Optimizers with `train()`/`eval()` methods (schedule-free, iterate averaging) are
+    switched to eval mode inside the block and back afterwards; others are untouched.
+    """
+    switch = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if switch:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            optimizer.train()
