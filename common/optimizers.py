@@ -76,6 +76,7 @@ NAMED_STEPSIZE_GROUPS = {
     "resnet50_blocks": [3, 30, 39, 57, 30, 2],
     "transformer_blocks_15m": [1, 9, 9, 9, 9, 9, 10],
 }
+BASE_HP = ("weight_decay_base", "normalizer_param_base", "momentum_param_base", "lion_beta2_base")  # per param group
 GROUP_KINDS = ("scalar", "layerwise", "nodewise", "weightwise", "param_groups", "last_layer_and_others")
 
 
@@ -535,7 +536,7 @@ class MetaOptimize(torch.optim.Optimizer):
         # 3-4. base update w <- w - Delta, trace h <- gamma (1 - kappa alpha) h - Delta
         rule = BASE_RULES[self.alg_base]
         for group, idx, params, grads, states in groups:
-            hp = {k[: -len("_base")]: group[k] for k in self.defaults}
+            hp = {k[: -len("_base")]: group[k] for k in BASE_HP}
             for step, sub in self._split_by_step(states):
                 sp = [params[k] for k in sub]
                 sg = [grads[k] for k in sub]

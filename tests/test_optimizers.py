@@ -1,0 +1,548 @@
+"""MetaOptimize against a plain float64 implementation of ../shared/spec/metaoptimize.md.
+
+The reference keeps, for every weight, the index of its block (so one code path covers every
+kind of step-size group) and follows the spec's equations literally: sums for AdamW/Adam
+momenta, mu = (1 - lambda)/(1 - lambda^t), eps inside the square root.
+"""
+
+import io
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg, resolve_stepsize_groups
+
+EPS = 1e-10
+BASES = ["SGD", "SGDm", "RMSProp", "AdamW", "Lion"]
+METAS = ["fixed", "SGD", "RMSProp", "Adam", "Lion"]
+GROUPS = ["scalar", "layerwise", "nodewise", "weightwise", [1, 3], "param_groups"]
+SHAPES = [(6, 5), (6,), (3, 2, 3, 3), (3,)]
+
+HP = dict(
+    weight_decay_base=0.1, momentum_param_base=0.9, normalizer_param_base=0.999, lion_beta2_base=0.9,
+    weight_decay_meta=0.01, momentum_param_meta=0.9, normalizer_param_meta=0.99, lion_beta2_meta=0.9,
+)
+
+
+def block_ids(shapes, groups):
+    """Block index of every weight, per tensor."""
+    kind, counts = resolve_stepsize_groups(groups, len(shapes), [2, 2])
+    ids, next_id = [], 0
+    if kind == "tensor":
+        tensor_block = [b for b, c in enumerate(counts) for _ in range(c)]
+        return [torch.full(s, tensor_block[i], dtype=torch.long) for i, s in enumerate(shapes)], len(counts)
+    for s in shapes:
+        if kind == "weightwise":
+            n = math.prod(s)
+            ids.append(torch.arange(next_id, next_id + n).reshape(s))
+        else:  # nodewise: one block per index of the first dimension
+            n = s[0]
+            ids.append((torch.arange(next_id, next_id + n).reshape((-1,) + (1,) * (len(s) - 1))).expand(s).clone())
+        next_id += n
+    return ids, next_id
+
+
+class Reference:
+    def __init__(self, weights, base, meta, alpha0, eta, gamma, groups, hp):
+        self.w = [w.detach().double().clone() for w in weights]
+        self.base, self.meta, self.eta, self.gamma, self.hp = base, meta, eta, gamma, hp
+        self.ids, nblocks = block_ids([tuple(w.shape) for w in weights], groups)
+        self.beta = torch.full((nblocks,), math.log(alpha0), dtype=torch.float64)
+        self.h = [torch.zeros_like(w) for w in self.w]
+        self.m = [torch.zeros_like(w) for w in self.w]
+        self.v = [torch.zeros_like(w) for w in self.w]
+        self.mb = torch.zeros_like(self.beta)
+        self.vb = torch.zeros_like(self.beta)
+        self.t = 0
+
+    def step(self, grads):
+        hp, k = self.hp, self.hp["weight_decay_base"]
+        rho, lam, c = hp["momentum_param_base"], hp["normalizer_param_base"], hp["lion_beta2_base"]
+        self.t += 1
+        t = self.t
+        alpha_all = torch.exp(self.beta)
+        z = torch.zeros_like(self.beta)
+        for i, g in enumerate(grads):
+            z.index_add_(0, self.ids[i].reshape(-1), (self.h[i] * g).reshape(-1))
+        for i, g in enumerate(grads):
+            w, a = self.w[i], alpha_all[self.ids[i]]
+            if self.base == "SGD":
+                delta = a * (g + k * w)
+            elif self.base == "SGDm":
+                delta = a * (self.m[i] + k * w)
+                self.m[i] = rho * self.m[i] + (1 - rho) * g
+            elif self.base == "RMSProp":
+                self.v[i] = lam * self.v[i] + g * g
+                mu = (1 - lam) / (1 - lam**t)
+                delta = a * (g / torch.sqrt(mu * self.v[i] + EPS) + k * w)
+            elif self.base == "AdamW":
+                self.m[i] = rho * self.m[i] + g
+                self.v[i] = lam * self.v[i] + g * g
+                mu = (1 - lam) / (1 - lam**t)
+                delta = a * (self.m[i] / torch.sqrt(mu * self.v[i] + EPS) + k * w)
+            elif self.base == "Lion":
+                delta = a * (torch.sign(c * self.m[i] + (1 - c) * g) + k * w)
+                self.m[i] = rho * self.m[i] + (1 - rho) * g
+            self.w[i] = w - delta
+            self.h[i] = self.gamma * (1 - k * a) * self.h[i] - delta
+        kb, rb, lb, cb = hp["weight_decay_meta"], hp["momentum_param_meta"], hp["normalizer_param_meta"], hp["lion_beta2_meta"]
+        eta = self.eta
+        if self.meta == "SGD":
+            self.beta = (1 - eta * kb) * self.beta - eta * z
+        elif self.meta == "RMSProp":
+            self.vb = lb * self.vb + z * z
+            mu = (1 - lb) / (1 - lb**t)
+            self.beta = (1 - eta * kb) * self.beta - eta * z / torch.sqrt(mu * self.vb + EPS)
+        elif self.meta == "Adam":
+            self.mb = rb * self.mb + z
+            self.vb = lb * self.vb + z * z
+            mu = (1 - lb) / (1 - lb**t)
+            self.beta = (1 - eta * kb) * self.beta - eta * self.mb / torch.sqrt(mu * self.vb + EPS)
+        elif self.meta == "Lion":
+            self.beta = (1 - eta * kb) * self.beta - eta * torch.sign(cb * self.mb + (1 - cb) * z)
+            self.mb = rb * self.mb + (1 - rb) * z
+
+
+def make_problem(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(s, generator=gen) for s in SHAPES]
+    curvature = [torch.rand(s, generator=gen) + 0.5 for s in SHAPES]
+    noise = [[torch.randn(s, generator=gen) * 0.3 for s in SHAPES] for _ in range(60)]
+    return weights, curvature, noise
+
+
+def grads_at(ws, curvature, noise_t):
+    # gradient of a noisy quadratic: each implementation follows its own weights
+    return [a * w.to(a.dtype) + n for w, a, n in zip(ws, curvature, noise_t)]
+
+
+def param_list(weights, groups):
+    params = [nn.Parameter(w.clone()) for w in weights]
+    if groups == "param_groups":
+        return params, [{"params": params[:2]}, {"params": params[2:]}]
+    return params, params
+
+
+@pytest.mark.parametrize("groups", GROUPS, ids=str)
+@pytest.mark.parametrize("meta", METAS)
+@pytest.mark.parametrize("base", BASES)
+def test_matches_float64_reference(base, meta, groups):
+    weights, curvature, noise = make_problem()
+    alpha0 = 3e-2 if base in ("SGD", "SGDm") else 1e-2
+    eta, gamma, steps = 2e-2, 0.95, 50
+    params, arg = param_list(weights, groups)
+    opt = MetaOptimize(arg, alg_base=base, alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
+                       stepsize_groups=groups, **HP)
+    ref = Reference(weights, base, meta, alpha0, eta, gamma, groups, HP)
+    curvature64 = [a.double() for a in curvature]
+    for t in range(steps):
+        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+            p.grad = g
+        opt.step()
+        ref.step(grads_at(ref.w, curvature64, [n.double() for n in noise[t]]))
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
+    if meta != "fixed":
+        assert not torch.allclose(ref.beta, torch.full_like(ref.beta, math.log(alpha0))), "beta should move"
+
+
+def test_hessian_free_trace_state_sizes():
+    """Optimizer state per weight: AdamW 3 (m, v, h), Lion/SGDm 2, SGD 1; fixed meta keeps no trace."""
+    expected = {"AdamW": 3, "Lion": 2, "SGDm": 2, "RMSProp": 2, "SGD": 1}
+    for base, n in expected.items():
+        p = nn.Parameter(torch.randn(10, 10))
+        opt = MetaOptimize([p], alg_base=base, alg_meta="Lion", lion_beta2_base=0.9)
+        p.grad = torch.randn(10, 10)
+        opt.step()
+        tensors = [v for v in opt.state[p].values() if torch.is_tensor(v)]
+        assert sum(v.numel() for v in tensors) == n * p.numel(), base
+        opt = MetaOptimize([p], alg_base=base, alg_meta="fixed", lion_beta2_base=0.9)
+        opt.step()
+        assert "trace" not in opt.state[p]
+
+
+# ---- special cases of spec section 6 ---------------------------------------------------
+
+
+def test_fixed_meta_is_the_base_update_with_step_alpha0():
+    """SGD base with fixed meta is torch SGD with lr = alpha0 and the same weight decay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    twin.load_state_dict(model.state_dict())
+    ours = MetaOptimize(model.parameters(), alg_base="SGD", alg_meta="fixed", alpha0=0.05, weight_decay_base=0.1)
+    theirs = torch.optim.SGD(twin.parameters(), lr=0.05, weight_decay=0.1)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for _ in range(30):
+        for m, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ours.step_sizes(), torch.tensor(0.05))
+
+
+def test_gamma_zero_sgd_meta_is_hypergradient_descent():
+    """gamma = 0: h = -Delta_{t-1}, so z_t = -Delta_{t-1}.g_t and beta_t = beta_{t-1} + eta Delta_{t-1}.g_t."""
+    torch.manual_seed(1)
+    p = nn.Parameter(torch.randn(20))
+    eta, alpha0 = 0.1, 0.05
+    opt = MetaOptimize([p], alg_base="SGD", alg_meta="SGD", alpha0=alpha0, meta_stepsize=eta, gamma=0.0,
+                       weight_decay_base=0.0)
+    beta = math.log(alpha0)
+    prev_delta = torch.zeros(20)
+    for _ in range(5):
+        g = torch.randn(20)
+        p.grad = g.clone()
+        w_before = p.detach().clone()
+        opt.step()
+        beta = beta + eta * float(prev_delta @ g)
+        prev_delta = w_before - p.detach()
+        assert math.isclose(math.log(opt.step_sizes().item()), beta, rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_lion_lion_moves_by_exact_signs():
+    """Lion base and Lion meta: beta moves by exactly +-eta; each weight by exactly alpha (1 + kappa w) in size."""
+    torch.manual_seed(2)
+    p = nn.Parameter(torch.randn(50))
+    eta, kappa = 1e-2, 0.1
+    opt = MetaOptimize([p], alg_base="Lion", alg_meta="Lion", alpha0=1e-3, meta_stepsize=eta,
+                       weight_decay_base=kappa, momentum_param_base=0.99, lion_beta2_base=0.9,
+                       momentum_param_meta=0.99, lion_beta2_meta=0.9)
+    beta_prev = math.log(1e-3)
+    for t in range(20):
+        p.grad = torch.randn(50)
+        alpha = math.exp(beta_prev)
+        w_before = p.detach().double().clone()
+        opt.step()
+        step = (w_before * (1 - alpha * kappa) - p.detach().double()).abs()
+        # exact up to float32 rounding of w (|w| ~ 2, ulp 2.4e-7)
+        torch.testing.assert_close(step, torch.full_like(step, alpha), rtol=0, atol=1e-6)
+        beta = math.log(opt.step_sizes().item())
+        expected = 0.0 if t == 0 else eta  # z_1 = 0 (h_0 = 0) and m_bar_0 = 0
+        assert math.isclose(abs(beta - beta_prev), expected, abs_tol=1e-6)
+        beta_prev = beta
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(alpha0=0.0), "alpha0"),
+        (dict(alpha0=-1e-3), "alpha0"),
+        (dict(gamma=1.5), "gamma"),
+        (dict(gamma=-0.1), "gamma"),
+        (dict(alg_base="Lion"), "lion_beta2_base"),
+        (dict(alg_base="Lion", lion_beta2_base=1.0), "lion_beta2_base"),
+        (dict(momentum_param_base=1.0), "momentum_param_base"),
+        (dict(normalizer_param_base=None), "normalizer_param_base"),
+        (dict(weight_decay_base=-0.1), "weight_decay_base"),
+        (dict(alg_meta="Adam"), "normalizer_param_meta"),
+        (dict(alg_meta="Adam", normalizer_param_meta=0.999, momentum_param_meta=-0.5), "momentum_param_meta"),
+        (dict(alg_meta="Lion", lion_beta2_meta=None), "lion_beta2_meta"),
+        (dict(meta_stepsize=0.0), "meta_stepsize"),
+        (dict(alg_base="Nesterov"), "alg_base"),
+        (dict(alg_meta="adagrad"), "alg_meta"),
+        (dict(stepsize_groups=[1, 2]), "stepsize_groups"),
+        (dict(stepsize_groups="resnet18_blocks"), "stepsize_groups"),
+        (dict(stepsize_groups="blockwise"), "stepsize_groups"),
+        (dict(stepsize_groups=[3, 0]), "stepsize_groups"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, needle):
+    params = [nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match=needle):
+        MetaOptimize(params, **kwargs)
+
+
+def test_unused_parameters_are_ignored_and_names_are_case_insensitive():
+    params = [nn.Parameter(torch.randn(3))]
+    # SGD base reads no betas; fixed meta reads nothing (even a nonsense meta step size)
+    opt = MetaOptimize(params, alg_base="sgd", alg_meta="FIXED", momentum_param_base=7.0, normalizer_param_base=None,
+                       lion_beta2_base=-1.0, meta_stepsize=-5.0, momentum_param_meta=None)
+    assert (opt.alg_base, opt.alg_meta) == ("SGD", "fixed")
+    assert MetaOptimize(params, alg_base="adam").alg_base == "AdamW"
+    assert MetaOptimize(params, stepsize_groups="[1]").num_blocks == 1
+
+
+def test_named_groups_and_lists():
+    assert resolve_stepsize_groups("resnet18_blocks", 62) == ("tensor", [3, 12, 15, 15, 15, 2])
+    assert resolve_stepsize_groups("transformer_blocks_15m", 56)[1] == [1, 9, 9, 9, 9, 9, 10]
+    assert resolve_stepsize_groups("last_layer_and_others", 8) == ("tensor", [6, 2])
+    assert resolve_stepsize_groups("[2, 3]", 5) == ("tensor", [2, 3])
+    assert resolve_stepsize_groups((4, 1), 5) == ("tensor", [4, 1])
+
+
+# ---- state, resume, missing grads ---------------------------------------------------------
+
+
+def _train(opt_factory, steps, state=None, model_state=None, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    opt = opt_factory(model)
+    if state is not None:
+        opt.load_state_dict(state)
+    gen = torch.Generator().manual_seed(1234 + (0 if state is None else 1))
+    for _ in range(steps):
+        x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise", [2, 2]], ids=str)
+@pytest.mark.parametrize("base, meta", [("AdamW", "Lion"), ("Lion", "Lion"), ("RMSProp", "Adam"), ("SGDm", "RMSProp"), ("SGD", "SGD")])
+def test_state_dict_resume_is_bit_for_bit(base, meta, groups):
+    def factory(model):
+        return MetaOptimize(model.parameters(), alg_base=base, alg_meta=meta, alpha0=1e-3, meta_stepsize=1e-2,
+                            stepsize_groups=groups, **HP)
+
+    # uninterrupted: 10 steps with stream A, then 10 with stream B
+    model, opt = _train(factory, 10)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    gen = torch.Generator().manual_seed(1235)
+    for _ in range(10):
+        x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    # resumed: a fresh process-like start from the saved bytes
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed, ropt = _train(factory, 10, state=saved["opt"], model_state=saved["model"], seed=99)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.step_sizes(), ropt.step_sizes())
+
+
+def test_load_state_dict_rejects_other_layout():
+    p = [nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))]
+    sd = MetaOptimize(p, stepsize_groups="layerwise").state_dict()
+    with pytest.raises(ValueError, match="blocks"):
+        MetaOptimize(p, stepsize_groups="scalar").load_state_dict(sd)
+
+
+@pytest.mark.parametrize("groups", ["scalar", "weightwise"])
+def test_params_without_grad_are_skipped_without_breaking_blocks(groups):
+    torch.manual_seed(3)
+    weights = [torch.randn(4, 3), torch.randn(5), torch.randn(4)]
+    full = [nn.Parameter(w.clone()) for w in weights]
+    reduced = [nn.Parameter(w.clone()) for w in (weights[0], weights[2])]
+    kw = dict(alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, stepsize_groups=groups, **HP)
+    a, b = MetaOptimize(full, **kw), MetaOptimize(reduced, **kw)
+    for _ in range(15):
+        g0, g2 = torch.randn(4, 3), torch.randn(4)
+        full[0].grad, full[2].grad = g0.clone(), g2.clone()
+        reduced[0].grad, reduced[1].grad = g0.clone(), g2.clone()
+        a.step()
+        b.step()
+    assert torch.equal(full[1].detach(), weights[1])  # untouched
+    torch.testing.assert_close(full[0], reduced[0])
+    torch.testing.assert_close(full[2], reduced[1])
+    if groups == "scalar":
+        torch.testing.assert_close(a.step_sizes(), b.step_sizes())
+    else:  # the skipped tensor's blocks keep alpha0
+        sizes = a.step_sizes()
+        assert torch.all(sizes[12:17] == torch.tensor(1e-2))
+
+
+def test_closure_and_zero_grad():
+    p = nn.Parameter(torch.ones(3))
+    opt = MetaOptimize([p], alpha0=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 3.0 and (p < 1).all()
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_step_runs_on_meta_device_so_it_never_reads_values_on_the_host():
+    """Tensors on the 'meta' device have no data: any .item()/.tolist()/bool() in step() would raise."""
+    for base, meta, groups in [("AdamW", "Lion", "scalar"), ("RMSProp", "Adam", [1, 1]), ("Lion", "RMSProp", "nodewise"),
+                               ("SGDm", "SGD", "weightwise")]:
+        params = [nn.Parameter(torch.empty(4, 3, device="meta")), nn.Parameter(torch.empty(3, device="meta"))]
+        opt = MetaOptimize(params, alg_base=base, alg_meta=meta, stepsize_groups=groups, **HP)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt.step()
+        assert opt.step_sizes().device.type == "meta"
+
+
+# ---- mixed precision and DDP ---------------------------------------------------------------
+
+
+def test_grad_scaler_overflow_skips_step_and_leaves_beta():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Lion", alpha0=1e-3, meta_stepsize=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+
+    def one_step(overflow):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if overflow:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):
+        one_step(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    beta_before = opt.step_sizes().clone()
+    scale_before = scaler.get_scale()
+    one_step(True)
+    assert scaler.get_scale() < scale_before
+    assert torch.equal(opt.step_sizes(), beta_before)
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    one_step(False)
+    assert not torch.equal(opt.step_sizes(), beta_before)
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)))
+    opt = MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Lion", alpha0=1e-3, meta_stepsize=1e-2,
+                       stepsize_groups="layerwise")
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(20):
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"params": [p.detach() for p in model.parameters()], "alpha": opt.step_sizes()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_end_with_identical_weights_and_step_sizes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0["alpha"], r1["alpha"])
+    assert not torch.equal(r0["alpha"], torch.full_like(r0["alpha"], 1e-3))
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+
+
+# ---- the authors' packaged class -------------------------------------------------------------
+
+
+def hg_reference(weights, grads_seq, alpha0, eta, gamma, b1, b2, mb1, mc1, wd, counts):
+    w = [x.double().clone() for x in weights]
+    m = [torch.zeros_like(x) for x in w]
+    v = [torch.zeros_like(x) for x in w]
+    h = [torch.zeros_like(x) for x in w]
+    beta = [math.log(alpha0)] * len(counts)
+    mbar = [0.0] * len(counts)
+    block_of = [b for b, c in enumerate(counts) for _ in range(c)]
+    for t, grads in enumerate(grads_seq(w), start=1):
+        z = [0.0] * len(counts)
+        alpha = [math.exp(b) for b in beta]
+        for i, g in enumerate(grads):
+            a = alpha[block_of[i]]
+            b1h, b2h = (1 - b1) / (1 - b1**t), (1 - b2) / (1 - b2**t)
+            m[i] = (1 - b1h) * m[i] + b1h * g
+            v[i] = (1 - b2h) * v[i] + b2h * g * g
+            w[i] = w[i] - a * wd * w[i]
+            w[i] = w[i] - a * m[i] / (v[i].sqrt() + 1e-8)
+            z[block_of[i]] += float((h[i] * g).sum())
+            h[i] = gamma * (1 - a * wd) * h[i] + a * g / (v[i].sqrt() + 1e-8)
+        for b in range(len(counts)):
+            mbar[b] = mb1 * mbar[b] + (1 - mb1) * z[b]
+            beta[b] += eta * math.copysign(1.0, mc1 * mbar[b] + (1 - mc1) * z[b]) if (mc1 * mbar[b] + (1 - mc1) * z[b]) else 0.0
+    return w, [math.exp(b) for b in beta]
+
+
+def test_packaged_class_matches_its_spec():
+    weights, curvature, noise = make_problem(5)
+    kw = dict(meta_stepsize=1e-2, alpha0=1e-2, stepsize_blocks=[2, 2], gamma=0.99, b1=0.9, b2=0.999, meta_b1=0.99,
+              meta_c1=0.9, weight_decay=0.1)
+    params = [nn.Parameter(w.clone()) for w in weights]
+    opt = MetaOptimize_AdamW_Lion_hg(params, **kw)
+    steps = 30
+    for t in range(steps):
+        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+            p.grad = g
+        opt.step()
+
+    def seq(w):
+        for t in range(steps):
+            yield grads_at(w, [a.double() for a in curvature], [n.double() for n in noise[t]])
+
+    ref_w, ref_alpha = hg_reference(weights, seq, 1e-2, 1e-2, 0.99, 0.9, 0.999, 0.99, 0.9, 0.1, [2, 2])
+    for p, w in zip(params, ref_w):
+        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(opt.step_sizes().double(), torch.tensor(ref_alpha, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_readme_example_trains_mlp_with_only_the_import_changed():
+    """The MNIST example of the authors' README on generated 28x28 data (no download here)."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(28 * 28, 50)
+            self.fc2 = nn.Linear(50, 10)
+
+        def forward(self, x):
+            x = x.view(-1, 28 * 28)
+            x = F.relu(self.fc1(x))
+            return self.fc2(x)
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (6400,))
+    prototypes = torch.rand(10, 1, 28, 28)
+    images = (prototypes[labels] + 0.3 * torch.rand(6400, 1, 28, 28)).clamp(0, 1)
+    trainloader = DataLoader(TensorDataset(images, labels), batch_size=64, shuffle=True)
+    model = MLP()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = MetaOptimize_AdamW_Lion_hg(model.parameters(), meta_stepsize=1e-3, alpha0=1e-4,
+                                           stepsize_blocks="scalar", gamma=1.0, b1=0.9, b2=0.999, meta_b1=0.99,
+                                           meta_c1=0.9, weight_decay=0.1)
+    losses = []
+    for _epoch in range(5):
+        total_loss, total = 0.0, 0
+        for inputs, labels_ in trainloader:
+            optimizer.zero_grad()
+            loss = criterion(model(inputs), labels_)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * inputs.size(0)
+            total += labels_.size(0)
+        losses.append(total_loss / total)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert optimizer.step_sizes().item() > 1e-4  # the step size grew from its conservative start
