@@ -394,6 +394,13 @@ class MetaOptimize(torch.optim.Optimizer):
         self._meta_step = 0
         self._plans = {}  # cache: active-parameter signature -> index tensors and groupings
 
+    def add_param_group(self, param_group):
+        if hasattr(self, "_beta"):  # torch's __init__ adds the initial groups through here
+            raise NotImplementedError(
+                "MetaOptimize fixes its step-size blocks at construction; pass every param group to the constructor"
+            )
+        super().add_param_group(param_group)
+
     @property
     def num_blocks(self) -> int:
         return self._beta.numel()

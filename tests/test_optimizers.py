@@ -546,3 +546,9 @@ def test_readme_example_trains_mlp_with_only_the_import_changed():
         losses.append(total_loss / total)
     assert losses[-1] < 0.5 * losses[0], losses
     assert optimizer.step_sizes().item() > 1e-4  # the step size grew from its conservative start
+
+
+def test_add_param_group_after_construction_is_refused():
+    opt = MetaOptimize([nn.Parameter(torch.randn(3))])
+    with pytest.raises(NotImplementedError, match="constructor"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))]})
