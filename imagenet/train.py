@@ -1,0 +1,267 @@
+"""ImageNet, torchvision ResNet-18, 90 epochs, batch 256, MetaOptimize: the paper's Section 7.1.2 experiment.
+
+    python3 imagenet/train.py --data-dir /data/imagenet      # (AdamW, Lion), alpha0 1e-6, scalar
+    python3 imagenet/train.py --data-dir /data/imagenet --alg-base Lion --weight-decay-base .1 \\
+        --momentum-param-base .99 --Lion-beta2-base .9 --alg-meta Lion --alpha0 1e-6 \\
+        --stepsize-groups resnet18_blocks --run-name lion-lion-blocks
+    python3 imagenet/train.py --data-dir /data/imagenet --optimizer AdamW --lr 1e-3   # cosine, 10k warm-up
+    torchrun --nproc_per_node 8 imagenet/train.py --data-dir /data/imagenet --amp bf16 --channels-last
+    python3 imagenet/train.py --dummy --dummy-size 25600 --epochs 1           # synthetic data: smoke test
+
+--data-dir holds train/<class>/*.JPEG and val/<class>/*.JPEG. --batch-size is global: torchrun
+divides it over the ranks (DDP; DistributedSampler; metrics summed over the ranks; rank 0 logs
+and saves). A run writes <save-directory>/<run-name>/ (config.json, metrics.jsonl, checkpoint.pt
+every epoch, summary.json at the end). Every --log-every steps: train/loss, train/acc,
+images_per_s, lr, step_size/block_i; every epoch: test/loss, test/acc (top-1, %), test/acc5
+(top-5, %) on val/. SIGTERM/SIGUSR1 or --max-time save a checkpoint at the current batch and
+exit 0; rerun with --resume: a run stopped mid-epoch continues that epoch in the same sample
+order, skipping the batches it has trained on (only random crops and flips are drawn anew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without installing the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imagenet/data.py
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from data import Normalizer, build_loaders, set_train_position
+
+from common import harness
+from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+
+# the paper's ImageNet setting (spec section 7); every one is a flag
+NUM_EPOCHS = 90
+BATCH_SIZE = 256  # global, divided over the torchrun ranks
+WORKERS = 8  # data loader processes per rank
+IMAGE_SIZE = 224
+WARMUP_STEPS = 10_000  # --optimizer AdamW baseline only: linear warm-up, then cosine decay to 0
+DUMMY_SIZE = 1_281_167  # --dummy: synthetic images per epoch (the size of ImageNet's training set)
+
+BLOCKS_HELP = """\
+--stepsize-groups resnet18_blocks = [3, 12, 15, 15, 15, 2] follows torchvision resnet18's
+parameter order (62 tensors; conv = weight, bn = weight and bias):
+  block 0 (3):  conv1, bn1                                   stem
+  block 1 (12): layer1.{0,1}.{conv1, bn1, conv2, bn2}         stage 1, 64 channels
+  block 2 (15): layer2.{0,1}.{conv1, bn1, conv2, bn2}, layer2.0.downsample.{0 (conv), 1 (bn)}
+  block 3 (15): layer3, the same layout                       stage 3, 256 channels
+  block 4 (15): layer4, the same layout                       stage 4, 512 channels
+  block 5 (2):  fc.weight, fc.bias                            classifier"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag; the description and the block table kept as written."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = harness.ArgParser(description=__doc__, epilog=BLOCKS_HELP, formatter_class=HelpFormatter)
+    g = parser.add_argument_group("ImageNet")
+    g.add_argument("--data-dir", default=None, help="folder holding train/<class>/ and val/<class>/ image folders")
+    g.add_argument("--epochs", "--num-epochs", dest="epochs", type=int, default=NUM_EPOCHS, help="epochs")
+    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="global batch size, divided over the ranks")
+    g.add_argument("--workers", type=int, default=WORKERS, help="data loader processes per rank")
+    g.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                   help="training crop; validation resizes to 256/224 of it and center-crops it")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
+    g.add_argument("--dummy", action="store_true", help="synthetic images instead of --data-dir (1000 classes)")
+    g.add_argument("--dummy-size", type=int, default=DUMMY_SIZE,
+                   help="--dummy: training images per epoch (validation: 1/25 of them)")
+    # for tests: print a checksum of the weights on every rank at the end; SIGTERM rank 0 after N steps
+    g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--sigterm-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    add_optimizer_args(parser)
+    harness.add_run_args(parser)
+    parser.set_defaults(warmup_steps=WARMUP_STEPS)
+    args = parser.parse_args(argv)
+    for flag in ("epochs", "batch_size", "dummy_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 (ResNet-18 downsamples 32x), got {args.image_size}")
+    return args
+
+
+def all_reduce_sum(tensor: torch.Tensor, world_size: int) -> list[float]:
+    """A small device tensor summed over the ranks, on the host (a sync: call rarely, on every rank)."""
+    if world_size > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def sync_buffers(model, world_size: int):
+    """Rank 0's BatchNorm statistics on every rank (each rank's last forward updated its own)."""
+    if world_size > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, optimizer, args, run) -> dict:
+    """test/loss, test/acc (top-1, %), test/acc5 (top-5, %) over all of val/, summed over the ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=run.device)  # loss sum, top-1 correct, top-5 correct, count
+    with eval_weights(optimizer):
+        for images, labels in run.progress(loader, desc="eval", leave=False):
+            images, labels = normalize(images, labels)
+            with harness.amp_context(args, run.device):
+                out = model(images)
+            hits = out.topk(min(5, out.shape[1]), dim=1).indices == labels[:, None]
+            sums[0] += F.cross_entropy(out.float(), labels, reduction="sum")
+            sums[1] += hits[:, 0].sum()
+            sums[2] += hits.any(dim=1).sum()
+            sums[3] += len(labels)
+    model.train()
+    loss, top1, top5, count = all_reduce_sum(sums, run.world_size)
+    return {"test/loss": loss / count, "test/acc": 100.0 * top1 / count, "test/acc5": 100.0 * top5 / count}
+
+
+def weights_checksum(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = harness.start_run(args, "imagenet")
+    device = run.device
+    if args.batch_size % run.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by the {run.world_size} "
+                         f"ranks; use a multiple of {run.world_size}")
+    train, val, num_classes, train_size = build_loaders(args, run.rank, run.world_size, device)
+    steps_per_epoch = len(train)
+    normalize = Normalizer(device, args.channels_last)  # uint8 batch -> normalised float on the device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = torchvision.models.resnet18(num_classes=num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, total_steps=args.epochs * steps_per_epoch)
+    scaler = harness.grad_scaler(args, device)
+
+    epoch, batch, step = 0, 0, 0  # next epoch, next batch within it, optimizer steps done
+    sums = torch.zeros(3, device=device)  # this epoch's train loss sum, correct, count (this rank; no sync)
+    best, last = {}, {}
+    state = run.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, batch, step = state["epoch"], state["batch"], state["step"]
+        if run.is_main:  # saved summed over the ranks
+            sums.copy_(state["epoch_sums"])
+        best, last = state["best"], state["last"]
+        if run.is_main:
+            print(f"resumed {run.dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (step {step})",
+                  file=sys.stderr)
+    net = harness.maybe_compile(harness.distribute(model, device), args)  # training forward; `model` is saved
+
+    def checkpoint():
+        run.save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+            "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size)), "best": best, "last": last,
+        })
+
+    def stopped(where):
+        run.close()
+        if run.is_main:
+            print(f"stopped ({run.stop_reason}) {where}; checkpoint saved in {run.dir}; continue with the same "
+                  f"command plus --resume", file=sys.stderr)
+        return 0
+
+    if run.is_main:
+        print(f"imagenet: {train_size} training images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
+              f"{run.world_size} rank(s) x {args.batch_size // run.world_size} images, device {device}",
+              file=sys.stderr)
+    net.train()
+    while epoch < args.epochs:
+        set_train_position(train, epoch, batch)  # the epoch's sample order, minus the batches done
+        logged = all_reduce_sum(sums, run.world_size)  # the epoch's totals at the last log
+        t_epoch = t_log = time.monotonic()
+        images_here = 0
+        bar = run.progress(steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", initial=batch, leave=False)
+        for images, labels in train:
+            images, labels = normalize(images, labels)
+            with harness.amp_context(args, device):
+                out = net(images)
+                loss = F.cross_entropy(out, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            step, batch, images_here = step + 1, batch + 1, images_here + len(labels)
+            with torch.no_grad():  # device-side sums, read every --log-every steps
+                sums[0] += loss.detach().float() * len(labels)
+                sums[1] += (out.argmax(1) == labels).sum()
+                sums[2] += len(labels)
+            bar.update()
+            if step % run.log_every == 0:  # every rank: the sums are reduced over the ranks
+                totals = all_reduce_sum(sums, run.world_size)
+                loss_sum, correct, count = (a - b for a, b in zip(totals, logged))
+                now = time.monotonic()
+                record = {"epoch": epoch + batch / steps_per_epoch, "train/loss": loss_sum / count,
+                          "train/acc": 100.0 * correct / count, "images_per_s": count / (now - t_log)}
+                run.log_step_sizes(optimizer, step, extra=record)
+                bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                logged, t_log = totals, now
+            if step == args.sigterm_at_step and run.is_main:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if run.should_stop():
+                bar.close()
+                checkpoint()
+                return stopped(f"at epoch {epoch + 1}, batch {batch}/{steps_per_epoch}")
+        bar.close()
+
+        train_loss, train_correct, train_count = all_reduce_sum(sums, run.world_size)
+        images_per_s = images_here * run.world_size / max(time.monotonic() - t_epoch, 1e-9)
+        sync_buffers(model, run.world_size)
+        test = evaluate(model, val, normalize, optimizer, args, run)
+        epoch, batch = epoch + 1, 0
+        last = {"epoch": epoch, "train/loss": train_loss / train_count, "train/acc": 100.0 * train_correct / train_count,
+                **test, "images_per_s": images_per_s}
+        if not best or test["test/acc"] > best["test/acc"]:
+            best = {"test/acc": test["test/acc"], "test/acc5": test["test/acc5"], "epoch": epoch}
+        run.log(last, step)
+        if run.is_main:
+            bar.write(f"epoch {epoch}/{args.epochs}  train loss {last['train/loss']:.4f} acc {last['train/acc']:.2f}%"
+                      f"  val loss {test['test/loss']:.4f} top-1 {test['test/acc']:.2f}% top-5 {test['test/acc5']:.2f}%"
+                      f"  ({images_per_s:.0f} img/s)")
+        sums.zero_()
+        checkpoint()
+        if epoch < args.epochs and run.should_stop():
+            return stopped(f"after epoch {epoch}")
+
+    if args.weights_checksum:
+        print(f"weights-checksum rank={run.rank} {weights_checksum(model)}", flush=True)
+    run.finish({"final": last, "best": best})
+    if run.is_main and last:
+        print(f"best top-1 {best['test/acc']:.2f}% (epoch {best['epoch']}), final top-1 {last['test/acc']:.2f}% "
+              f"top-5 {last['test/acc5']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    harness.run_main(main)
