@@ -934,7 +934,7 @@ def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer, args, total_steps: int):
     """Linear warm-up then cosine decay to 0 for the AdamW baseline; None for MetaOptimize."""
-    if not isinstance(optimizer, torch.optim.AdamW):
+    if type(optimizer) is not torch.optim.AdamW:  # not subclasses: Mechanic wraps an AdamW subclass
         return None
     warmup = max(0, int(args.warmup_steps))
     total = max(int(total_steps), warmup + 1)
