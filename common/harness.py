@@ -150,7 +150,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, augmentation)")
     g.add_argument("--run-name", default=None,
-                   help="name of the run folder <save-directory>/<run-name> (default: a timestamp)")
+                   help="name of the run folder <save-directory>/<run-name> (default: timestamp-random)")
     g.add_argument("--save-directory", default="outputs", help="where run folders are written")
     g.add_argument("--max-time", default=None,
                    help=f"stop cleanly with a checkpoint after this much wall time: {_TIME_FORMATS}")
@@ -377,7 +377,8 @@ class Run:
         if name is None:
             if getattr(args, "resume", False):
                 raise UsageError("--resume needs --run-name (the name of the run to continue)")
-            name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            # a timestamp plus a random suffix: runs started in the same second get their own folders
+            name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             if self.world_size > 1:  # every rank must use rank 0's timestamp
                 import torch.distributed as dist
 
@@ -586,7 +587,20 @@ class Run:
             metrics = self.dir / METRICS
             if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
                 os.truncate(metrics, meta["metrics_offset"])
+            self._warn_changed_flags()
         return state
+
+    def _warn_changed_flags(self):
+        """A resumed run keeps its first config.json; say on stderr which flags differ from it."""
+        try:
+            saved = json.loads((self.dir / CONFIG).read_text())
+        except (OSError, ValueError):
+            return
+        skip = {"resume", "max_time", "stop_after_steps", "command", "start_time", "experiment"}
+        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(self.args).items()
+                   if k in saved and k not in skip and _to_python(v) != saved[k]]
+        if changed:
+            print(f"note: resuming {self.dir} with changed flags: {'; '.join(changed)}", file=sys.stderr)
 
     def close(self) -> None:
         """Flush and close files and wandb (used after stopping early; `finish` calls it too)."""

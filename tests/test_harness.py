@@ -1,0 +1,337 @@
+"""common/harness.py: flags, run folder, metrics, atomic checkpoints, resume, stopping, errors, DDP."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from common import harness
+from common.optimizers import MetaOptimize
+
+
+def make_args(tmp_path, *argv):
+    parser = harness.ArgParser()
+    harness.add_run_args(parser)
+    return parser.parse_args(["--save-directory", str(tmp_path / "out"), "--device", "cpu", *argv])
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals():
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+# ---- --max-time -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("00:05:00", 300.0), ("1:00:00", 3600.0), ("05:30", 330.0), ("90", 90.0), ("2.5", 2.5),
+    ("1-00:00:00", 86400.0), ("2-03:04:05", 2 * 86400 + 3 * 3600 + 4 * 60 + 5), ("1-12", 1.5 * 86400),
+    ("0:00:01.5", 1.5), (None, None), ("none", None), (120, 120.0),
+])
+def test_parse_max_time(text, seconds):
+    assert harness.parse_max_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "1:99", "1:2:3:4", "-5", "0", "00:00:00", "1h", "1-", "x-01:00:00", "::"])
+def test_parse_max_time_rejects(text):
+    with pytest.raises(ValueError, match="--max-time") as e:
+        harness.parse_max_time(text)
+    assert "HH:MM:SS" in str(e.value)
+
+
+# ---- flags and errors -----------------------------------------------------------------------
+
+
+def test_run_args_defaults(tmp_path):
+    parser = harness.ArgParser()
+    harness.add_run_args(parser)
+    a = parser.parse_args([])
+    assert (a.seed, a.run_name, a.save_directory, a.max_time, a.device, a.resume, a.log_every, a.compile,
+            a.amp, a.wandb, a.wandb_project, a.wandb_entity) == (
+        0, None, "outputs", None, "auto", False, 100, False, "none", False, "metaoptimize", None)
+
+
+def test_argparse_error_is_one_line(capsys):
+    parser = harness.ArgParser(prog="train.py")
+    harness.add_run_args(parser)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--amp", "fp8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --amp") and "bf16" in err[0]
+
+
+@pytest.mark.parametrize("exc", [ValueError("--alg-base: unknown value 'x'"), harness.UsageError("--foo is bad")])
+def test_run_main_turns_bad_input_into_one_line(exc, capsys):
+    def main():
+        raise exc
+
+    with pytest.raises(SystemExit) as e:
+        harness.run_main(main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {exc}\n"
+
+
+def test_run_main_dataset_error_and_exit_codes(capsys):
+    from common.data import DatasetError
+
+    def bad():
+        raise DatasetError("cifar10: data/cifar-10-batches-py is missing\nand no network")
+
+    with pytest.raises(SystemExit) as e:
+        harness.run_main(bad)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: cifar10: data/cifar-10-batches-py is missing and no network\n"
+    for ret, code in ((None, 0), (0, 0), (3, 3)):
+        with pytest.raises(SystemExit) as e:
+            harness.run_main(lambda r=ret: r)
+        assert e.value.code == code
+    with pytest.raises(KeyError):  # a bug is not bad input: full traceback
+        harness.run_main(lambda: {}["x"])
+
+
+def test_run_main_in_a_subprocess(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent("""
+        from common import harness
+        def main():
+            parser = harness.ArgParser(); harness.add_run_args(parser)
+            harness.start_run(parser.parse_args(), "x")
+        harness.run_main(main)
+    """))
+    p = subprocess.run([sys.executable, str(script), "--max-time", "soon", "--save-directory", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: --max-time") and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_device_and_log_every(tmp_path):
+    with pytest.raises(harness.UsageError, match="--device"):
+        harness.start_run(make_args(tmp_path, "--device", "tpu"), "x")
+    if not torch.cuda.is_available():
+        with pytest.raises(harness.UsageError, match="--device cuda: CUDA is not available"):
+            harness.start_run(make_args(tmp_path, "--device", "cuda"), "x")
+    with pytest.raises(harness.UsageError, match="--log-every"):
+        harness.start_run(make_args(tmp_path, "--log-every", "0"), "x")
+    with pytest.raises(harness.UsageError, match="--run-name"):
+        harness.start_run(make_args(tmp_path, "--run-name", "a/b"), "x")
+    with pytest.raises(harness.UsageError, match="--resume needs --run-name"):
+        harness.start_run(make_args(tmp_path, "--resume"), "x")
+
+
+def test_auto_device_and_helpers(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--device", "auto"), "x")
+    assert run.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert harness.setup_distributed() == (0, 1, 0) and harness.is_main()
+    args = make_args(tmp_path, "--amp", "bf16")
+    with harness.amp_context(args, "cpu"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not harness.grad_scaler(args, "cpu").is_enabled()
+    assert harness.grad_scaler(make_args(tmp_path, "--amp", "fp16"), "cpu").is_enabled()
+    model = torch.nn.Linear(2, 2)
+    assert harness.maybe_compile(model, args) is model
+    assert harness.unwrap(harness.distribute(model, "cpu")) is model
+    run.close()
+
+
+# ---- run folder, metrics, checkpoints --------------------------------------------------------
+
+
+def test_nothing_written_before_first_log(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    assert run.dir == tmp_path / "out" / "r" and not run.dir.exists()
+    run.log({"epoch": 1, "train/loss": torch.tensor(0.5)}, step=10)
+    config = json.loads((run.dir / "config.json").read_text())
+    assert config["experiment"] == "x" and config["run_name"] == "r" and config["seed"] == 0
+    assert isinstance(config["command"], list) and "start_time" in config and "log_every" in config
+    (rec,) = lines(run.dir / "metrics.jsonl")
+    assert rec["step"] == 10 and rec["epoch"] == 1 and rec["train/loss"] == 0.5 and isinstance(rec["time"], float)
+    run.finish({"final": {"test/acc": 50.0}, "best": {"test/acc": 60.0, "epoch": 2}})
+    summary = json.loads((run.dir / "summary.json").read_text())
+    assert summary["finished"] is True and summary["final"] == {"test/acc": 50.0}
+    assert summary["best"] == {"test/acc": 60.0, "epoch": 2} and summary["wall_time"] >= 0
+
+
+def test_default_run_name_is_a_timestamp(tmp_path):
+    run = harness.start_run(make_args(tmp_path), "x")
+    assert run.name[:8].isdigit() and run.args.run_name == run.name
+    run.close()
+
+
+def test_log_step_sizes_keys_and_log_every(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--log-every", "5"), "x")
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = MetaOptimize(params, stepsize_groups="layerwise", alpha0=1e-3)
+    assert not run.log_step_sizes(opt, 3)
+    assert run.log_step_sizes(opt, 5, {"train/loss": 1.0})
+    wide = MetaOptimize([torch.nn.Parameter(torch.randn(100))], stepsize_groups="weightwise", alpha0=1e-3)
+    assert run.log_step_sizes(wide, 10)
+    sgd = torch.optim.SGD(params, lr=0.1)
+    assert run.log_step_sizes(sgd, 15)
+    a, b, c = lines(run.dir / "metrics.jsonl")
+    assert sorted(k for k in a if k.startswith("step_size")) == [f"step_size/block_{i}" for i in range(3)]
+    assert a["step_size/block_2"] == pytest.approx(1e-3) and a["train/loss"] == 1.0 and "lr" not in a
+    assert {"step_size/min", "step_size/median", "step_size/max"} <= set(b) and "step_size/block_0" not in b
+    assert c["step_size/block_0"] == pytest.approx(0.1) and c["lr"] == pytest.approx(0.1)
+    run.close()
+
+
+def test_existing_run_needs_resume(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    run.save_checkpoint({"a": 1})
+    run.close()
+    before = (run.dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(harness.UsageError, match="--resume"):
+        harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    assert (run.dir / "checkpoint.pt").read_bytes() == before
+    # a folder from a run that died before logging anything is reused without --resume
+    (tmp_path / "out" / "empty").mkdir()
+    harness.start_run(make_args(tmp_path, "--run-name", "empty"), "x").close()
+
+
+def test_atomic_checkpoint_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    run.save_checkpoint({"value": torch.tensor([1.0])})
+    good = (run.dir / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(10)  # half a file on disk, then the "crash"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        run.save_checkpoint({"value": torch.tensor([2.0])})
+    monkeypatch.undo()
+    assert (run.dir / "checkpoint.pt").read_bytes() == good
+    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    run.close()
+
+
+def test_resume_truncates_metrics_and_restores_rng(tmp_path, capsys):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    for s in range(3):
+        run.log({"train/loss": float(s)}, step=s)
+    torch.rand(3), np.random.rand(), random.random()
+    run.save_checkpoint({"step": 3, "w": torch.arange(4.0)})
+    expected = (torch.rand(5), np.random.rand(3), [random.random() for _ in range(3)])
+    for s in range(3, 6):
+        run.log({"train/loss": float(s)}, step=s)  # lost: after the checkpoint
+    run.close()
+
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume", "--seed", "7"), "x")
+    state = run.load_checkpoint()
+    assert state["step"] == 3 and torch.equal(state["w"], torch.arange(4.0)) and "harness" not in state
+    assert "changed flags: --seed 0 -> 7" in capsys.readouterr().err
+    assert torch.equal(torch.rand(5), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+    assert [r["step"] for r in lines(run.dir / "metrics.jsonl")] == [0, 1, 2]
+    run.log({"train/loss": 3.0}, step=3)
+    assert [r["step"] for r in lines(run.dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert run.elapsed() >= state.get("elapsed", 0)
+    run.close()
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    run.log({"train/loss": 1.0}, step=1)  # died before its first checkpoint
+    run.close()
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
+    assert run.load_checkpoint() is None
+    assert (run.dir / "metrics.jsonl").read_text() == ""
+    run.close()
+    run = harness.start_run(make_args(tmp_path, "--run-name", "new", "--resume"), "x")
+    assert run.load_checkpoint() is None and not run.dir.exists()
+
+
+def test_resume_rejects_other_experiment_and_garbage(tmp_path):
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    run.save_checkpoint({})
+    run.close()
+    with pytest.raises(harness.UsageError, match="is a x run, not y"):
+        harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "y").load_checkpoint()
+    (run.dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(harness.UsageError, match="cannot read"):
+        harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x").load_checkpoint()
+
+
+# ---- stopping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_sets_stop_flag(tmp_path, sig):
+    run = harness.start_run(make_args(tmp_path), "x")
+    assert not run.should_stop()
+    os.kill(os.getpid(), sig)
+    assert run.should_stop() and run.stop_reason == sig.name
+    run.close()
+    assert signal.getsignal(sig) != run._on_signal
+
+
+def test_max_time_counts_process_wall_time(tmp_path, monkeypatch):
+    run = harness.start_run(make_args(tmp_path, "--max-time", "00:01:00"), "x")
+    assert run.max_time == 60.0 and not run.should_stop()
+    monkeypatch.setattr(harness, "PROCESS_START", harness.PROCESS_START - 61)
+    assert run.should_stop() and "--max-time" in run.stop_reason
+    run.close()
+
+
+# ---- DDP (gloo, 2 processes) -----------------------------------------------------------------
+
+
+def _ddp_worker(rank, port, out_dir, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    parser = harness.ArgParser()
+    harness.add_run_args(parser)
+    args = parser.parse_args(["--save-directory", out_dir, "--device", "cpu", "--log-every", "1"])
+    run = harness.start_run(args, "ddp")
+    model = harness.distribute(torch.nn.Linear(3, 1), run.device)
+    stopped_at = None
+    for step in range(1, 3 * harness.DDP_STOP_CHECK_EVERY):
+        if rank == 1 and step == 5:
+            run._stop_flag = True  # as if only this rank got the signal
+        run.log({"train/loss": 1.0}, step)
+        if run.should_stop():
+            stopped_at = step
+            break
+    run.save_checkpoint({"model": harness.unwrap(model).state_dict()})
+    run.close()
+    with open(os.path.join(result_dir, f"{rank}.json"), "w") as f:
+        json.dump({"name": run.name, "stopped_at": stopped_at, "is_main": run.is_main}, f)
+    harness.cleanup_distributed()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "res").mkdir()
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path / "out"), str(tmp_path / "res")), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / "res" / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["name"] == r1["name"] and r0["is_main"] and not r1["is_main"]
+    assert r0["stopped_at"] == r1["stopped_at"] == harness.DDP_STOP_CHECK_EVERY
+    run_dir = tmp_path / "out" / r0["name"]
+    assert (run_dir / "checkpoint.pt").exists()
+    assert len(lines(run_dir / "metrics.jsonl")) == harness.DDP_STOP_CHECK_EVERY  # rank 0 only
