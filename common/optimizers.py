@@ -160,41 +160,39 @@ def base_sgdm(params, grads, momenta, normalizers, *, weight_decay, momentum_par
     return d, 1.0
 
 
-def _normalizer_denominator(normalizers, grads, normalizer_param, step):
-    """v_ema <- lambda v_ema + (1-lambda) g^2; returns (sqrt(v_ema + eps*bc), sqrt(bc)).
+def _normalized(numerators, normalizers, grads, normalizer_param, step):
+    """numerator / sqrt(v_ema/bc + eps) up to the factor sqrt(bc), in one new tensor list.
 
-    With v_ema = (1-lambda) v and mu = (1-lambda)/bc, bc = 1 - lambda^t:
-    sqrt(mu v + eps) = sqrt(v_ema + eps bc) / sqrt(bc).
+    v_ema <- lambda v_ema + (1-lambda) g^2, with v_ema = (1-lambda) v and mu = (1-lambda)/bc,
+    bc = 1 - lambda^t: sqrt(mu v + eps) = sqrt(v_ema + eps bc) / sqrt(bc). Returns (numerator /
+    sqrt(v_ema + eps bc), sqrt(bc)). The one temporary is turned into the result in place
+    (1/sqrt, then times the numerator): a second full-size temporary would cost a fresh
+    allocation every step, which on CPU means page faults that take longer than the arithmetic.
     """
     torch._foreach_mul_(normalizers, normalizer_param)
     torch._foreach_addcmul_(normalizers, grads, grads, 1.0 - normalizer_param)
     bc = 1.0 - normalizer_param**step
-    denom = torch._foreach_add(normalizers, EPS * bc)
-    torch._foreach_sqrt_(denom)
-    return denom, math.sqrt(bc)
+    out = torch._foreach_add(normalizers, EPS * bc)
+    torch._foreach_pow_(out, -0.5)  # 1/sqrt; faster than sqrt_ then reciprocal_ on CPU
+    torch._foreach_mul_(out, numerators)
+    return out, math.sqrt(bc)
 
 
 def base_rmsprop(params, grads, momenta, normalizers, *, weight_decay, normalizer_param, step, **_):
     # Delta = alpha (g / sqrt(mu v + eps) + kappa w)
-    denom, scale = _normalizer_denominator(normalizers, grads, normalizer_param, step)
+    d, scale = _normalized(grads, normalizers, grads, normalizer_param, step)
     if weight_decay:
-        d = torch._foreach_mul(params, weight_decay / scale)
-        torch._foreach_addcdiv_(d, grads, denom)
-    else:
-        d = torch._foreach_div(grads, denom)
+        torch._foreach_add_(d, params, alpha=weight_decay / scale)
     return d, scale
 
 
 def base_adamw(params, grads, momenta, normalizers, *, weight_decay, momentum_param, normalizer_param, step, **_):
     # m <- rho m + g (a sum; stored as m_ema = (1-rho) m); Delta = alpha (m / sqrt(mu v + eps) + kappa w)
     torch._foreach_lerp_(momenta, grads, 1.0 - momentum_param)
-    denom, sqrt_bc = _normalizer_denominator(normalizers, grads, normalizer_param, step)
+    d, sqrt_bc = _normalized(momenta, normalizers, grads, normalizer_param, step)
     scale = sqrt_bc / (1.0 - momentum_param)
     if weight_decay:
-        d = torch._foreach_mul(params, weight_decay / scale)
-        torch._foreach_addcdiv_(d, momenta, denom)
-    else:
-        d = torch._foreach_div(momenta, denom)
+        torch._foreach_add_(d, params, alpha=weight_decay / scale)
     return d, scale
 
 
@@ -460,6 +458,7 @@ class MetaOptimize(torch.optim.Optimizer):
         self._meta_momentum = torch.zeros_like(self._beta) if "momentum_param" in self.meta_hp else None
         self._meta_normalizer = torch.zeros_like(self._beta) if "normalizer_param" in self.meta_hp else None
         self._meta_step = 0
+        self._z = None  # nodewise/weightwise meta-gradient buffer, made on first use
         self._plans = {}  # cache: active-parameter signature -> index tensors and groupings
 
     def add_param_group(self, param_group):
@@ -605,7 +604,7 @@ class MetaOptimize(torch.optim.Optimizer):
                 groups.append((group, idx, params, grads, states))
 
         if self.compile:
-            z = self._fused_step(groups, plan, track)
+            z = self._fused_step(groups, active, plan, track)
             if track:
                 self._meta_step += 1
                 self._meta_update(z, plan["mask"])
@@ -649,9 +648,9 @@ class MetaOptimize(torch.optim.Optimizer):
             self._meta_update(z, plan["mask"])
         return loss
 
-    def _fused_step(self, groups, plan, track):
+    def _fused_step(self, groups, active, plan, track):
         """Steps 2-4 with one compiled function per group: z pieces, Delta, w and h in one pass."""
-        z = self._meta_gradient(groups, tuple(), plan) if track and self._kind == "nodewise" else None
+        z = self._meta_gradient(groups, active, plan) if track and self._kind == "nodewise" else None
         pieces = {}
         for g_index, (group, idx, params, grads, states) in enumerate(groups):
             hp = {k[: -len("_base")]: group[k] for k in BASE_HP}
@@ -722,18 +721,21 @@ class MetaOptimize(torch.optim.Optimizer):
                         dots.append(torch.sum(h * g))
             z_per_tensor = torch.stack(dots).to(torch.float32)
             return torch.zeros_like(self._beta).index_add_(0, plan["z_index"], z_per_tensor)
-        # nodewise / weightwise: one entry per output unit / weight, in parameter order
-        pieces = [None] * len(self._params)
+        # nodewise / weightwise: one entry per output unit / weight, in parameter order, written
+        # straight into a reused buffer (for weightwise it is as large as the model)
+        if self._z is None:
+            self._z = torch.zeros_like(self._beta)
+            self._z_views = self._views(self._z)
+        if len(active) < len(self._params):
+            self._z.zero_()
         for _, idx, _, grads, states in groups:
             for i, g, s in zip(idx, grads, states):
-                hg = s["trace"] * g
-                if self._kind == "nodewise" and hg.dim() > 1:
-                    hg = hg.sum(dim=tuple(range(1, hg.dim())))
-                pieces[i] = hg.reshape(-1)
-        for i, piece in enumerate(pieces):
-            if piece is None:
-                pieces[i] = torch.zeros(self._unit_sizes[i], device=self._beta.device, dtype=torch.float32)
-        return torch.cat([p.to(torch.float32) for p in pieces])
+                h, out = s["trace"], self._z_views[i]
+                if self._kind == "weightwise" or h.dim() <= 1:
+                    torch.mul(h, g, out=out) if h.dtype == out.dtype else out.copy_(h * g)
+                else:  # nodewise: sum over all but the first dimension
+                    out.copy_((h * g).sum(dim=tuple(range(1, h.dim())), keepdim=True))
+        return self._z
 
     def _meta_update(self, z: Tensor, mask: Tensor | None):
         rule = META_RULES[self.alg_meta]
