@@ -102,11 +102,7 @@ def main(argv=None) -> int:
         if state["batches_per_epoch"] != len(train):
             raise harness.UsageError(f"--resume: the checkpoint has {state['batches_per_epoch']} batches per epoch, "
                                      f"this run {len(train)}; resume with the same --batch-size and data")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         sums.copy_(state["epoch_sums"])
         history, best = state["history"], state["best"]
@@ -114,9 +110,8 @@ def main(argv=None) -> int:
 
     def checkpoint():
         run.save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+            **harness.training_state(model, optimizer, scheduler, scaler),
+            "epoch": epoch, "batch": batch, "step": step,
             "epoch_sums": sums, "history": history, "best": best, "batches_per_epoch": len(train),
         })
 
@@ -129,12 +124,7 @@ def main(argv=None) -> int:
             with harness.amp_context(args, device):
                 out = fmodel(x)
                 loss = F.cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
+            harness.backward_and_step(loss, optimizer, scaler, scheduler)
             step, batch, steps_here, images_here = step + 1, batch + 1, steps_here + 1, images_here + len(y)
             with torch.no_grad():  # device-side sums, read once per epoch
                 sums[0] += loss.detach().float() * len(y)

@@ -56,10 +56,12 @@ __all__ = [
     "UsageError",
     "add_run_args",
     "amp_context",
+    "backward_and_step",
     "cleanup_distributed",
     "distribute",
     "grad_scaler",
     "is_main",
+    "load_training_state",
     "maybe_compile",
     "parse_max_time",
     "resolve_device",
@@ -67,6 +69,7 @@ __all__ = [
     "seed_everything",
     "setup_distributed",
     "start_run",
+    "training_state",
     "unwrap",
 ]
 
@@ -187,7 +190,7 @@ def run_main(main) -> None:
         sys.stderr.flush()
         cleanup_distributed()
         sys.exit(2)
-    cleanup_distributed()
+    cleanup_distributed(barrier=True)
     sys.exit(int(code or 0))
 
 
@@ -227,11 +230,15 @@ def is_main() -> bool:
     return _DIST["rank"] == 0
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = False) -> None:
+    """Tear the process group down. `barrier=True` (a normal end) first waits until every rank is
+    done communicating: a rank that destroys gloo while its peer still uses it can abort at exit."""
     if _DIST["world_size"] > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
     _DIST.update(rank=0, world_size=1, local_rank=0, initialised=False)
 
@@ -290,6 +297,34 @@ def distribute(model, device):
 
     device = torch.device(device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def training_state(model, optimizer, scheduler, scaler) -> dict:
+    """The part of a checkpoint every experiment has: weights, optimizer (with MetaOptimize's beta
+    and traces), learning-rate schedule and AMP loss scale."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None, "scaler": scaler.state_dict(),
+    }
+
+
+def load_training_state(state: dict, model, optimizer, scheduler, scaler) -> None:
+    """Inverse of `training_state` (the model first: some optimizers check the weights they wrap)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+
+
+def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
+    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def unwrap(model):

@@ -160,10 +160,7 @@ def train_step(model, optimizer, scaler, x, y, hits, loss_sum, args) -> None:
     with harness.amp_context(args, x.device):
         out = model(x)
         loss = F.cross_entropy(out, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    harness.backward_and_step(loss, optimizer, scaler)
     with torch.no_grad():
         hits.add_((out.argmax(1) == y).sum())
         loss_sum.add_(loss.detach().float())
@@ -230,11 +227,7 @@ def train(args) -> dict | None:
     history = []  # one record per finished task
     state = run.load_checkpoint()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         step, seen, task_seen, window = state["step"], state["seen"], state["task_seen"], state["window"]
         hits.copy_(state["hits"])
         loss_sum.copy_(state["loss_sum"])
@@ -245,9 +238,8 @@ def train(args) -> dict | None:
 
     def checkpoint():
         run.save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "step": step, "seen": seen, "task_seen": task_seen,
+            **harness.training_state(model, optimizer, scheduler, scaler),
+            "step": step, "seen": seen, "task_seen": task_seen,
             "window": window, "hits": hits, "loss_sum": loss_sum, "history": history,
         })
 

@@ -161,11 +161,7 @@ def main(argv=None) -> int:
     best, last = {}, {}
     state = run.load_checkpoint()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         if run.is_main:  # saved summed over the ranks
             sums.copy_(state["epoch_sums"])
@@ -177,9 +173,8 @@ def main(argv=None) -> int:
 
     def checkpoint():
         run.save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+            **harness.training_state(model, optimizer, scheduler, scaler),
+            "epoch": epoch, "batch": batch, "step": step,
             "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size)), "best": best, "last": last,
         })
 
@@ -206,12 +201,7 @@ def main(argv=None) -> int:
             with harness.amp_context(args, device):
                 out = net(images)
                 loss = F.cross_entropy(out, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
+            harness.backward_and_step(loss, optimizer, scaler, scheduler)
             step, batch, images_here = step + 1, batch + 1, images_here + len(labels)
             with torch.no_grad():  # device-side sums, read every --log-every steps
                 sums[0] += loss.detach().float() * len(labels)

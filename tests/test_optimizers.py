@@ -437,6 +437,7 @@ def _ddp_worker(rank, world, port, out):
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     torch.save({"params": [p.detach() for p in model.parameters()], "alpha": opt.step_sizes()}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # both ranks done with gloo before either tears it down (else an abort at exit)
     dist.destroy_process_group()
 
 

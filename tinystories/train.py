@@ -182,20 +182,15 @@ def main():
     step, best, last = 0, {}, {}
     state = run.load_checkpoint()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         step, best, last = state["step"], state["best"], state["last"]
     net = harness.maybe_compile(harness.distribute(model, device), args)
     net.train()
 
     def checkpoint():
         run.save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "step": step, "best": best, "last": last,
+            **harness.training_state(model, optimizer, scheduler, scaler),
+            "step": step, "best": best, "last": last,
             "model_args": asdict(model_args), "data_dir": str(args.data_dir),
         })
 
