@@ -385,7 +385,14 @@ def _atomic_write_json(path: Path, obj) -> None:
 
 
 def start_run(args, experiment: str) -> Run:
-    """Validate the run flags, seed, pick the device and set up the run (see `Run`)."""
+    """Validate the run flags, seed, pick the device and set up the run (see `Run`).
+
+    The optimizer flags are checked here too, so a typo fails before any data is downloaded.
+    """
+    if hasattr(args, "optimizer"):
+        from common.optimizers import check_optimizer_args
+
+        check_optimizer_args(args)
     return Run(args, experiment)
 
 

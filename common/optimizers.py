@@ -37,6 +37,7 @@ __all__ = [
     "add_optimizer_args",
     "build_optimizer",
     "build_scheduler",
+    "check_optimizer_args",
     "current_step_sizes",
     "eval_weights",
     "resolve_stepsize_groups",
@@ -932,6 +933,24 @@ def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
     fused = bool(params) and params[0].is_cuda
     return torch.optim.AdamW(params, lr=args.lr, betas=(beta1, beta2), weight_decay=0.0 if wd is None else wd,
                              fused=fused or None, foreach=None if fused else True)
+
+
+def check_optimizer_args(args) -> None:
+    """Check the optimizer flags before any data or model is made; raises ValueError naming the flag.
+
+    Builds the chosen optimizer on a dummy tensor, so every rule of the constructors applies;
+    only the step-size group counts wait for the model (they must add up to its tensor count).
+    """
+    spec = args.stepsize_groups
+    if isinstance(spec, str) and spec.strip().lower() not in (*GROUP_KINDS, *NAMED_STEPSIZE_GROUPS):
+        # a list of tensor counts: its syntax now, its sum once the model exists
+        try:
+            counts = [int(x) for x in spec.strip().strip("[]() ").split(",") if x.strip()]
+        except ValueError:
+            counts = []
+        resolve_stepsize_groups(spec, sum(counts))  # raises for an unknown name or a bad list
+    dummy = argparse.Namespace(**{**vars(args), "stepsize_groups": "scalar", "compile": False})
+    build_optimizer([torch.nn.Parameter(torch.zeros(2))], dummy)
 
 
 def build_scheduler(optimizer, args, total_steps: int):

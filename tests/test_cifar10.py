@@ -334,6 +334,8 @@ def test_bad_input_is_one_line_and_writes_nothing(data_dir, tmp_path):
         "lion": (["--alg-base", "Lion", "--momentum-param-base", ".99"], "--Lion-beta2-base"),
         "max-time": (["--max-time", "5 minutes"], "--max-time"),
         "no-data": (["--data-dir", str(empty)], "download"),
+        # a bad optimizer flag is reported first, not the missing dataset it would have downloaded
+        "flag-before-data": (["--data-dir", str(empty), "--alg-meta", "Adam"], "--normalizer-param-meta"),
         "taken": (["--run-name", "taken"], "--resume"),
         "amp": (["--amp", "fp8"], "--amp"),
         "batch": (["--batch-size", "0"], "--batch-size"),

@@ -5,6 +5,7 @@ kind of step-size group) and follows the spec's equations literally: sums for Ad
 momenta, mu = (1 - lambda)/(1 - lambda^t), eps inside the square root.
 """
 
+import argparse
 import io
 import math
 import os
@@ -13,7 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg, resolve_stepsize_groups
+from common.optimizers import (
+    MetaOptimize,
+    MetaOptimize_AdamW_Lion_hg,
+    add_optimizer_args,
+    build_optimizer,
+    check_optimizer_args,
+    resolve_stepsize_groups,
+)
 
 EPS = 1e-10
 BASES = ["SGD", "SGDm", "RMSProp", "AdamW", "Lion"]
@@ -574,3 +582,34 @@ def test_compiled_fused_step_matches_the_reference(base, meta, groups):
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--alg-base", "foo"], "--alg-base"),
+        (["--alg-meta", "Adam"], "--normalizer-param-meta"),
+        (["--alg-base", "Lion"], "--Lion-beta2-base"),
+        (["--stepsize-groups", "blockwise"], "--stepsize-groups"),
+        (["--stepsize-groups", "[3,x]"], "--stepsize-groups"),
+        (["--stepsize-groups", "[3,0]"], "--stepsize-groups"),
+        (["--optimizer", "Adamax"], "--optimizer"),
+        (["--gamma", "2"], "--gamma"),
+        (["--optimizer", "AdamW", "--lr", "0"], "--lr"),
+    ],
+)
+def test_optimizer_flags_are_checked_before_any_model_exists(argv, needle):
+    """What train.py runs right after parsing, so a typo fails before a dataset is downloaded."""
+    parser = add_optimizer_args(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match=needle):
+        check_optimizer_args(parser.parse_args(argv))
+
+
+def test_paper_flags_build_the_paper_default():
+    parser = add_optimizer_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--stepsize-groups", "[1,1]"])
+    check_optimizer_args(args)  # list syntax fine; its sum is checked against the model
+    opt = build_optimizer(nn.Linear(3, 2), args)  # -1 = unset: Lion-beta2-base, normalizer-param-meta
+    assert (opt.alg_base, opt.alg_meta, opt.alpha0, opt.num_blocks) == ("AdamW", "Lion", 1e-6, 2)
+    with pytest.raises(ValueError, match="add up"):
+        build_optimizer(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)), args)
