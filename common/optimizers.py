@@ -216,10 +216,6 @@ BASE_RULES = {"SGD": base_sgd, "SGDm": base_sgdm, "RMSProp": base_rmsprop, "Adam
 # --------------------------------------------------------------------------------------
 
 
-def meta_fixed(beta, z, momentum, normalizer, **_):
-    pass
-
-
 def meta_sgd(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, **_):
     # beta <- (1 - eta kappa_bar) beta - eta z
     if weight_decay:
@@ -258,7 +254,7 @@ def meta_lion(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, mom
     momentum.lerp_(z, 1.0 - momentum_param)
 
 
-META_RULES = {"fixed": meta_fixed, "SGD": meta_sgd, "RMSProp": meta_rmsprop, "Adam": meta_adam, "Lion": meta_lion}
+META_RULES = {"SGD": meta_sgd, "RMSProp": meta_rmsprop, "Adam": meta_adam, "Lion": meta_lion}  # "fixed": none
 
 
 # --------------------------------------------------------------------------------------
@@ -484,27 +480,23 @@ class MetaOptimize(torch.optim.Optimizer):
         return [x.view((-1,) + (1,) * (p.dim() - 1)) if p.dim() else x.view(()) for x, p in zip(pieces, self._params)]
 
     def _plan(self, active: tuple):
-        """Per active set (usually all parameters): z index and per-group block groupings."""
+        """Per active set (usually all parameters): the block of each active tensor's z (tensor-kind)
+        and the mask of blocks with at least one gradient (None when every parameter has one)."""
         plan = self._plans.get(active)
         if plan is not None:
             return plan
         device = self._beta.device
-        plan = {}
+        plan = {"mask": None}
         if self._kind == "tensor":
             plan["z_index"] = torch.tensor([self._tensor_block[i] for i in active], device=device)
-            blocks_used = {self._tensor_block[i] for i in active}
-        else:
-            blocks_used = None
-        mask = None
         if len(active) < len(self._params):
             mask = torch.zeros(self.num_blocks, dtype=torch.bool)
-            if self._kind == "tensor":
-                mask[list(blocks_used)] = True
-            else:
-                for i in active:
+            for i in active:
+                if self._kind == "tensor":
+                    mask[self._tensor_block[i]] = True
+                else:
                     mask[self._offsets[i]:self._offsets[i] + self._unit_sizes[i]] = True
-            mask = mask.to(device)
-        plan["mask"] = mask  # blocks with at least one gradient; None when all are active
+            plan["mask"] = mask.to(device)
         self._plans[active] = plan
         return plan
 
@@ -617,31 +609,23 @@ class MetaOptimize(torch.optim.Optimizer):
 
         # 3-4. base update w <- w - Delta, trace h <- gamma (1 - kappa alpha) h - Delta
         rule = BASE_RULES[self.alg_base]
-        for group, idx, params, grads, states in groups:
-            hp = {k[: -len("_base")]: group[k] for k in BASE_HP}
-            for step, sub in self._split_by_step(states):
-                sp = [params[k] for k in sub]
-                sg = [grads[k] for k in sub]
-                ss = [states[k] for k in sub]
-                si = [idx[k] for k in sub]
-                for s in ss:
-                    s["step"] += 1
-                d, scale = rule(
-                    sp, sg,
-                    [s["momentum"] for s in ss] if "momentum" in ss[0] else None,
-                    [s["normalizer"] for s in ss] if "normalizer" in ss[0] else None,
-                    step=step + 1, **hp,
-                )
-                self._mul_by_block(d, si, self._alpha * scale if scale != 1.0 else self._alpha)  # d := Delta
-                torch._foreach_sub_(sp, d)
-                if track:
-                    traces = [s["trace"] for s in ss]
-                    if self.gamma == 0.0:
-                        torch._foreach_zero_(traces)
-                    else:
-                        decay = self._alpha * (-self.gamma * hp["weight_decay"]) + self.gamma  # gamma (1 - kappa alpha)
-                        self._mul_by_block(traces, si, decay)
-                    torch._foreach_sub_(traces, d)
+        for _, hp, step, si, sp, sg, ss in self._subsets(groups):
+            d, scale = rule(
+                sp, sg,
+                [s["momentum"] for s in ss] if "momentum" in ss[0] else None,
+                [s["normalizer"] for s in ss] if "normalizer" in ss[0] else None,
+                step=step, **hp,
+            )
+            self._mul_by_block(d, si, self._alpha * scale if scale != 1.0 else self._alpha)  # d := Delta
+            torch._foreach_sub_(sp, d)
+            if track:
+                traces = [s["trace"] for s in ss]
+                if self.gamma == 0.0:
+                    torch._foreach_zero_(traces)
+                else:
+                    decay = self._alpha * (-self.gamma * hp["weight_decay"]) + self.gamma  # gamma (1 - kappa alpha)
+                    self._mul_by_block(traces, si, decay)
+                torch._foreach_sub_(traces, d)
 
         # 5. meta update of beta with z
         if track:
@@ -653,29 +637,22 @@ class MetaOptimize(torch.optim.Optimizer):
         """Steps 2-4 with one compiled function per group: z pieces, Delta, w and h in one pass."""
         z = self._meta_gradient(groups, active, plan) if track and self._kind == "nodewise" else None
         pieces = {}
-        for g_index, (group, idx, params, grads, states) in enumerate(groups):
-            hp = {k[: -len("_base")]: group[k] for k in BASE_HP}
-            for step, sub in self._split_by_step(states):
-                ss = [states[k] for k in sub]
-                si = tuple(idx[k] for k in sub)
-                for s in ss:
-                    s["step"] += 1
-                key = (g_index, si)
-                fn = self._compiled.get(key)
-                if fn is None:
-                    fn = self._compiled[key] = torch.compile(
-                        _make_fused_update(self.alg_base, track, self.gamma, hp, self._slices(si), self._kind),
-                        dynamic=False,
-                    )
-                coeffs = _base_coefficients(self.alg_base, hp, step + 1)
-                out = fn(
-                    [params[k] for k in sub], [grads[k] for k in sub],
-                    [s["momentum"] for s in ss] if "momentum" in ss[0] else [],
-                    [s["normalizer"] for s in ss] if "normalizer" in ss[0] else [],
-                    [s["trace"] for s in ss] if track else [],
-                    self._alpha, coeffs,
+        for g_index, hp, step, si, sp, sg, ss in self._subsets(groups):
+            key = (g_index, tuple(si))
+            fn = self._compiled.get(key)
+            if fn is None:
+                fn = self._compiled[key] = torch.compile(
+                    _make_fused_update(self.alg_base, track, self.gamma, hp, self._slices(si), self._kind),
+                    dynamic=False,
                 )
-                pieces.update(zip(si, out))
+            out = fn(
+                sp, sg,
+                [s["momentum"] for s in ss] if "momentum" in ss[0] else [],
+                [s["normalizer"] for s in ss] if "normalizer" in ss[0] else [],
+                [s["trace"] for s in ss] if track else [],
+                self._alpha, _base_coefficients(self.alg_base, hp, step),
+            )
+            pieces.update(zip(si, out))
         if not track or z is not None:
             return z
         if self._kind == "tensor":
@@ -700,15 +677,21 @@ class MetaOptimize(torch.optim.Optimizer):
         return tuple(out)
 
     @staticmethod
-    def _split_by_step(states):
-        """Group positions by their step count (all equal unless some grads were None before)."""
-        first = states[0]["step"]
-        if all(s["step"] == first for s in states):
-            return [(first, list(range(len(states))))]
-        by_step: dict[int, list[int]] = {}
-        for k, s in enumerate(states):
-            by_step.setdefault(s["step"], []).append(k)
-        return list(by_step.items())
+    def _subsets(groups):
+        """(group index, base hyperparameters, step t, indices, params, grads, states) per param group
+        and step count, with the step counts advanced to t. Counts differ only for parameters
+        whose gradient was None on some earlier steps, so this is one subset per group as a rule."""
+        for g_index, (group, idx, params, grads, states) in enumerate(groups):
+            hp = {k[: -len("_base")]: group[k] for k in BASE_HP}
+            by_step: dict[int, list[int]] = {}
+            for k, s in enumerate(states):
+                by_step.setdefault(s["step"], []).append(k)
+            for step, sub in by_step.items():
+                ss = [states[k] for k in sub]
+                for s in ss:
+                    s["step"] += 1
+                yield (g_index, hp, step + 1, [idx[k] for k in sub], [params[k] for k in sub],
+                       [grads[k] for k in sub], ss)
 
     def _meta_gradient(self, groups, active, plan) -> Tensor:
         if self._kind == "tensor":
