@@ -54,9 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_run_args(parser)
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
     args = parser.parse_args(argv)
-    for flag in ("num_epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    harness.require_positive(parser, args, "num_epochs", "batch_size", "eval_batch_size")
     return args
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "load_training_state",
     "maybe_compile",
     "parse_max_time",
+    "require_positive",
     "resolve_device",
     "run_main",
     "seed_everything",
@@ -146,6 +147,14 @@ def parse_max_time(text) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"--max-time must be a positive duration, got {text!r}; use {_TIME_FORMATS}")
     return seconds
+
+
+def require_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """After parsing: a parser error (one `error:` line, exit 2) for the first of these integer flags below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -99,9 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_run_args(parser)
     parser.set_defaults(log_every=LOG_EVERY, **OPTIMIZER_DEFAULTS)
     args = parser.parse_args(argv)
-    for flag in ("classes_per_task", "epochs_per_task", "batch_size", "acc_every", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    harness.require_positive(parser, args, "classes_per_task", "epochs_per_task", "batch_size", "acc_every", "eval_batch_size")
     if 100 % args.classes_per_task:
         parser.error(f"--classes-per-task must divide the 100 classes (e.g. 5, 10, 20, 25, 50), "
                      f"got {args.classes_per_task}")

@@ -83,9 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_run_args(parser)
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
     args = parser.parse_args(argv)
-    for flag in ("epochs", "batch_size", "dummy_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    harness.require_positive(parser, args, "epochs", "batch_size", "dummy_size")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.image_size < 32:
