@@ -16,6 +16,14 @@ that the caller turns into numbers only when it logs. Every elementwise pass is 
 exponential-moving-average form, m_ema = (1 - rho) m and v_ema = (1 - lambda) v, so that
 each update is one pass (`lerp_`); the constant factors are folded into the scalar that
 multiplies alpha, which keeps the result equal to the spec's sums.
+
+On CPU, with blocks of whole tensors (scalar, layerwise, lists), there is no device to
+synchronise with, and a small-batch step is bound by per-op dispatch. There the per-block
+state (beta, the meta momenta) lives in Python floats, alpha enters each pass as a plain
+scalar, and the trace is stored as h = D * trace with a float D per tensor, so that the
+decay gamma (1 - kappa alpha) costs a float multiply instead of a pass over the trace
+(`MetaOptimize._host_step`). Checkpoints carry D ("trace_scale") and move freely between
+the two layouts.
 """
 
 from __future__ import annotations
@@ -257,6 +265,78 @@ def meta_lion(beta, z, momentum, normalizer, *, meta_stepsize, weight_decay, mom
 META_RULES = {"SGD": meta_sgd, "RMSProp": meta_rmsprop, "Adam": meta_adam, "Lion": meta_lion}  # "fixed": none
 
 
+# The same meta updates over Python floats (lists with one entry per block; only `blocks` move).
+# MetaOptimize uses them on CPU for blocks of whole tensors, where reading a value costs no
+# device synchronisation and a Python float op is far cheaper than a tensor op (see `_host_step`).
+
+
+def host_meta_sgd(beta, z, momentum, normalizer, blocks, *, meta_stepsize, weight_decay, **_):
+    shrink = 1.0 - meta_stepsize * weight_decay
+    for b in blocks:
+        beta[b] = shrink * beta[b] - meta_stepsize * z[b]
+
+
+def host_meta_rmsprop(beta, z, momentum, normalizer, blocks, *, meta_stepsize, weight_decay, normalizer_param,
+                      step, **_):
+    shrink, mu = 1.0 - meta_stepsize * weight_decay, (1.0 - normalizer_param) / (1.0 - normalizer_param**step)
+    for b in blocks:
+        normalizer[b] = normalizer_param * normalizer[b] + z[b] * z[b]
+        beta[b] = shrink * beta[b] - meta_stepsize * z[b] / math.sqrt(mu * normalizer[b] + EPS)
+
+
+def host_meta_adam(beta, z, momentum, normalizer, blocks, *, meta_stepsize, weight_decay, momentum_param,
+                   normalizer_param, step, **_):
+    shrink, mu = 1.0 - meta_stepsize * weight_decay, (1.0 - normalizer_param) / (1.0 - normalizer_param**step)
+    for b in blocks:
+        momentum[b] = momentum_param * momentum[b] + z[b]  # a sum, as in the spec
+        normalizer[b] = normalizer_param * normalizer[b] + z[b] * z[b]
+        beta[b] = shrink * beta[b] - meta_stepsize * momentum[b] / math.sqrt(mu * normalizer[b] + EPS)
+
+
+def host_meta_lion(beta, z, momentum, normalizer, blocks, *, meta_stepsize, weight_decay, momentum_param,
+                   lion_beta2, **_):
+    shrink = 1.0 - meta_stepsize * weight_decay
+    for b in blocks:
+        u = lion_beta2 * momentum[b] + (1.0 - lion_beta2) * z[b]
+        beta[b] = shrink * beta[b] - meta_stepsize * ((u > 0.0) - (u < 0.0))  # sign(u), 0 at 0
+        momentum[b] = momentum_param * momentum[b] + (1.0 - momentum_param) * z[b]
+
+
+HOST_META_RULES = {"SGD": host_meta_sgd, "RMSProp": host_meta_rmsprop, "Adam": host_meta_adam, "Lion": host_meta_lion}
+
+# The host path keeps the trace as h = D * trace (D per tensor, see `_host_step`); once D leaves
+# this range the tensor is rescaled (trace *= D, D = 1), which keeps trace = h / D far from
+# float32 overflow and underflow.
+TRACE_SCALE_RANGE = (1e-6, 1e6)
+
+
+def _host_path(device: torch.device, kind: str, compile: bool) -> bool:
+    """Whether MetaOptimize keeps the per-block state as Python floats (`_host_step`): on CPU, for
+    blocks of whole tensors (node/weight-wise blocks are too many), unless the step is compiled."""
+    return device.type == "cpu" and kind == "tensor" and not compile
+
+
+def _dot(h: Tensor, g: Tensor) -> Tensor:
+    if h.is_contiguous() and g.is_contiguous():
+        return torch.dot(h.view(-1), g.view(-1))
+    return torch.sum(h * g)
+
+
+def _add_scaled(tensors: list[Tensor], others: list[Tensor], coefs: list[float]) -> None:
+    """tensors[k] += coefs[k] * others[k], one foreach call per distinct coefficient (usually one)."""
+    first = coefs[0]
+    if all(c == first for c in coefs):
+        torch._foreach_add_(tensors, others, alpha=first)
+        return
+    by_coef: dict[float, tuple[list, list]] = {}
+    for t, o, c in zip(tensors, others, coefs):
+        ts, os_ = by_coef.setdefault(c, ([], []))
+        ts.append(t)
+        os_.append(o)
+    for c, (ts, os_) in by_coef.items():
+        torch._foreach_add_(ts, os_, alpha=c)
+
+
 # --------------------------------------------------------------------------------------
 # Fused path (MetaOptimize(compile=True)): the same base rules written per tensor, so that
 # torch.compile turns steps 2-4 of each tensor into one loop over memory.
@@ -361,6 +441,11 @@ class MetaOptimize(torch.optim.Optimizer):
     `step_sizes()` returns alpha per block as a device tensor (no sync); call `.tolist()`
     on it only when you log.
 
+    State: per tensor "step", "momentum"/"normalizer" (base state in EMA form, see the module
+    notes) and "trace". On CPU with blocks of whole tensors the trace h is stored as
+    trace_scale * state["trace"], with trace_scale per tensor in `state_dict()["meta"]`
+    (see `_host_step`); elsewhere state["trace"] is h itself.
+
     compile: fuse each step into one generated loop per tensor with `torch.compile` (the
         same maths as the default `torch._foreach_*` path, fewer passes over memory). The
         first step compiles (tens of seconds for a ResNet-18), so use it for long runs.
@@ -449,11 +534,26 @@ class MetaOptimize(torch.optim.Optimizer):
         self._offsets = [0]
         for s in self._unit_sizes[:-1]:
             self._offsets.append(self._offsets[-1] + s)
-        f32 = dict(device=device, dtype=torch.float32)
-        self._beta = torch.full((num_blocks,), math.log(self.alpha0), **f32)
-        self._alpha = torch.empty_like(self._beta)  # exp(beta) at the start of the step
-        self._meta_momentum = torch.zeros_like(self._beta) if "momentum_param" in self.meta_hp else None
-        self._meta_normalizer = torch.zeros_like(self._beta) if "normalizer_param" in self.meta_hp else None
+        self._num_blocks = num_blocks
+        # Where the per-block state lives: Python floats on the host for blocks of whole tensors on
+        # CPU (`_host_step`), float32 tensors on the parameters' device otherwise.
+        self._host = _host_path(device, kind, self.compile)
+        beta0 = math.log(self.alpha0)
+        if self._host:
+            self._beta = [beta0] * num_blocks
+            self._alpha = None
+            self._meta_momentum = [0.0] * num_blocks if "momentum_param" in self.meta_hp else None
+            self._meta_normalizer = [0.0] * num_blocks if "normalizer_param" in self.meta_hp else None
+            self._trace_scale = [1.0] * len(self._params)  # D per tensor: h = D * state["trace"]
+            self._host_blocks = {}  # cache: active-parameter signature -> blocks with a gradient
+            self._trace_vectors = {}  # cache: parameter index -> state["trace"].view(-1)
+        else:
+            f32 = dict(device=device, dtype=torch.float32)
+            self._beta = torch.full((num_blocks,), beta0, **f32)
+            self._alpha = torch.empty_like(self._beta)  # exp(beta) at the start of the step
+            self._meta_momentum = torch.zeros_like(self._beta) if "momentum_param" in self.meta_hp else None
+            self._meta_normalizer = torch.zeros_like(self._beta) if "normalizer_param" in self.meta_hp else None
+            self._trace_scale = None  # the device path keeps h itself
         self._meta_step = 0
         self._z = None  # nodewise/weightwise meta-gradient buffer, made on first use
         self._plans = {}  # cache: active-parameter signature -> index tensors and groupings
@@ -467,7 +567,7 @@ class MetaOptimize(torch.optim.Optimizer):
 
     @property
     def num_blocks(self) -> int:
-        return self._beta.numel()
+        return self._num_blocks
 
     def _views(self, flat: Tensor) -> list[Tensor]:
         """Per-tensor views of a flat per-block tensor, broadcastable against each parameter."""
@@ -528,11 +628,18 @@ class MetaOptimize(torch.optim.Optimizer):
         return state
 
     def state_dict(self):
+        """torch's state dict plus a "meta" entry: beta and the meta state per block, and
+        "trace_scale" (D per tensor, see `_host_step`; None where the traces are h itself)."""
         sd = super().state_dict()
+
+        def saved(x):  # host floats as float64 tensors: a resume from them is exact
+            return torch.tensor(x, dtype=torch.float64) if isinstance(x, list) else x
+
         sd["meta"] = {
             "alg_base": self.alg_base, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
-            "step": self._meta_step, "beta": self._beta,
-            "momentum": self._meta_momentum, "normalizer": self._meta_normalizer,
+            "step": self._meta_step, "beta": saved(self._beta),
+            "momentum": saved(self._meta_momentum), "normalizer": saved(self._meta_normalizer),
+            "trace_scale": saved(self._trace_scale) if self._host and self.alg_meta != "fixed" else None,
         }
         return sd
 
@@ -547,19 +654,35 @@ class MetaOptimize(torch.optim.Optimizer):
                 f"this optimizer is ({self.alg_base}, {self.alg_meta}) with {self.num_blocks} blocks"
             )
         super().load_state_dict(state_dict)
-        # copy into the existing buffers: the per-tensor views stay valid
-        with torch.no_grad():
-            self._beta.copy_(meta["beta"])
+        trace_scale = meta.get("trace_scale")
+        if self._host:
+            self._beta = meta["beta"].tolist()
             if self._meta_momentum is not None:
-                self._meta_momentum.copy_(meta["momentum"])
+                self._meta_momentum = meta["momentum"].tolist()
             if self._meta_normalizer is not None:
-                self._meta_normalizer.copy_(meta["normalizer"])
+                self._meta_normalizer = meta["normalizer"].tolist()
+            self._trace_scale = trace_scale.tolist() if trace_scale is not None else [1.0] * len(self._params)
+        else:
+            # copy into the existing buffers: the per-tensor views stay valid
+            with torch.no_grad():
+                self._beta.copy_(meta["beta"])
+                if self._meta_momentum is not None:
+                    self._meta_momentum.copy_(meta["momentum"])
+                if self._meta_normalizer is not None:
+                    self._meta_normalizer.copy_(meta["normalizer"])
+                if trace_scale is not None:  # saved by the host path: this path keeps h itself
+                    for p, scale in zip(self._params, trace_scale.tolist()):
+                        state = self.state.get(p, {})
+                        if "trace" in state and scale != 1.0:  # a new tensor: the loaded one may be shared
+                            state["trace"] = state["trace"] * scale
         self._meta_step = int(meta["step"])
 
     # ---- logging -----------------------------------------------------------------------
 
     def step_sizes(self) -> Tensor:
         """alpha = exp(beta) per block, a device tensor (no host sync); `.tolist()` it when logging."""
+        if self._host:
+            return torch.tensor([math.exp(b) for b in self._beta], dtype=torch.float32)
         return torch.exp(self._beta)
 
     # ---- the step ----------------------------------------------------------------------
@@ -574,11 +697,7 @@ class MetaOptimize(torch.optim.Optimizer):
         active = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
         if not active:
             return loss
-        plan = self._plan(active)
         track = self.alg_meta != "fixed"
-
-        # 1. alpha = exp(beta), beta as it is before this step
-        torch.exp(self._beta, out=self._alpha)
 
         # gather per-group lists once
         groups = []
@@ -596,6 +715,14 @@ class MetaOptimize(torch.optim.Optimizer):
             if params:
                 groups.append((group, idx, params, grads, states))
 
+        if self._host:
+            self._host_step(groups, active, track)
+            return loss
+
+        # 1. alpha = exp(beta), beta as it is before this step
+        torch.exp(self._beta, out=self._alpha)
+        plan = self._plan(active)
+
         if self.compile:
             z = self._fused_step(groups, active, plan, track)
             if track:
@@ -608,14 +735,8 @@ class MetaOptimize(torch.optim.Optimizer):
             z = self._meta_gradient(groups, active, plan)
 
         # 3-4. base update w <- w - Delta, trace h <- gamma (1 - kappa alpha) h - Delta
-        rule = BASE_RULES[self.alg_base]
         for _, hp, step, si, sp, sg, ss in self._subsets(groups):
-            d, scale = rule(
-                sp, sg,
-                [s["momentum"] for s in ss] if "momentum" in ss[0] else None,
-                [s["normalizer"] for s in ss] if "normalizer" in ss[0] else None,
-                step=step, **hp,
-            )
+            d, scale = self._base_direction(hp, step, sp, sg, ss)
             self._mul_by_block(d, si, self._alpha * scale if scale != 1.0 else self._alpha)  # d := Delta
             torch._foreach_sub_(sp, d)
             if track:
@@ -632,6 +753,79 @@ class MetaOptimize(torch.optim.Optimizer):
             self._meta_step += 1
             self._meta_update(z, plan["mask"])
         return loss
+
+    def _base_direction(self, hp, step, params, grads, states):
+        """The base update of section 3 as (d, scale), Delta = alpha * scale * d; updates m and v."""
+        return BASE_RULES[self.alg_base](
+            params, grads,
+            [s["momentum"] for s in states] if "momentum" in states[0] else None,
+            [s["normalizer"] for s in states] if "normalizer" in states[0] else None,
+            step=step, **hp,
+        )
+
+    def _host_step(self, groups, active, track):
+        """Steps 1-5 with the per-block state in Python floats (CPU, blocks of whole tensors).
+
+        On CPU a tensor's value is read without any device synchronisation, and at small batch
+        sizes a step is bound by per-op dispatch: alpha, z and the meta update cost less as float
+        arithmetic than as ops on one-entry tensors, and alpha enters each pass as a plain scalar.
+        The trace is kept as h = D * trace with a float D per tensor. Step 4 then becomes
+        D <- gamma (1 - kappa alpha) D and trace <- trace - Delta / D: one pass over the trace
+        instead of two (decay, then subtract). When D leaves TRACE_SCALE_RANGE the tensor is
+        rescaled (trace *= D, D = 1); when gamma (1 - kappa alpha) is exactly 0 the trace restarts
+        at -Delta, as the spec's update does.
+        """
+        block, trace_scale = self._tensor_block, self._trace_scale
+        alpha = [math.exp(b) for b in self._beta]  # 1. beta as it is before this step
+
+        if track:  # 2. z_b = sum_{i in b} D_i (trace_i . g_i), with h from before this step
+            z = [0.0] * self._num_blocks
+            vectors = self._trace_vectors
+            for _, idx, _, grads, states in groups:
+                for i, g, s in zip(idx, grads, states):
+                    trace = s["trace"]
+                    vec = vectors.get(i)
+                    if vec is None or vec._base is not trace:  # first use, or the state was replaced
+                        vec = vectors[i] = trace.view(-1) if trace.is_contiguous() else None
+                    dot = torch.dot(vec, g.view(-1)) if vec is not None and g.is_contiguous() else _dot(trace, g)
+                    z[block[i]] += trace_scale[i] * dot.item()
+
+        low, high = TRACE_SCALE_RANGE
+        for _, hp, step, si, sp, sg, ss in self._subsets(groups):
+            d, scale = self._base_direction(hp, step, sp, sg, ss)
+            neg_step = [-alpha[block[i]] * scale for i in si]  # Delta = -neg_step * d
+            _add_scaled(sp, d, neg_step)  # 3. w <- w - Delta
+            if not track:
+                continue
+            # 4. h <- gamma (1 - kappa alpha) h - Delta, as D <- gamma (1 - kappa alpha) D, trace -= Delta / D
+            decay = [self.gamma * (1.0 - hp["weight_decay"] * a) for a in alpha]
+            traces = [s["trace"] for s in ss]
+            coefs, restart, rescale = [], [], []
+            for k, i in enumerate(si):
+                scale_i = trace_scale[i] * decay[block[i]]
+                if not low <= abs(scale_i) <= high:  # (NaN too)
+                    if scale_i == 0.0:  # gamma = 0 or kappa alpha = 1: h = -Delta
+                        restart.append(traces[k])
+                        scale_i = 1.0
+                    else:
+                        rescale.append(k)
+                trace_scale[i] = scale_i
+                coefs.append(neg_step[k] / scale_i)
+            if restart:
+                torch._foreach_zero_(restart)
+            _add_scaled(traces, d, coefs)
+            if rescale:
+                torch._foreach_mul_([traces[k] for k in rescale], [trace_scale[si[k]] for k in rescale])
+                for k in rescale:
+                    trace_scale[si[k]] = 1.0
+
+        if track:  # 5. meta update of the blocks with a gradient
+            blocks = self._host_blocks.get(active)
+            if blocks is None:
+                blocks = self._host_blocks[active] = sorted({block[i] for i in active})
+            self._meta_step += 1
+            HOST_META_RULES[self.alg_meta](self._beta, z, self._meta_momentum, self._meta_normalizer, blocks,
+                                           step=self._meta_step, **self.meta_hp)
 
     def _fused_step(self, groups, active, plan, track):
         """Steps 2-4 with one compiled function per group: z pieces, Delta, w and h in one pass."""
@@ -695,14 +889,7 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _meta_gradient(self, groups, active, plan) -> Tensor:
         if self._kind == "tensor":
-            dots = []
-            for _, _, _, grads, states in groups:
-                for g, s in zip(grads, states):
-                    h = s["trace"]
-                    if h.is_contiguous() and g.is_contiguous():
-                        dots.append(torch.dot(h.view(-1), g.view(-1)))
-                    else:
-                        dots.append(torch.sum(h * g))
+            dots = [_dot(s["trace"], g) for _, _, _, grads, states in groups for g, s in zip(grads, states)]
             z_per_tensor = torch.stack(dots).to(torch.float32)
             return torch.zeros_like(self._beta).index_add_(0, plan["z_index"], z_per_tensor)
         # nodewise / weightwise: one entry per output unit / weight, in parameter order, written

@@ -6,6 +6,7 @@ momenta, mu = (1 - lambda)/(1 - lambda^t), eps inside the square root.
 """
 
 import argparse
+import copy
 import io
 import math
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from common import optimizers
 from common.optimizers import (
     MetaOptimize,
     MetaOptimize_AdamW_Lion_hg,
@@ -134,13 +136,11 @@ def param_list(weights, groups):
     return params, params
 
 
-@pytest.mark.parametrize("groups", GROUPS, ids=str)
-@pytest.mark.parametrize("meta", METAS)
-@pytest.mark.parametrize("base", BASES)
-def test_matches_float64_reference(base, meta, groups):
+def run_against_reference(base, meta, groups, gamma=0.95, steps=50):
+    """50 steps of MetaOptimize and of the reference on the same noisy quadratic; checks w and alpha."""
     weights, curvature, noise = make_problem()
     alpha0 = 3e-2 if base in ("SGD", "SGDm") else 1e-2
-    eta, gamma, steps = 2e-2, 0.95, 50
+    eta = 2e-2
     params, arg = param_list(weights, groups)
     opt = MetaOptimize(arg, alg_base=base, alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
                        stepsize_groups=groups, **HP)
@@ -156,6 +156,37 @@ def test_matches_float64_reference(base, meta, groups):
     torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
     if meta != "fixed":
         assert not torch.allclose(ref.beta, torch.full_like(ref.beta, math.log(alpha0))), "beta should move"
+    return opt, ref, params
+
+
+@pytest.mark.parametrize("groups", GROUPS, ids=str)
+@pytest.mark.parametrize("meta", METAS)
+@pytest.mark.parametrize("base", BASES)
+def test_matches_float64_reference(base, meta, groups):
+    opt, _, _ = run_against_reference(base, meta, groups)
+    # on CPU, blocks of whole tensors keep their per-block state as host floats
+    assert opt._host == (groups not in ("nodewise", "weightwise"))
+
+
+@pytest.mark.parametrize("groups", ["scalar", "param_groups"], ids=str)
+@pytest.mark.parametrize("meta", METAS)
+@pytest.mark.parametrize("base", BASES)
+def test_device_path_for_whole_tensor_blocks_matches_float64_reference(base, meta, groups, monkeypatch):
+    """The path a GPU takes for blocks of whole tensors (tensor state, trace decayed in place), forced on CPU."""
+    monkeypatch.setattr(optimizers, "_host_path", lambda *args: False)
+    opt, _, _ = run_against_reference(base, meta, groups)
+    assert not opt._host
+
+
+@pytest.mark.parametrize("groups", ["scalar", "layerwise"])
+def test_host_trace_scale_is_rescaled_and_h_stays_the_specs(groups):
+    """gamma = 0.3: D = prod gamma (1 - kappa alpha) would reach 0.3^50 ~ 1e-26 by step 50; it is folded
+    back into the trace whenever it leaves TRACE_SCALE_RANGE, and D * trace stays the spec's h."""
+    opt, ref, params = run_against_reference("AdamW", "Adam", groups, gamma=0.3)
+    scale = opt.state_dict()["meta"]["trace_scale"]
+    assert torch.all((scale > optimizers.TRACE_SCALE_RANGE[0]) & (scale < 1.0))
+    for i, p in enumerate(params):
+        torch.testing.assert_close(scale[i] * opt.state[p]["trace"].double(), ref.h[i], rtol=1e-3, atol=1e-7)
 
 
 def test_hessian_free_trace_state_sizes():
@@ -308,13 +339,7 @@ def _train(opt_factory, steps, state=None, model_state=None, seed=0):
     return model, opt
 
 
-@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise", [2, 2]], ids=str)
-@pytest.mark.parametrize("base, meta", [("AdamW", "Lion"), ("Lion", "Lion"), ("RMSProp", "Adam"), ("SGDm", "RMSProp"), ("SGD", "SGD")])
-def test_state_dict_resume_is_bit_for_bit(base, meta, groups):
-    def factory(model):
-        return MetaOptimize(model.parameters(), alg_base=base, alg_meta=meta, alpha0=1e-3, meta_stepsize=1e-2,
-                            stepsize_groups=groups, **HP)
-
+def assert_resume_is_bit_for_bit(factory):
     # uninterrupted: 10 steps with stream A, then 10 with stream B
     model, opt = _train(factory, 10)
     buf = io.BytesIO()
@@ -332,6 +357,50 @@ def test_state_dict_resume_is_bit_for_bit(base, meta, groups):
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(opt.step_sizes(), ropt.step_sizes())
+    return opt
+
+
+@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise", [2, 2]], ids=str)
+@pytest.mark.parametrize("base, meta", [("AdamW", "Lion"), ("Lion", "Lion"), ("RMSProp", "Adam"), ("SGDm", "RMSProp"), ("SGD", "SGD")])
+def test_state_dict_resume_is_bit_for_bit(base, meta, groups):
+    def factory(model):
+        return MetaOptimize(model.parameters(), alg_base=base, alg_meta=meta, alpha0=1e-3, meta_stepsize=1e-2,
+                            stepsize_groups=groups, **HP)
+
+    assert_resume_is_bit_for_bit(factory)
+
+
+@pytest.mark.parametrize("groups", ["scalar", [2, 2]], ids=str)
+def test_resume_is_bit_for_bit_across_trace_rescales(groups):
+    """gamma = 0.2: the host path folds D into the trace every ~8 steps, before and after the checkpoint."""
+    def factory(model):
+        return MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=1e-3, meta_stepsize=1e-2,
+                            gamma=0.2, stepsize_groups=groups, **HP)
+
+    opt = assert_resume_is_bit_for_bit(factory)
+    assert opt._host and all(s != 1.0 for s in opt._trace_scale)
+
+
+@pytest.mark.parametrize("first_host", [True, False])
+def test_checkpoint_moves_between_host_and_device_paths(first_host, monkeypatch):
+    """A CPU checkpoint resumes on a GPU (tensor path) and back: D is folded into the traces on load."""
+    def factory(host):
+        def make(model):
+            monkeypatch.setattr(optimizers, "_host_path", lambda *args: host)
+            return MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=1e-2,
+                                meta_stepsize=1e-2, gamma=0.9, stepsize_groups=[2, 2], **HP)
+        return make
+
+    model, opt = _train(factory(first_host), 10)
+    assert opt._host == first_host
+    saved = {"model": model.state_dict(), "opt": opt.state_dict()}
+    # deep copies: torch's load_state_dict keeps the given tensors, which the steps then change
+    same, same_opt = _train(factory(first_host), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
+    other, other_opt = _train(factory(not first_host), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
+    assert other_opt._host != first_host
+    for a, b in zip(same.parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(same_opt.step_sizes(), other_opt.step_sizes(), rtol=1e-5, atol=0)
 
 
 def test_load_state_dict_rejects_other_layout():
