@@ -243,7 +243,7 @@ def main(argv=None) -> int:
             return stopped(f"after epoch {epoch}")
 
     if args.weights_checksum:
-        print(f"weights-checksum rank={run.rank} {weights_checksum(model)}", flush=True)
+        print(f"weights-checksum rank={run.rank} {weights_checksum(model)}\n", end="", flush=True)  # one write: ranks share stdout
     run.finish({"final": last, "best": best})
     if run.is_main and last:
         print(f"best top-1 {best['test/acc']:.2f}% (epoch {best['epoch']}), final top-1 {last['test/acc']:.2f}% "

@@ -178,6 +178,30 @@ def test_device_path_for_whole_tensor_blocks_matches_float64_reference(base, met
     assert not opt._host
 
 
+def test_param_groups_with_their_own_weight_decay_agree_on_both_paths(monkeypatch):
+    """One scalar block over two param groups with different kappa: the host path's trace scales differ
+    per tensor (gamma (1 - kappa alpha) differs); the tensor path decays each group's traces itself."""
+    weights, curvature, noise = make_problem()
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(optimizers, "_host_path", lambda *args, host=host: host)
+        params = [nn.Parameter(w.clone()) for w in weights]
+        groups = [{"params": params[:2], "weight_decay_base": 0.0}, {"params": params[2:], "weight_decay_base": 0.5}]
+        opt = MetaOptimize(groups, alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=2e-2, gamma=0.9,
+                           **{k: v for k, v in HP.items() if k != "weight_decay_base"})
+        assert opt._host == host
+        for t in range(40):
+            for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+                p.grad = g
+            opt.step()
+        results.append(([p.detach().clone() for p in params], opt.step_sizes()))
+    (w_host, a_host), (w_dev, a_dev) = results
+    for a, b in zip(w_host, w_dev):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a_host, a_dev, rtol=1e-4, atol=0)
+    assert not torch.equal(a_host, torch.tensor([1e-2]))
+
+
 @pytest.mark.parametrize("groups", ["scalar", "layerwise"])
 def test_host_trace_scale_is_rescaled_and_h_stays_the_specs(groups):
     """gamma = 0.3: D = prod gamma (1 - kappa alpha) would reach 0.3^50 ~ 1e-26 by step 50; it is folded

@@ -269,7 +269,7 @@ def main():
             return 0
     bar.close()
     if args.weights_checksum:
-        print(f"weights-checksum rank={run.rank} {weights_checksum(model, optimizer)}", flush=True)
+        print(f"weights-checksum rank={run.rank} {weights_checksum(model, optimizer)}\n", end="", flush=True)  # one write: ranks share stdout
     run.finish({"final": last, "best": best})
     return 0
 
