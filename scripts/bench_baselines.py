@@ -31,13 +31,13 @@ import contextlib
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without installing the repo
 
 import torch
 
+from common.benchmark import interleaved
 from common.optimizers import add_optimizer_args, build_optimizer
 
 METHODS = {  # row name -> argv for add_optimizer_args
@@ -116,22 +116,6 @@ def reachable_state_bytes(optimizer, exclude: set[int]) -> int:
     return sum(storages.values())
 
 
-def interleaved(variants: dict, rounds: int, device) -> dict[str, float]:
-    times = {k: [] for k in variants}
-    for r in range(rounds + 2):  # two warm-up rounds
-        for name, (prepare, step) in variants.items():
-            prepare()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
-
-
 def bench_set(key: str, args, device) -> list[dict]:
     title, make_shapes = SETS[key]
     shapes = make_shapes()
@@ -140,7 +124,7 @@ def bench_set(key: str, args, device) -> list[dict]:
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds ==")
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
-    variants, memory, allocated = {}, {}, {}
+    variants, prepares, memory, allocated = {}, {}, {}, {}
     keep = []
     for name, argv in METHODS.items():
         if args.only and not any(o.lower() in name.lower() for o in args.only):
@@ -170,9 +154,11 @@ def bench_set(key: str, args, device) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize()
             allocated[name] = torch.cuda.memory_allocated(device) - base
-        variants[name] = (prepare, opt.step)
+        variants[name] = opt.step
+        prepares[name] = prepare
         keep.append((params, opt))
-    timed = interleaved(variants, args.rounds, device)
+    timings = interleaved(variants, args.rounds, device, warmup_rounds=2, before=lambda name: prepares[name]())
+    timed = {k: (statistics.median(t.wall), min(t.wall)) for k, t in timings.items()}
     medians = {k: v[0] for k, v in timed.items()}
     mins = {k: v[1] for k, v in timed.items()}
     ref_t, ref_min, ref_m = medians["torch AdamW"], mins["torch AdamW"], memory["torch AdamW"]

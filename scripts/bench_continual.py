@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common import harness
+from common.benchmark import interleaved, sync
 from common.optimizers import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +34,6 @@ def load_train_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Loop:
@@ -55,7 +51,6 @@ class Loop:
         self.loss_sum = torch.zeros((), device=device)
         self.epoch, self.pos = 0, 0
         self.xs, self.ys = ct.epoch_stream(x, y, 0, self.epoch)
-        self.times, self.cpu_times = [], []
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -96,17 +91,10 @@ def main():
     }
     for loop in loops.values():  # warm-up
         loop.run(min(200, args.steps))
-    sync(device)
     chunks = max(1, round(args.steps / args.chunk))
-    for c in range(chunks):
-        order = list(loops.values()) if c % 2 == 0 else list(loops.values())[::-1]
-        for loop in order:
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            loop.run(args.chunk)
-            sync(device)
-            loop.times.append((time.perf_counter() - t0) / args.chunk)
-            loop.cpu_times.append((time.process_time() - c0) / args.chunk)
+    timed = interleaved({name: lambda loop=loop: loop.run(args.chunk) for name, loop in loops.items()}, chunks, device)
+    times = {name: [s / args.chunk for s in t.wall] for name, t in timed.items()}  # seconds per step, per chunk
+    cpu_times = {name: [s / args.chunk for s in t.cpu] for name, t in timed.items()}
 
     # the per-task extras of a real run: building the augmented epoch and the test evaluation
     meta = next(iter(loops.values()))
@@ -126,20 +114,19 @@ def main():
     print(f"device {device}, torch threads {torch.get_num_threads()}, compile {args.compile}, {chunks} interleaved chunks of {args.chunk} "
           f"steps per variant (batch size 1, the spec's CNN)")
     per_step = {}
-    for name, loop in loops.items():
-        med, cpu = statistics.median(loop.times), statistics.median(loop.cpu_times)
+    for name in loops:
+        med, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
         per_step[name] = med
         full = args.full_steps * med + tasks * (t_stream + t_eval)
-        total = sum(loop.times) * args.chunk
+        total = sum(timed[name].wall)
         print(f"  {name:38s} {med * 1e3:7.3f} ms/step wall ({cpu * 1e3:.3f} CPU), median; {chunks * args.chunk:,} "
               f"timed steps in {total:.1f} s; projected {args.full_steps:,}-step run: {full / 60:6.1f} min")
-    names = list(loops)
-    a, b = loops[names[0]], loops[names[1]]
-    paired = statistics.median(x / y for x, y in zip(a.times, b.times))
-    cpu_ratio = statistics.median(a.cpu_times) / statistics.median(b.cpu_times)
-    ratio = per_step[names[0]] / per_step[names[1]]
+    a, b = list(loops)
+    paired = statistics.median(x / y for x, y in zip(times[a], times[b]))
+    cpu_ratio = statistics.median(cpu_times[a]) / statistics.median(cpu_times[b])
+    ratio = per_step[a] / per_step[b]
     print(f"  per task: epoch_stream {t_stream * 1e3:.1f} ms, test evaluation (1,000 images) {t_eval * 1e3:.1f} ms")
-    totals = sum(a.times) / sum(b.times)
+    totals = sum(times[a]) / sum(times[b])
     print(f"ratio MetaOptimize / fixed: {ratio:.3f} wall (medians), {paired:.3f} (median of paired chunks), "
           f"{totals:.3f} (total timed wall), "
           f"{cpu_ratio:.3f} CPU time; target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}")

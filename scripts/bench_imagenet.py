@@ -41,6 +41,7 @@ import torchvision  # noqa: E402
 from data import DummyLoader, Normalizer, build_loaders, set_train_position  # noqa: E402
 
 from common import harness  # noqa: E402
+from common.benchmark import interleaved, sync  # noqa: E402
 from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler  # noqa: E402
 
 # key -> (label, the train.py flags that select it): the paper's ImageNet settings (spec section 7)
@@ -140,10 +141,6 @@ def main():
     del model
     dummy = DummyLoader(1, args.batch_size, args.image_size, 1000, device, seed=0)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def train_steps(name, batches, n):
         r = runs[name]
         done = 0
@@ -166,18 +163,12 @@ def main():
 
     for name in runs:
         train_steps(name, synthetic, args.warmup)
-    sync()
-    rates = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            sync()
-            t = time.perf_counter()
-            train_steps(name, synthetic, args.steps)
-            sync()
-            rates[name].append(args.batch_size * args.steps / (time.perf_counter() - t))
-        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {r[-1]:,.1f}" for n, r in rates.items())
-              + " images/s", flush=True)
+    images = args.batch_size * args.steps
+    timed = interleaved(
+        {name: lambda name=name: train_steps(name, synthetic, args.steps) for name in runs}, args.reps, device,
+        on_round=lambda rep, t: print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+            f"{n} {images / v.wall[-1]:,.1f}" for n, v in t.items()) + " images/s", flush=True))
+    rates = {name: [images / s for s in t.wall] for name, t in timed.items()}
 
     median = {n: statistics.median(r) for n, r in rates.items()}
     baseline = OPTIMIZERS[BASELINE][0]
@@ -191,13 +182,13 @@ def main():
     result = {"device": str(device), "args": vars(args), "images_per_s": median, "all": rates, "ratio": ratios}
 
     if args.data_dir:
-        result.update(real_data(args, device, runs, train_steps, median, sync))
+        result.update(real_data(args, device, runs, train_steps, median))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
 
-def real_data(args, device, runs, train_steps, median, sync) -> dict:
+def real_data(args, device, runs, train_steps, median) -> dict:
     """Loader alone vs a MetaOptimize step on the real loader: which one limits images/s."""
     loader_args = argparse.Namespace(dummy=False, data_dir=args.data_dir, image_size=args.image_size,
                                      batch_size=args.batch_size, workers=args.workers, seed=0)
@@ -213,17 +204,17 @@ def real_data(args, device, runs, train_steps, median, sync) -> dict:
     for _ in range(n - 1):
         images, labels = next(it)
         images.to(device, non_blocking=True)
-    sync()
+    sync(device)
     loader_rate = (n - 1) * args.batch_size / (time.perf_counter() - t)
     del it
     name = next(k for k in runs if k != OPTIMIZERS[BASELINE][0])
     set_train_position(train, 1)
     it = iter(train)
     train_steps(name, it, 1)  # workers started, first batch
-    sync()
+    sync(device)
     t = time.perf_counter()
     done = train_steps(name, it, n - 1)
-    sync()
+    sync(device)
     e2e_rate = done * args.batch_size / (time.perf_counter() - t)
     compute = median[name]
     bottleneck = "the data loader" if loader_rate < compute else "the model step (GPU)"

@@ -18,21 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common.benchmark import interleaved
 from common.models import ContinualCNN, cifar_resnet18
 from common.optimizers import BASE_NEEDS, MetaOptimize
 
 PAPER_META = dict(normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9)
 PAPER_BASE = dict(weight_decay_base=0.1, normalizer_param_base=0.999, momentum_param_base=0.9, lion_beta2_base=0.9)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def torch_adamw(params, device):
@@ -54,21 +49,13 @@ def state_floats_per_weight(opt, params) -> float:
     return per_param / n
 
 
-def interleaved(variants: dict, rounds: int, device) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds per call of each variant, timed round-robin.
+def median_and_min(variants: dict, rounds: int, device) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per call of each variant, timed in interleaved rounds after two warm-up rounds.
 
     The min is the figure to trust on a shared machine: interference only ever adds time.
     """
-    times = {k: [] for k in variants}
-    for r in range(rounds + 2):  # two warm-up rounds
-        for name, fn in variants.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if r >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+    timed = interleaved(variants, rounds, device, warmup_rounds=2)
+    return {k: (statistics.median(t.wall), min(t.wall)) for k, t in timed.items()}
 
 
 def bench_steps(args, device):
@@ -98,7 +85,7 @@ def bench_steps(args, device):
         opt.step()
         memory[name] = state_floats_per_weight(opt, params)
         variants[name] = opt.step
-    medians = interleaved(variants, args.rounds, device)
+    medians = median_and_min(variants, args.rounds, device)
     ref_med, ref_min = medians["torch AdamW"]
     print(f"{'optimizer':28s} {'median ms':>10s} {'x AdamW':>8s} {'min ms':>8s} {'x AdamW':>8s} {'state floats/weight':>20s}")
     for name in factories:
@@ -137,7 +124,7 @@ def bench_batch1_loop(args, device):
                 opt.step()
 
         variants[name] = train_step
-    medians = interleaved(variants, args.rounds, device)
+    medians = median_and_min(variants, args.rounds, device)
     ref_med, ref_min = medians["torch AdamW"]
     fixed_med, fixed_min = medians[FIXED]
     print(f"{'optimizer':44s} {'median us/step':>15s} {'x AdamW':>8s} {'x fixed':>8s} {'min us/step':>12s} {'x AdamW':>8s} "

@@ -19,7 +19,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tinystories"))
 from model import ModelArgs, Transformer, describe  # noqa: E402
 
 from common import harness  # noqa: E402
+from common.benchmark import interleaved  # noqa: E402
 from common.optimizers import MetaOptimize  # noqa: E402
 
 PAPER_ITERS, PAPER_TOKENS_PER_STEP = 30_000, 128 * 256
@@ -88,10 +88,6 @@ def main():
     nets = {name: harness.maybe_compile(m, args) for name, (m, _) in runs.items()}
     scalers = {name: harness.grad_scaler(amp, device) for name in runs}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def train_steps(name, n):
         model, opt = runs[name]
         net, scaler = nets[name], scalers[name]
@@ -107,35 +103,24 @@ def main():
 
     for name in runs:
         train_steps(name, args.warmup)
-    sync()
     tokens = args.batch_size * args.seq_len * args.steps
-    rates = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            sync()
-            t = time.perf_counter()
-            train_steps(name, args.steps)
-            sync()
-            rates[name].append(tokens / (time.perf_counter() - t))
-        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {r[-1]:,.0f} tok/s" for n, r in rates.items()),
-              flush=True)
+    timed = interleaved(
+        {name: lambda name=name: train_steps(name, args.steps) for name in runs}, args.reps, device,
+        on_round=lambda rep, t: print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+            f"{n} {tokens / v.wall[-1]:,.0f} tok/s" for n, v in t.items()), flush=True))
+    rates = {name: [tokens / s for s in t.wall] for name, t in timed.items()}
 
     # the optimizer step alone (gradients of one backward pass kept), interleaved the same way
     for name in runs:
         with harness.amp_context(amp, device):
             _, loss = nets[name](x, y)
         loss.backward()
-    step_ms = {name: [] for name in runs}
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            opt = runs[name][1]
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            sync()
-            step_ms[name].append(1e3 * (time.perf_counter() - t) / args.steps)
+    def optimizer_steps(name):
+        for _ in range(args.steps):
+            runs[name][1].step()
+
+    timed = interleaved({name: lambda name=name: optimizer_steps(name) for name in runs}, args.reps, device)
+    step_ms = {name: [1e3 * s / args.steps for s in t.wall] for name, t in timed.items()}
 
     median = {n: statistics.median(r) for n, r in rates.items()}
     base, meta = "torch AdamW", "MetaOptimize (AdamW, Lion)"

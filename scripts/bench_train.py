@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common import harness
+from common.benchmark import interleaved, sync
 from common.data import DeviceBatches
 from common.models import cifar_resnet18
 from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler
@@ -60,11 +61,6 @@ def optimizer_args(name: str, groups: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_optimizer_args(parser)
     return parser.parse_args(["--optimizer", name, "--stepsize-groups", groups])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -145,16 +141,13 @@ def main(argv=None) -> int:
           f"compile {args.compile}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for t in trainers:  # warm-up: allocator, cudnn autotuning, compilation, optimizer state
         t.run(data, args.warmup)
-    sync(device)
-    for r in range(args.repeats):
-        order = trainers if r % 2 == 0 else trainers[::-1]
-        for t in order:
-            sync(device)
-            start = time.perf_counter()
-            t.run(data, args.steps)
-            sync(device)
-            t.rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
-        print(f"  repetition {r + 1}: " + ", ".join(f"{t.name} {t.rates[-1]:.1f} img/s" for t in trainers))
+    images = args.steps * args.batch_size
+    timed = interleaved(
+        {t.name: lambda t=t: t.run(data, args.steps) for t in trainers}, args.repeats, device,
+        on_round=lambda r, timings: print(f"  repetition {r + 1}: " + ", ".join(
+            f"{name} {images / v.wall[-1]:.1f} img/s" for name, v in timings.items())))
+    for t in trainers:
+        t.rates = [images / s for s in timed[t.name].wall]
     meta, adamw = (statistics.median(t.rates) for t in trainers)
     ratios = [a / b for a, b in zip(trainers[0].rates, trainers[1].rates)]
     for t in trainers:
@@ -163,15 +156,12 @@ def main(argv=None) -> int:
     print(f"ratio MetaOptimize / AdamW: {statistics.median(ratios):.3f} (median of the {len(ratios)} paired "
           f"repetitions, range {min(ratios):.3f} to {max(ratios):.3f}; ratio of medians {meta / adamw:.3f}; "
           f"target >= 0.95)")
-    step_ms = {t.name: [] for t in trainers}  # the optimizer step alone, on the last gradients
-    for r in range(args.step_repeats):
-        for t in trainers if r % 2 == 0 else trainers[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            t.scaler.step(t.opt)
-            t.scaler.update()
-            sync(device)
-            step_ms[t.name].append(1000 * (time.perf_counter() - start))
+    def optimizer_step(t):
+        t.scaler.step(t.opt)
+        t.scaler.update()
+
+    timed = interleaved({t.name: lambda t=t: optimizer_step(t) for t in trainers}, args.step_repeats, device)
+    step_ms = {name: [1000 * s for s in v.wall] for name, v in timed.items()}  # the step alone, last gradients
     if args.step_repeats:
         print("optimizer step alone: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in step_ms.items())
               + f"; a training step of batch {args.batch_size} takes {1000 * args.batch_size / adamw:.1f} ms with AdamW")

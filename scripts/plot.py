@@ -132,11 +132,21 @@ def _series_record(label, grid, mean, std, runs) -> dict:
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
-def _draw(ax, grid, mean, std, label, **kwargs):
-    (line,) = ax.plot(grid, mean, label=label, marker="o" if len(grid) <= 20 else None, markersize=3, **kwargs)
+def _add_curve(ax, data: dict, label: str, curve) -> None:
+    """Draw a mean_curve result (mean line, +-1 std band) and record it in the figure's data."""
+    grid, mean, std, _ = curve
+    (line,) = ax.plot(grid, mean, label=label, marker="o" if len(grid) <= 20 else None, markersize=3)
     if np.any(std > 0):
         ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    return line
+    data["series"].append(_series_record(label, *curve))
+
+
+def _add_config_curves(ax, data: dict, groups, keys, metric: str, x: str) -> None:
+    """One curve per configuration: its runs (seeds) averaged."""
+    for config, members in groups:
+        curve = mean_curve(members, metric, x)
+        if curve is not None:
+            _add_curve(ax, data, method_label(config, keys), curve)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,13 +174,7 @@ def curve_figures(exp: str, groups, keys) -> dict:
         x = x_key(runs, metric)
         fig, ax = _figure(f"{exp}: {ylabel}", "epoch" if x == "epoch" else "iteration", ylabel)
         data = {"kind": "curve", "metric": metric, "x": x, "series": []}
-        for config, members in groups:
-            curve = mean_curve(members, metric, x)
-            if curve is None:
-                continue
-            label = method_label(config, keys)
-            _draw(ax, curve[0], curve[1], curve[2], label)
-            data["series"].append(_series_record(label, *curve))
+        _add_config_curves(ax, data, groups, keys, metric, x)
         ax.legend(fontsize=7)
         out[f"{exp}_{metric.replace('/', '_')}"] = (fig, data)
     return out
@@ -196,9 +200,7 @@ def step_size_figures(exp: str, groups, keys) -> dict:
             curve = mean_curve(members, block, "step")
             if curve is None or np.any(curve[1] <= 0):
                 continue
-            name = block.removeprefix("step_size/").replace("block_", "block ")
-            _draw(ax, curve[0], curve[1], curve[2], name)
-            data["series"].append(_series_record(name, *curve))
+            _add_curve(ax, data, block.removeprefix("step_size/").replace("block_", "block "), curve)
         if not data["series"]:
             import matplotlib.pyplot as plt
 
@@ -261,13 +263,7 @@ def continual_figures(exp: str, groups, keys) -> dict:
     for i, s in enumerate(switches):
         ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, alpha=0.6, label="task switch" if i == 0 else None)
     data = {"kind": "online_acc", "metric": "online/acc", "x": "step", "task_switches": switches, "series": []}
-    for config, members in groups:
-        curve = mean_curve(members, "online/acc", "step")
-        if curve is None:
-            continue
-        label = method_label(config, keys)
-        _draw(ax, curve[0], curve[1], curve[2], label)
-        data["series"].append(_series_record(label, *curve))
+    _add_config_curves(ax, data, groups, keys, "online/acc", "step")
     ax.legend(fontsize=7)
     return {f"{exp}_online_acc": (fig, data)}
 
