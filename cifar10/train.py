@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from common import harness
 from common.data import DeviceBatches, load_cifar
 from common.models import cifar_resnet18
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 # the paper's CIFAR-10 setting (spec section 7); every one is a flag
 NUM_EPOCHS = 60

@@ -399,7 +399,7 @@ def start_run(args, experiment: str) -> Run:
     The optimizer flags are checked here too, so a typo fails before any data is downloaded.
     """
     if hasattr(args, "optimizer"):
-        from common.optimizers import check_optimizer_args
+        from common.optim_flags import check_optimizer_args
 
         check_optimizer_args(args)
     return Run(args, experiment)
@@ -562,7 +562,7 @@ class Run:
             return False
         if not self.is_main:
             return True
-        from common.optimizers import current_step_sizes
+        from common.optim_flags import current_step_sizes
 
         sizes = current_step_sizes(optimizer).detach().float()
         if sizes.numel() > MAX_LOGGED_BLOCKS:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from common import harness
 from common.data import DatasetError, epoch_generator, load_cifar, normalize, random_crop_flip, split_classes
 from common.models import ContinualCNN
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 EXPERIMENT = "continual_cifar100"
 # the paper's continual setting (spec section 7); every one is a flag

@@ -38,7 +38,7 @@ import torchvision
 from data import Normalizer, build_loaders, set_train_position
 
 from common import harness
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 # the paper's ImageNet setting (spec section 7); every one is a flag
 NUM_EPOCHS = 90

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without
 import torch
 
 from common.benchmark import interleaved
-from common.optimizers import add_optimizer_args, build_optimizer
+from common.optim_flags import add_optimizer_args, build_optimizer
 
 METHODS = {  # row name -> argv for add_optimizer_args
     "torch AdamW": ["--optimizer", "AdamW"],

@@ -24,7 +24,7 @@ import torch
 
 from common import harness
 from common.benchmark import interleaved, sync
-from common.optimizers import build_optimizer
+from common.optim_flags import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

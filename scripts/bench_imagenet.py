@@ -12,7 +12,7 @@ process, in interleaved repetitions (the order alternates), on a fixed synthetic
 lives on the device (train.py --dummy): no data loading is timed. A step is what train.py does:
 normalise the batch, forward, cross-entropy, backward, optimizer step (and the cosine schedule
 of the AdamW baseline). The optimizers are built by common.optimizers.build_optimizer from the
-paper's flags, as train.py builds them (torch AdamW is fused on CUDA, foreach elsewhere).
+paper's flags, as train.py builds them (torch AdamW fused, the fastest torch has, on CPU too).
 Prints images/s per optimizer (median over repetitions) and the ratio MetaOptimize / AdamW.
 
 With --data-dir it also times the training loader alone (JPEG decode, RandomResizedCrop, flip,
@@ -42,7 +42,7 @@ from data import DummyLoader, Normalizer, build_loaders, set_train_position  # n
 
 from common import harness  # noqa: E402
 from common.benchmark import interleaved, sync  # noqa: E402
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler  # noqa: E402
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler  # noqa: E402
 
 # key -> (label, the train.py flags that select it): the paper's ImageNet settings (spec section 7)
 OPTIMIZERS = {

@@ -1,79 +1,102 @@
-"""Optimizer step time and state memory of MetaOptimize against torch AdamW, side by side.
+"""Optimizer step time and state memory of MetaOptimize against torch AdamW (fused and foreach).
 
-    python3 scripts/bench_optimizer.py                 # CPU, CIFAR ResNet-18 parameter set
-    python3 scripts/bench_optimizer.py --device cuda   # on a GPU
-    python3 scripts/bench_optimizer.py --quick         # fewer pairs and repetitions
+    python3 scripts/bench_optimizer.py                     # CPU: ResNet-18 and 15M-transformer sets
+    python3 scripts/bench_optimizer.py --device cuda       # on a GPU
+    python3 scripts/bench_optimizer.py --quick             # a few variants, fewer rounds
 
-Part 1 times `optimizer.step()` alone on the 62 parameter tensors (11.17M weights) of the CIFAR
-ResNet-18 with fixed random gradients, for every base x meta pair (scalar step size) and for
-the (AdamW, Lion) pair with every kind of step-size group. Part 2 times a whole batch-size-1
-training step (forward, backward, step) of the continual experiment's small CNN, since that
-experiment runs 50,000 of them. All variants live in one process and are timed in interleaved
-rounds (round-robin), so slow drifts of a shared machine hit every variant alike; the table
-gives the median and the min of the rounds and their ratio to torch AdamW (foreach on CPU,
-fused on CUDA); on a machine shared with other work, trust the min.
+Part 1 times `optimizer.step()` alone, with fixed random gradients, on the parameter tensors of
+the CIFAR ResNet-18 (62 tensors, 11.17M weights) and of the llama2.c 15M transformer (56 tensors):
+torch AdamW fused (the reference: the fastest AdamW torch has) and foreach, MetaOptimize's default
+step for every base x meta pair (scalar step size), (AdamW, Lion) with every kind of block, with
+impl="foreach" and with bfloat16 state. Part 2 times the first step of a new process (building the
+fused kernel: with an empty kernel cache, then with the cache). Part 3 times a whole batch-size-1
+training step (forward, backward, step) of the continual experiment's small CNN.
+
+All variants of a part live in one process and are timed in interleaved rounds (round-robin,
+reversed every other round), so slow drifts of a shared machine hit every variant alike; the
+table gives the min and the median of the rounds and their ratios to torch's fused and foreach
+AdamW. On a machine shared with other work, trust the min: interference only adds time.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common.benchmark import interleaved
-from common.models import ContinualCNN, cifar_resnet18
-from common.optimizers import BASE_NEEDS, MetaOptimize
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tinystories"))
+
+from common.benchmark import interleaved  # noqa: E402
+from common.models import ContinualCNN, cifar_resnet18  # noqa: E402
+from common.optimizers import BASE_RULES, MetaOptimize  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402  (tinystories/model.py)
 
 PAPER_META = dict(normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9)
 PAPER_BASE = dict(weight_decay_base=0.1, normalizer_param_base=0.999, momentum_param_base=0.9, lion_beta2_base=0.9)
+METAS = ("fixed", "SGD", "RMSProp", "Adam", "Lion")
+FUSED, FOREACH = "torch AdamW fused", "torch AdamW foreach"
 
 
-def torch_adamw(params, device):
-    if device.type == "cuda":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=True)
-
-
-def metaoptimize(base, meta, groups="scalar", compile=False):
-    def make(params, device):
-        return MetaOptimize(params, alg_base=base, alg_meta=meta, alpha0=1e-6, stepsize_groups=groups,
-                            compile=compile, **PAPER_BASE, **PAPER_META)
+def torch_adamw(kind):
+    def make(params):
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **{kind: True})
     return make
 
 
+def metaoptimize(base, meta, groups="scalar", **kw):
+    def make(params):
+        return MetaOptimize(params, alg_base=base, alg_meta=meta, alpha0=1e-6, stepsize_groups=groups, **PAPER_BASE,
+                            **PAPER_META, **kw)
+    return make
+
+
+PARAMETER_SETS = {
+    "resnet18": (cifar_resnet18, "resnet18_blocks"),
+    "transformer15m": (lambda: Transformer(ModelArgs()), "transformer_blocks_15m"),
+}
+
+
 def state_floats_per_weight(opt, params) -> float:
-    n = sum(p.numel() for p in params)
-    per_param = sum(v.numel() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    return per_param / n
+    per_param = sum(v.numel() * v.element_size() / 4 for s in opt.state.values() for v in s.values()
+                    if torch.is_tensor(v))
+    return per_param / sum(p.numel() for p in params)
 
 
-def median_and_min(variants: dict, rounds: int, device) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds per call of each variant, timed in interleaved rounds after two warm-up rounds.
+def table(timed: dict, inner: int = 1, unit: float = 1e3, unit_name: str = "ms", memory: dict | None = None):
+    fused, foreach = min(timed[FUSED].wall), min(timed[FOREACH].wall)
+    print(f"{'variant':34s} {'min ' + unit_name:>10s} {'median':>9s} {'x fused':>8s} {'x foreach':>9s}"
+          + (f" {'state floats/weight':>20s}" if memory else ""))
+    rows = {}
+    for name, t in timed.items():
+        low, med = min(t.wall), statistics.median(t.wall)
+        rows[name] = {"min_s": low / inner, "median_s": med / inner, "x_fused": low / fused, "x_foreach": low / foreach}
+        extra = f" {memory[name]:20.2f}" if memory else ""
+        print(f"{name:34s} {low / inner * unit:10.3f} {med / inner * unit:9.3f} {low / fused:8.2f} "
+              f"{low / foreach:9.2f}{extra}")
+    return rows
 
-    The min is the figure to trust on a shared machine: interference only ever adds time.
-    """
-    timed = interleaved(variants, rounds, device, warmup_rounds=2)
-    return {k: (statistics.median(t.wall), min(t.wall)) for k, t in timed.items()}
 
-
-def bench_steps(args, device):
-    model = cifar_resnet18().to(device)
-    shapes = [p.shape for p in model.parameters()]
-    n_weights = sum(p.numel() for p in model.parameters())
-    print(f"\n== optimizer.step() on the CIFAR ResNet-18 parameter set: {len(shapes)} tensors, {n_weights:,} weights, "
-          f"{device} ==")
-    pairs = [("AdamW", "Lion"), ("Lion", "Lion"), ("SGDm", "Lion"), ("AdamW", "Adam")] if args.quick else [
-        (b, m) for b in BASE_NEEDS for m in ("fixed", "SGD", "RMSProp", "Adam", "Lion")]
-    factories = {"torch AdamW": torch_adamw}
+def bench_steps(args, device, set_name):
+    make_model, blocks = PARAMETER_SETS[set_name]
+    shapes = [p.shape for p in make_model().parameters()]
+    print(f"\n== optimizer.step() on the {set_name} parameter set: {len(shapes)} tensors, "
+          f"{sum(s.numel() for s in shapes):,} weights, {device}, {torch.get_num_threads()} threads ==")
+    pairs = [("AdamW", "Lion"), ("Lion", "Lion"), ("AdamW", "Adam")] if args.quick else [
+        (b, m) for b in BASE_RULES for m in METAS]
+    factories = {FUSED: torch_adamw("fused"), FOREACH: torch_adamw("foreach")}
     factories.update({f"{b}+{m} scalar": metaoptimize(b, m) for b, m in pairs})
-    for groups in ["resnet18_blocks", "layerwise", "nodewise", "weightwise"]:
-        factories[f"AdamW+Lion {groups}"] = metaoptimize("AdamW", "Lion", groups)
-    if args.compile:
-        factories["AdamW+Lion scalar, compile"] = metaoptimize("AdamW", "Lion", compile=True)
-        factories["AdamW+Lion blocks, compile"] = metaoptimize("AdamW", "Lion", "resnet18_blocks", compile=True)
-
+    kinds = [blocks] if args.quick else [blocks, "layerwise", "nodewise", "weightwise"]
+    factories.update({f"AdamW+Lion {k}": metaoptimize("AdamW", "Lion", k) for k in kinds})
+    factories["AdamW+Lion scalar, bf16 state"] = metaoptimize("AdamW", "Lion", state_dtype=torch.bfloat16)
+    factories["AdamW+Lion scalar, foreach"] = metaoptimize("AdamW", "Lion", impl="foreach")
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
     variants, memory = {}, {}
@@ -81,20 +104,45 @@ def bench_steps(args, device):
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
         for p, g in zip(params, grads):
             p.grad = g
-        opt = make(params, device)
+        opt = make(params)
         opt.step()
         memory[name] = state_floats_per_weight(opt, params)
         variants[name] = opt.step
-    medians = median_and_min(variants, args.rounds, device)
-    ref_med, ref_min = medians["torch AdamW"]
-    print(f"{'optimizer':28s} {'median ms':>10s} {'x AdamW':>8s} {'min ms':>8s} {'x AdamW':>8s} {'state floats/weight':>20s}")
-    for name in factories:
-        med, low = medians[name]
-        print(f"{name:28s} {med * 1e3:10.2f} {med / ref_med:8.2f} {low * 1e3:8.2f} {low / ref_min:8.2f} {memory[name]:20.2f}")
-    return medians
+    return table(interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
 
 
-FIXED = "AdamW+fixed (fixed-step baseline)"
+FIRST_STEP = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from common.models import cifar_resnet18
+from common.optimizers import MetaOptimize
+params = list(cifar_resnet18().parameters())
+for p in params:
+    p.grad = torch.randn_like(p)
+start = time.perf_counter()
+opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Lion", impl={impl!r})
+opt.step()
+first = time.perf_counter() - start
+start = time.perf_counter()
+opt.step()
+print(first, time.perf_counter() - start)
+"""
+
+
+def bench_first_step(args):
+    """Construction + first step in a fresh process: building the fused kernel (empty cache), loading it."""
+    print("\n== first step of a new process (ResNet-18 set, (AdamW, Lion) scalar) ==")
+    rows = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**__import__("os").environ, "METAOPTIMIZE_CACHE": cache}
+        for name, impl in (("fused, empty kernel cache", "fused"), ("fused, cached kernel", "fused"),
+                           ("foreach", "foreach")):
+            out = subprocess.run([sys.executable, "-c", FIRST_STEP.format(root=str(ROOT), impl=impl)], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            first, second = float(out[0]), float(out[1])
+            rows[name] = {"first_step_s": first, "second_step_s": second}
+            print(f"{name:30s} first step {first:7.3f} s   second step {second * 1e3:8.2f} ms")
+    return rows
 
 
 def bench_batch1_loop(args, device):
@@ -102,20 +150,15 @@ def bench_batch1_loop(args, device):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (1,), generator=gen).to(device)
-    setups = {
-        "torch AdamW": torch_adamw,
-        FIXED: metaoptimize("AdamW", "fixed"),
-        "AdamW+Adam scalar": metaoptimize("AdamW", "Adam"),
-        "AdamW+Adam last_layer_and_others": metaoptimize("AdamW", "Adam", "last_layer_and_others"),
-    }
-    if args.compile:
-        setups["AdamW+fixed, compile"] = metaoptimize("AdamW", "fixed", compile=True)
-        setups["AdamW+Adam scalar, compile"] = metaoptimize("AdamW", "Adam", compile=True)
+    setups = {FUSED: torch_adamw("fused"), FOREACH: torch_adamw("foreach"),
+              "AdamW+fixed": metaoptimize("AdamW", "fixed"),
+              "AdamW+Adam scalar": metaoptimize("AdamW", "Adam"),
+              "AdamW+Adam last_layer_and_others": metaoptimize("AdamW", "Adam", "last_layer_and_others")}
     variants = {}
     for name, make in setups.items():
         torch.manual_seed(0)
         model = ContinualCNN().to(device)
-        opt = make(list(model.parameters()), device)
+        opt = make(list(model.parameters()))
 
         def train_step(model=model, opt=opt, steps=args.inner):
             for _ in range(steps):
@@ -124,35 +167,34 @@ def bench_batch1_loop(args, device):
                 opt.step()
 
         variants[name] = train_step
-    medians = median_and_min(variants, args.rounds, device)
-    ref_med, ref_min = medians["torch AdamW"]
-    fixed_med, fixed_min = medians[FIXED]
-    print(f"{'optimizer':44s} {'median us/step':>15s} {'x AdamW':>8s} {'x fixed':>8s} {'min us/step':>12s} {'x AdamW':>8s} "
-          f"{'x fixed':>8s}")
-    for name in setups:
-        med, low = medians[name]
-        print(f"{name:44s} {med / args.inner * 1e6:15.1f} {med / ref_med:8.2f} {med / fixed_med:8.2f} "
-              f"{low / args.inner * 1e6:12.1f} {low / ref_min:8.2f} {low / fixed_min:8.2f}")
-    return medians
+    return table(interleaved(variants, args.rounds, device, warmup_rounds=2), inner=args.inner, unit=1e6,
+                 unit_name="us/step")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (after 2 warm-up rounds)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds per variant (after 2 warm-up rounds)")
     parser.add_argument("--inner", type=int, default=200, help="batch-1 training steps per timed round")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--quick", action="store_true", help="a few pairs only")
-    parser.add_argument("--compile", action="store_true", help="also MetaOptimize(compile=True) (compiles first: minutes on CPU)")
+    parser.add_argument("--sets", default="resnet18,transformer15m", help="parameter sets of part 1")
+    parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--skip-steps", action="store_true", help="only the batch-1 loop")
+    parser.add_argument("--skip-loop", action="store_true", help="no batch-1 loop")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    results = {}
     if not args.skip_steps:
-        bench_steps(args, device)
-    bench_batch1_loop(args, device)
+        for name in args.sets.split(","):
+            results[f"step_{name}"] = bench_steps(args, device, name.strip())
+        if device.type == "cpu":
+            results["first_step"] = bench_first_step(args)
+    if not args.skip_loop:
+        results["batch1_loop"] = bench_batch1_loop(args, device)
+    return results
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from common import harness
 from common.benchmark import interleaved, sync
 from common.data import DeviceBatches
 from common.models import cifar_resnet18
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler
 
 TRAIN_IMAGES, TEST_IMAGES, EPOCHS = 50_000, 10_000, 60  # the paper's CIFAR-10 run
 

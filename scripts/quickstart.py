@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.optim_flags import as_flags
 from common.optimizers import MetaOptimize
 
 # ---- defaults (every one is a flag below) ----------------------------------------------
@@ -149,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             make_optimizer(probe, args, method, args.alphas[0])
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(as_flags(str(e)))
     return args
 
 

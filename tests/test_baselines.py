@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gradient_descent_the_ultimate_optimizer import gdtuo
 
 from common import baselines
-from common.optimizers import add_optimizer_args, build_optimizer, current_step_sizes, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, current_step_sizes, eval_weights
 
 # flags for the tiny problem. The defaults start some methods too slowly for 50 steps of it:
 # DoG's reps_rel 1e-6 (the package suggests 1e-4 with batch norm) barely moves the weights in

@@ -1,8 +1,8 @@
-"""MetaOptimize against a plain float64 implementation of ../shared/spec/metaoptimize.md.
+"""MetaOptimize against the plain float64 statement of the spec (`common.optimizers.reference`).
 
-The reference keeps, for every weight, the index of its block (so one code path covers every
-kind of step-size group) and follows the spec's equations literally: sums for AdamW/Adam
-momenta, mu = (1 - lambda)/(1 - lambda^t), eps inside the square root.
+Every step implementation ("foreach", "fused") runs every base x meta pair and every kind of
+step-size block against the reference; resume is bit-for-bit on each; the special cases of spec
+section 6 hold.
 """
 
 import argparse
@@ -10,25 +10,21 @@ import copy
 import io
 import math
 import os
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
 
-from common import optimizers
-from common.optimizers import (
-    MetaOptimize,
-    MetaOptimize_AdamW_Lion_hg,
-    add_optimizer_args,
-    build_optimizer,
-    check_optimizer_args,
-    resolve_stepsize_groups,
-)
+from common.optim_flags import add_optimizer_args, build_optimizer, check_optimizer_args
+from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg, kernels, resolve_stepsize_groups
+from common.optimizers.impl import CompiledImpl
+from common.optimizers.reference import Reference, block_ids
 
-EPS = 1e-10
 BASES = ["SGD", "SGDm", "RMSProp", "AdamW", "Lion"]
 METAS = ["fixed", "SGD", "RMSProp", "Adam", "Lion"]
 GROUPS = ["scalar", "layerwise", "nodewise", "weightwise", [1, 3], "param_groups"]
+IMPLS = ["foreach", "fused"]
 SHAPES = [(6, 5), (6,), (3, 2, 3, 3), (3,)]
 
 HP = dict(
@@ -37,83 +33,11 @@ HP = dict(
 )
 
 
-def block_ids(shapes, groups):
-    """Block index of every weight, per tensor."""
-    kind, counts = resolve_stepsize_groups(groups, len(shapes), [2, 2])
-    ids, next_id = [], 0
-    if kind == "tensor":
-        tensor_block = [b for b, c in enumerate(counts) for _ in range(c)]
-        return [torch.full(s, tensor_block[i], dtype=torch.long) for i, s in enumerate(shapes)], len(counts)
-    for s in shapes:
-        if kind == "weightwise":
-            n = math.prod(s)
-            ids.append(torch.arange(next_id, next_id + n).reshape(s))
-        else:  # nodewise: one block per index of the first dimension
-            n = s[0]
-            ids.append((torch.arange(next_id, next_id + n).reshape((-1,) + (1,) * (len(s) - 1))).expand(s).clone())
-        next_id += n
-    return ids, next_id
-
-
-class Reference:
-    def __init__(self, weights, base, meta, alpha0, eta, gamma, groups, hp):
-        self.w = [w.detach().double().clone() for w in weights]
-        self.base, self.meta, self.eta, self.gamma, self.hp = base, meta, eta, gamma, hp
-        self.ids, nblocks = block_ids([tuple(w.shape) for w in weights], groups)
-        self.beta = torch.full((nblocks,), math.log(alpha0), dtype=torch.float64)
-        self.h = [torch.zeros_like(w) for w in self.w]
-        self.m = [torch.zeros_like(w) for w in self.w]
-        self.v = [torch.zeros_like(w) for w in self.w]
-        self.mb = torch.zeros_like(self.beta)
-        self.vb = torch.zeros_like(self.beta)
-        self.t = 0
-
-    def step(self, grads):
-        hp, k = self.hp, self.hp["weight_decay_base"]
-        rho, lam, c = hp["momentum_param_base"], hp["normalizer_param_base"], hp["lion_beta2_base"]
-        self.t += 1
-        t = self.t
-        alpha_all = torch.exp(self.beta)
-        z = torch.zeros_like(self.beta)
-        for i, g in enumerate(grads):
-            z.index_add_(0, self.ids[i].reshape(-1), (self.h[i] * g).reshape(-1))
-        for i, g in enumerate(grads):
-            w, a = self.w[i], alpha_all[self.ids[i]]
-            if self.base == "SGD":
-                delta = a * (g + k * w)
-            elif self.base == "SGDm":
-                delta = a * (self.m[i] + k * w)
-                self.m[i] = rho * self.m[i] + (1 - rho) * g
-            elif self.base == "RMSProp":
-                self.v[i] = lam * self.v[i] + g * g
-                mu = (1 - lam) / (1 - lam**t)
-                delta = a * (g / torch.sqrt(mu * self.v[i] + EPS) + k * w)
-            elif self.base == "AdamW":
-                self.m[i] = rho * self.m[i] + g
-                self.v[i] = lam * self.v[i] + g * g
-                mu = (1 - lam) / (1 - lam**t)
-                delta = a * (self.m[i] / torch.sqrt(mu * self.v[i] + EPS) + k * w)
-            elif self.base == "Lion":
-                delta = a * (torch.sign(c * self.m[i] + (1 - c) * g) + k * w)
-                self.m[i] = rho * self.m[i] + (1 - rho) * g
-            self.w[i] = w - delta
-            self.h[i] = self.gamma * (1 - k * a) * self.h[i] - delta
-        kb, rb, lb, cb = hp["weight_decay_meta"], hp["momentum_param_meta"], hp["normalizer_param_meta"], hp["lion_beta2_meta"]
-        eta = self.eta
-        if self.meta == "SGD":
-            self.beta = (1 - eta * kb) * self.beta - eta * z
-        elif self.meta == "RMSProp":
-            self.vb = lb * self.vb + z * z
-            mu = (1 - lb) / (1 - lb**t)
-            self.beta = (1 - eta * kb) * self.beta - eta * z / torch.sqrt(mu * self.vb + EPS)
-        elif self.meta == "Adam":
-            self.mb = rb * self.mb + z
-            self.vb = lb * self.vb + z * z
-            mu = (1 - lb) / (1 - lb**t)
-            self.beta = (1 - eta * kb) * self.beta - eta * self.mb / torch.sqrt(mu * self.vb + EPS)
-        elif self.meta == "Lion":
-            self.beta = (1 - eta * kb) * self.beta - eta * torch.sign(cb * self.mb + (1 - cb) * z)
-            self.mb = rb * self.mb + (1 - rb) * z
+def split_hp(hp):
+    """Constructor keywords -> (base, meta) hyperparameter dicts of the reference."""
+    base = {k[: -len("_base")]: v for k, v in hp.items() if k.endswith("_base")}
+    meta = {k[: -len("_meta")]: v for k, v in hp.items() if k.endswith("_meta")}
+    return base, meta
 
 
 def make_problem(seed=0):
@@ -129,22 +53,29 @@ def grads_at(ws, curvature, noise_t):
     return [a * w.to(a.dtype) + n for w, a, n in zip(ws, curvature, noise_t)]
 
 
-def param_list(weights, groups):
+def param_list(weights, groups, group_hp=None):
+    """The parameters, as one list or as two param groups (with their own hyperparameters)."""
     params = [nn.Parameter(w.clone()) for w in weights]
-    if groups == "param_groups":
-        return params, [{"params": params[:2]}, {"params": params[2:]}]
+    if groups == "param_groups" or group_hp:
+        first, second = group_hp or ({}, {})
+        return params, [{"params": params[:2], **first}, {"params": params[2:], **second}]
     return params, params
 
 
-def run_against_reference(base, meta, groups, gamma=0.95, steps=50):
+def run_against_reference(base, meta, groups, impl, gamma=0.95, steps=50, group_hp=None, **extra):
     """50 steps of MetaOptimize and of the reference on the same noisy quadratic; checks w and alpha."""
     weights, curvature, noise = make_problem()
     alpha0 = 3e-2 if base in ("SGD", "SGDm") else 1e-2
     eta = 2e-2
-    params, arg = param_list(weights, groups)
+    params, arg = param_list(weights, groups, group_hp)
     opt = MetaOptimize(arg, alg_base=base, alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
-                       stepsize_groups=groups, **HP)
-    ref = Reference(weights, base, meta, alpha0, eta, gamma, groups, HP)
+                       stepsize_groups=groups, impl=impl, **HP, **extra)
+    assert opt.impl == impl
+    base_hp, meta_hp = split_hp(HP)
+    per_tensor = [base_hp] * len(weights)
+    if group_hp:
+        per_tensor = [{**base_hp, **split_hp(group_hp[0 if i < 2 else 1])[0]} for i in range(len(weights))]
+    ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups, [2, 2]), per_tensor, meta_hp)
     curvature64 = [a.double() for a in curvature]
     for t in range(steps):
         for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
@@ -162,82 +93,102 @@ def run_against_reference(base, meta, groups, gamma=0.95, steps=50):
 @pytest.mark.parametrize("groups", GROUPS, ids=str)
 @pytest.mark.parametrize("meta", METAS)
 @pytest.mark.parametrize("base", BASES)
-def test_matches_float64_reference(base, meta, groups):
-    opt, _, _ = run_against_reference(base, meta, groups)
-    # on CPU, blocks of whole tensors keep their per-block state as host floats
-    assert opt._host == (groups not in ("nodewise", "weightwise"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_float64_reference(impl, base, meta, groups):
+    run_against_reference(base, meta, groups, impl)
 
 
-@pytest.mark.parametrize("groups", ["scalar", "param_groups"], ids=str)
-@pytest.mark.parametrize("meta", METAS)
+@pytest.mark.parametrize("groups", ["scalar", "param_groups", "nodewise"], ids=str)
 @pytest.mark.parametrize("base", BASES)
-def test_device_path_for_whole_tensor_blocks_matches_float64_reference(base, meta, groups, monkeypatch):
-    """The path a GPU takes for blocks of whole tensors (tensor state, trace decayed in place), forced on CPU."""
-    monkeypatch.setattr(optimizers, "_host_path", lambda *args: False)
-    opt, _, _ = run_against_reference(base, meta, groups)
-    assert not opt._host
+@pytest.mark.parametrize("impl", IMPLS)
+def test_param_groups_with_their_own_hyperparameters_match_the_reference(impl, base, groups):
+    """Each param group's own kappa, rho, lambda, c, against a reference that takes them per tensor
+    (so a grouping that applied the first group's values everywhere would fail)."""
+    group_hp = ({"weight_decay_base": 0.0, "momentum_param_base": 0.5},
+                {"weight_decay_base": 0.5, "normalizer_param_base": 0.9, "lion_beta2_base": 0.5})
+    run_against_reference(base, "Adam", groups, impl, gamma=0.9, group_hp=group_hp)
 
 
-def test_param_groups_with_their_own_weight_decay_agree_on_both_paths(monkeypatch):
-    """One scalar block over two param groups with different kappa: the host path's trace scales differ
-    per tensor (gamma (1 - kappa alpha) differs); the tensor path decays each group's traces itself."""
-    weights, curvature, noise = make_problem()
-    results = []
-    for host in (True, False):
-        monkeypatch.setattr(optimizers, "_host_path", lambda *args, host=host: host)
+def test_auto_takes_the_fused_step_on_cpu_and_falls_back_with_one_warning(monkeypatch):
+    p = [nn.Parameter(torch.randn(3))]
+    assert MetaOptimize(p).impl == "fused"
+    assert MetaOptimize(p, impl="foreach").impl == "foreach"
+    monkeypatch.setattr(kernels, "compiler", lambda: None)
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    with pytest.warns(UserWarning, match="no C compiler") as record:
+        assert MetaOptimize(p).impl == "foreach"
+    assert len(record) == 1
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        MetaOptimize(p, impl="fused")
+    with pytest.raises(ValueError, match="impl"):
+        MetaOptimize(p, impl="triton")
+
+
+def test_fused_kernel_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAOPTIMIZE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    MetaOptimize([nn.Parameter(torch.randn(3))], alg_base="RMSProp", alg_meta="SGD")
+    built = list(tmp_path.glob("mo_step_*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_LOADED", {})  # a new process: loads the cached file
+    MetaOptimize([nn.Parameter(torch.randn(3))], alg_base="RMSProp", alg_meta="SGD")
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("mo_step_*.so")] == [mtime]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_and_foreach_take_float64_parameters(impl):
+    """float64 parameters run in float64 (the reference's precision): agreement to ~1e-12."""
+    weights, curvature, noise = make_problem(3)
+    params = [nn.Parameter(w.double()) for w in weights]
+    opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=2e-2, gamma=0.9,
+                       impl=impl, **HP)
+    base_hp, meta_hp = split_hp(HP)
+    ref = Reference(weights, "AdamW", "Adam", 1e-2, 2e-2, 0.9, block_ids(SHAPES, "scalar"), base_hp, meta_hp)
+    for t in range(30):
+        for p, g in zip(params, grads_at([p.detach() for p in params], [a.double() for a in curvature],
+                                         [n.double() for n in noise[t]])):
+            p.grad = g
+        opt.step()
+        ref.step(grads_at(ref.w, [a.double() for a in curvature], [n.double() for n in noise[t]]))
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_state_halves_state_memory_and_follows_float32(impl):
+    weights, curvature, noise = make_problem(4)
+    runs = {}
+    for dtype in (None, torch.bfloat16):
         params = [nn.Parameter(w.clone()) for w in weights]
-        groups = [{"params": params[:2], "weight_decay_base": 0.0}, {"params": params[2:], "weight_decay_base": 0.5}]
-        opt = MetaOptimize(groups, alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=2e-2, gamma=0.9,
-                           **{k: v for k, v in HP.items() if k != "weight_decay_base"})
-        assert opt._host == host
-        for t in range(40):
+        opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Lion", alpha0=1e-2, meta_stepsize=1e-2,
+                           impl=impl, state_dtype=dtype, **HP)
+        for t in range(30):
             for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
                 p.grad = g
             opt.step()
-        results.append(([p.detach().clone() for p in params], opt.step_sizes()))
-    (w_host, a_host), (w_dev, a_dev) = results
-    for a, b in zip(w_host, w_dev):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(a_host, a_dev, rtol=1e-4, atol=0)
-    assert not torch.equal(a_host, torch.tensor([1e-2]))
-
-
-@pytest.mark.parametrize("groups", ["scalar", "layerwise"])
-def test_host_trace_scale_is_rescaled_and_h_stays_the_specs(groups):
-    """gamma = 0.3: D = prod gamma (1 - kappa alpha) would reach 0.3^50 ~ 1e-26 by step 50; it is folded
-    back into the trace whenever it leaves TRACE_SCALE_RANGE, and D * trace stays the spec's h."""
-    opt, ref, params = run_against_reference("AdamW", "Adam", groups, gamma=0.3)
-    scale = opt.state_dict()["meta"]["trace_scale"]
-    assert torch.all((scale > optimizers.TRACE_SCALE_RANGE[0]) & (scale < 1.0))
-    for i, p in enumerate(params):
-        torch.testing.assert_close(scale[i] * opt.state[p]["trace"].double(), ref.h[i], rtol=1e-3, atol=1e-7)
-
-
-def test_hessian_free_trace_state_sizes():
-    """Optimizer state per weight: AdamW 3 (m, v, h), Lion/SGDm 2, SGD 1; fixed meta keeps no trace."""
-    expected = {"AdamW": 3, "Lion": 2, "SGDm": 2, "RMSProp": 2, "SGD": 1}
-    for base, n in expected.items():
-        p = nn.Parameter(torch.randn(10, 10))
-        opt = MetaOptimize([p], alg_base=base, alg_meta="Lion", lion_beta2_base=0.9)
-        p.grad = torch.randn(10, 10)
-        opt.step()
-        tensors = [v for v in opt.state[p].values() if torch.is_tensor(v)]
-        assert sum(v.numel() for v in tensors) == n * p.numel(), base
-        opt = MetaOptimize([p], alg_base=base, alg_meta="fixed", lion_beta2_base=0.9)
-        opt.step()
-        assert "trace" not in opt.state[p]
+        state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                          if torch.is_tensor(v))
+        runs[dtype] = (params, opt, state_bytes)
+    (p32, _, b32), (p16, o16, b16) = runs[None], runs[torch.bfloat16]
+    assert b16 * 2 == b32
+    assert all(v.dtype == torch.bfloat16 for s in o16.state.values() for k, v in s.items() if k != "step")
+    for a, b in zip(p32, p16):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
 
 
 # ---- special cases of spec section 6 ---------------------------------------------------
 
 
-def test_fixed_meta_is_the_base_update_with_step_alpha0():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fixed_meta_is_the_base_update_with_step_alpha0(impl):
     """SGD base with fixed meta is torch SGD with lr = alpha0 and the same weight decay."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     twin.load_state_dict(model.state_dict())
-    ours = MetaOptimize(model.parameters(), alg_base="SGD", alg_meta="fixed", alpha0=0.05, weight_decay_base=0.1)
+    ours = MetaOptimize(model.parameters(), alg_base="SGD", alg_meta="fixed", alpha0=0.05, weight_decay_base=0.1,
+                        impl=impl)
     theirs = torch.optim.SGD(twin.parameters(), lr=0.05, weight_decay=0.1)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     for _ in range(30):
@@ -250,13 +201,14 @@ def test_fixed_meta_is_the_base_update_with_step_alpha0():
     assert torch.allclose(ours.step_sizes(), torch.tensor(0.05))
 
 
-def test_gamma_zero_sgd_meta_is_hypergradient_descent():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gamma_zero_sgd_meta_is_hypergradient_descent(impl):
     """gamma = 0: h = -Delta_{t-1}, so z_t = -Delta_{t-1}.g_t and beta_t = beta_{t-1} + eta Delta_{t-1}.g_t."""
     torch.manual_seed(1)
     p = nn.Parameter(torch.randn(20))
     eta, alpha0 = 0.1, 0.05
     opt = MetaOptimize([p], alg_base="SGD", alg_meta="SGD", alpha0=alpha0, meta_stepsize=eta, gamma=0.0,
-                       weight_decay_base=0.0)
+                       weight_decay_base=0.0, impl=impl)
     beta = math.log(alpha0)
     prev_delta = torch.zeros(20)
     for _ in range(5):
@@ -269,14 +221,15 @@ def test_gamma_zero_sgd_meta_is_hypergradient_descent():
         assert math.isclose(math.log(opt.step_sizes().item()), beta, rel_tol=1e-5, abs_tol=1e-7)
 
 
-def test_lion_lion_moves_by_exact_signs():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lion_lion_moves_by_exact_signs(impl):
     """Lion base and Lion meta: beta moves by exactly +-eta; each weight by exactly alpha (1 + kappa w) in size."""
     torch.manual_seed(2)
     p = nn.Parameter(torch.randn(50))
     eta, kappa = 1e-2, 0.1
     opt = MetaOptimize([p], alg_base="Lion", alg_meta="Lion", alpha0=1e-3, meta_stepsize=eta,
                        weight_decay_base=kappa, momentum_param_base=0.99, lion_beta2_base=0.9,
-                       momentum_param_meta=0.99, lion_beta2_meta=0.9)
+                       momentum_param_meta=0.99, lion_beta2_meta=0.9, impl=impl)
     beta_prev = math.log(1e-3)
     for t in range(20):
         p.grad = torch.randn(50)
@@ -343,9 +296,6 @@ def test_named_groups_and_lists():
     assert resolve_stepsize_groups((4, 1), 5) == ("tensor", [4, 1])
 
 
-# ---- state, resume, missing grads ---------------------------------------------------------
-
-
 def _train(opt_factory, steps, state=None, model_state=None, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
@@ -384,47 +334,56 @@ def assert_resume_is_bit_for_bit(factory):
     return opt
 
 
-@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise", [2, 2]], ids=str)
-@pytest.mark.parametrize("base, meta", [("AdamW", "Lion"), ("Lion", "Lion"), ("RMSProp", "Adam"), ("SGDm", "RMSProp"), ("SGD", "SGD")])
-def test_state_dict_resume_is_bit_for_bit(base, meta, groups):
+@pytest.mark.parametrize("groups", ["scalar", "layerwise", "nodewise", "weightwise", [2, 2], "last_layer_and_others"],
+                         ids=str)
+@pytest.mark.parametrize("base, meta", [("AdamW", "Lion"), ("Lion", "Lion"), ("RMSProp", "Adam"), ("SGDm", "RMSProp"),
+                                        ("SGD", "SGD"), ("AdamW", "fixed")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_state_dict_resume_is_bit_for_bit(impl, base, meta, groups):
     def factory(model):
         return MetaOptimize(model.parameters(), alg_base=base, alg_meta=meta, alpha0=1e-3, meta_stepsize=1e-2,
-                            stepsize_groups=groups, **HP)
+                            stepsize_groups=groups, impl=impl, **HP)
 
     assert_resume_is_bit_for_bit(factory)
 
 
-@pytest.mark.parametrize("groups", ["scalar", [2, 2]], ids=str)
-def test_resume_is_bit_for_bit_across_trace_rescales(groups):
-    """gamma = 0.2: the host path folds D into the trace every ~8 steps, before and after the checkpoint."""
-    def factory(model):
-        return MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=1e-3, meta_stepsize=1e-2,
-                            gamma=0.2, stepsize_groups=groups, **HP)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_checkpoints_move_between_implementations(impl):
+    """One state form: a checkpoint of one implementation continues on the other."""
+    other = "foreach" if impl == "fused" else "fused"
 
-    opt = assert_resume_is_bit_for_bit(factory)
-    assert opt._host and all(s != 1.0 for s in opt._trace_scale)
+    def factory(which):
+        return lambda model: MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=1e-2,
+                                          meta_stepsize=1e-2, gamma=0.9, stepsize_groups=[2, 2], impl=which, **HP)
 
-
-@pytest.mark.parametrize("first_host", [True, False])
-def test_checkpoint_moves_between_host_and_device_paths(first_host, monkeypatch):
-    """A CPU checkpoint resumes on a GPU (tensor path) and back: D is folded into the traces on load."""
-    def factory(host):
-        def make(model):
-            monkeypatch.setattr(optimizers, "_host_path", lambda *args: host)
-            return MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=1e-2,
-                                meta_stepsize=1e-2, gamma=0.9, stepsize_groups=[2, 2], **HP)
-        return make
-
-    model, opt = _train(factory(first_host), 10)
-    assert opt._host == first_host
+    model, opt = _train(factory(impl), 10)
     saved = {"model": model.state_dict(), "opt": opt.state_dict()}
-    # deep copies: torch's load_state_dict keeps the given tensors, which the steps then change
-    same, same_opt = _train(factory(first_host), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
-    other, other_opt = _train(factory(not first_host), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
-    assert other_opt._host != first_host
-    for a, b in zip(same.parameters(), other.parameters()):
+    same, same_opt = _train(factory(impl), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
+    moved, moved_opt = _train(factory(other), 10, state=copy.deepcopy(saved["opt"]), model_state=saved["model"])
+    for a, b in zip(same.parameters(), moved.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(same_opt.step_sizes(), other_opt.step_sizes(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(same_opt.step_sizes(), moved_opt.step_sizes(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["adamw_adam_scalar", "rmsprop_lion_blocks", "sgdm_sgd_nodewise"])
+def test_checkpoints_of_the_earlier_state_format_still_load(name):
+    """tests/data/legacy_format1_checkpoints.pt: checkpoints written by the optimizer before this state
+    form (EMA-form moments, CPU traces stored as h / trace_scale), with the weights and step sizes that
+    optimizer reached 10 steps later. Loaded here, the same 10 steps reach the same numbers."""
+    case = torch.load(os.path.join(os.path.dirname(__file__), "data", "legacy_format1_checkpoints.pt"),
+                      weights_only=True)[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    model.load_state_dict(case["checkpoint"]["model"])
+    opt = MetaOptimize(model.parameters(), alpha0=1e-2, meta_stepsize=1e-2, **HP, **case["kwargs"])
+    opt.load_state_dict(case["checkpoint"]["opt"])
+    for x, y in case["data"]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, case["final_model"][k], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(opt.step_sizes(), case["final_alpha"], rtol=1e-4, atol=0)
 
 
 def test_load_state_dict_rejects_other_layout():
@@ -434,13 +393,37 @@ def test_load_state_dict_rejects_other_layout():
         MetaOptimize(p, stepsize_groups="scalar").load_state_dict(sd)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deepcopy_pickle_and_torch_save_give_a_working_optimizer(impl):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = MetaOptimize(model.parameters(), alpha0=1e-2, meta_stepsize=1e-2, impl=impl)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    twin = copy.deepcopy({"model": model, "opt": opt})
+    loaded = pickle.loads(pickle.dumps({"model": model, "opt": opt}))
+    for copy_ in (twin, loaded):
+        copy_["opt"].zero_grad()
+        copy_["model"](torch.ones(3, 4)).sum().backward()
+        copy_["opt"].step()
+    opt.zero_grad()
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    for copy_ in (twin, loaded):
+        assert copy_["opt"].impl == impl
+        assert torch.equal(copy_["opt"].step_sizes(), opt.step_sizes())
+        for a, b in zip(copy_["model"].parameters(), model.parameters()):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("groups", ["scalar", "weightwise"])
-def test_params_without_grad_are_skipped_without_breaking_blocks(groups):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_params_without_grad_are_skipped_without_breaking_blocks(impl, groups):
     torch.manual_seed(3)
     weights = [torch.randn(4, 3), torch.randn(5), torch.randn(4)]
     full = [nn.Parameter(w.clone()) for w in weights]
     reduced = [nn.Parameter(w.clone()) for w in (weights[0], weights[2])]
-    kw = dict(alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, stepsize_groups=groups, **HP)
+    kw = dict(alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, stepsize_groups=groups, impl=impl, **HP)
     a, b = MetaOptimize(full, **kw), MetaOptimize(reduced, **kw)
     for _ in range(15):
         g0, g2 = torch.randn(4, 3), torch.randn(4)
@@ -650,23 +633,22 @@ def test_readme_example_trains_mlp_with_only_the_import_changed():
     assert optimizer.step_sizes().item() > 1e-4  # the step size grew from its conservative start
 
 
-def test_add_param_group_after_construction_is_refused():
-    opt = MetaOptimize([nn.Parameter(torch.randn(3))])
-    with pytest.raises(NotImplementedError, match="constructor"):
-        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))]})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("base, meta, groups", [("AdamW", "Lion", "scalar"), ("RMSProp", "Adam", "weightwise"),
                                                  ("Lion", "SGD", "nodewise"), ("SGDm", "RMSProp", [1, 3])], ids=str)
-def test_compiled_fused_step_matches_the_reference(base, meta, groups):
-    """compile=True: the per-tensor fused rules under torch.compile give the spec's numbers."""
+def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
+    """The CUDA "fused" step (the rule under torch.compile), run on CPU, gives the spec's numbers."""
+    import common.optimizers.metaoptimize as mo
+
+    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(base_rule, track, layout))
     weights, curvature, noise = make_problem(7)
     alpha0, eta, gamma = 1e-2, 2e-2, 0.95
     params = [nn.Parameter(w.clone()) for w in weights]
     opt = MetaOptimize(params, alg_base=base, alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
-                       stepsize_groups=groups, compile=True, **HP)
-    ref = Reference(weights, base, meta, alpha0, eta, gamma, groups, HP)
+                       stepsize_groups=groups, **HP)
+    assert isinstance(opt._impl, CompiledImpl)
+    base_hp, meta_hp = split_hp(HP)
+    ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups), base_hp, meta_hp)
     for t in range(30):
         for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
             p.grad = g
@@ -675,6 +657,12 @@ def test_compiled_fused_step_matches_the_reference(base, meta, groups):
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
+
+
+def test_add_param_group_after_construction_is_refused():
+    opt = MetaOptimize([nn.Parameter(torch.randn(3))])
+    with pytest.raises(NotImplementedError, match="constructor"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))]})
 
 
 @pytest.mark.parametrize(

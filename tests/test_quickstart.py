@@ -79,7 +79,7 @@ def test_bad_input_from_the_command_line_exits_2_before_training(tmp_path):
     proc = run_script("--gamma", "-0.5", "--save-directory", str(tmp_path / "never"))
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines()[-1].startswith("quickstart.py: error: gamma (--gamma")
+    assert proc.stderr.strip().splitlines()[-1].startswith("quickstart.py: error: --gamma ")
     assert not (tmp_path / "never").exists()
 
 

@@ -297,7 +297,7 @@ def test_paper_sweep_files_pass_their_train_py_and_build_optimizers():
 
     import torch
 
-    from common.optimizers import add_optimizer_args, build_optimizer
+    from common.optim_flags import add_optimizer_args, build_optimizer
 
     by_experiment = {}
     for p in SWEEP_FILES:

@@ -35,7 +35,7 @@ from model import ModelArgs, Transformer, describe
 from prepare import TokenShards
 
 from common import harness
-from common.optimizers import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 DEFAULTS = dict(
     data_dir="data/tinystories",
@@ -154,7 +154,7 @@ def estimate_loss(model, splits, args, run) -> dict:
 
 
 def weights_checksum(model, optimizer) -> str:
-    from common.optimizers import current_step_sizes
+    from common.optim_flags import current_step_sizes
 
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):

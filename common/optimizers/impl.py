@@ -1,0 +1,263 @@
+"""The step implementations side by side: one signature, one state form.
+
+Each takes the tensors that have a gradient this step and does steps 2-4 of spec section 2 for
+them (the base update, the trace, the terms of z), writing z per block into a flat buffer:
+
+    impl.step(items, alpha, gamma, z)
+
+    items  (param index, w, g, state, hyperparameters, t) per tensor: state holds the tensors
+           "momentum", "normalizer", "trace" that the rule keeps; t counts the tensor's steps
+    alpha  exp(beta), one entry per block (flat: tensor blocks, rows, or weights); float32, or
+           float64 when a parameter is float64
+    z      like alpha, zeroed by the caller; gets sum_{i in block} h_i g_i
+
+"foreach" runs anywhere; "fused" is a compiled C loop on CPU and torch.compile on CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import subprocess
+import warnings
+
+import torch
+
+from . import kernels
+from .kernels import CHUNK, ForeachStep, program
+
+IMPLS = ("auto", "foreach", "fused")
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+class Layout:
+    """Where each parameter's blocks sit in the flat per-block vectors."""
+
+    def __init__(self, kind: str, starts: list[int], units: list[int], shapes: list):
+        self.kind, self.starts, self.units, self.shapes = kind, starts, units, shapes
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter i's entries of a flat per-block vector, broadcastable against the parameter."""
+        if self.kind == "tensor":
+            return flat[self.starts[i]]
+        piece = flat[self.starts[i]:self.starts[i] + self.units[i]]
+        shape = self.shapes[i]
+        if self.kind == "weightwise":
+            return piece.view(shape)
+        return piece.view((-1,) + (1,) * (len(shape) - 1)) if len(shape) else piece.view(())
+
+
+def _subsets(items):
+    """Items grouped by (hyperparameters, step count, dtype): one foreach or compiled call each."""
+    out: dict = {}
+    for item in items:
+        _, w, _, _, hp, t = item
+        out.setdefault((id(hp), t, w.dtype), []).append(item)
+    return out.values()
+
+
+def _streams(prog, subset):
+    streams = {"w": [it[1] for it in subset], "g": [it[2] for it in subset]}
+    for name in prog.streams[2:]:
+        streams[name] = [it[3][name] for it in subset]
+    return streams
+
+
+def _scalar_values(subset, gamma):
+    hp, t = subset[0][4], subset[0][5]
+    return {**hp, "t": t, "gamma": gamma}
+
+
+@functools.lru_cache(maxsize=256)
+def _index(blocks: tuple, device: torch.device) -> torch.Tensor:
+    """A block-index tensor, made once (a host-to-device copy each step would synchronise)."""
+    return torch.tensor(blocks, device=device)
+
+
+def _reduce_into(layout, z, subset, h, g=None):
+    """Write the terms h g of a subset into z: summed per block, per row, or as they are (g None:
+    h holds the products already)."""
+    if layout.kind == "tensor":
+        sums = [torch.dot(a.reshape(-1), b.reshape(-1)) if g is not None else a.sum()
+                for a, b in zip(h, g if g is not None else h)]
+        z.index_add_(0, _index(tuple(layout.starts[it[0]] for it in subset), z.device), torch.stack(sums).to(z.dtype))
+        return
+    for k, it in enumerate(subset):
+        x = h[k] * g[k] if g is not None else h[k]
+        if layout.kind == "nodewise" and x.dim() > 1:
+            x = x.sum(dim=tuple(range(1, x.dim())))
+        layout.view(z, it[0]).copy_(x.view(layout.view(z, it[0]).shape))
+
+
+class ForeachImpl:
+    name = "foreach"
+
+    def __init__(self, base, track: bool, layout: Layout):
+        self.prog, self.layout = program(base, track), layout
+        self.run = ForeachStep(self.prog)
+
+    def step(self, items, alpha, gamma, z):
+        for subset in _subsets(items):
+            alphas = [self.layout.view(alpha, it[0]) for it in subset]
+
+            def reduce(h, g, subset=subset):  # z's terms h g, reduced as the block kind needs
+                _reduce_into(self.layout, z, subset, h, g)
+
+            self.run(_streams(self.prog, subset), alphas, _scalar_values(subset, gamma), reduce)
+
+    def reset(self):
+        pass
+
+
+class CImpl:
+    """The fused C loop (CPU): one call per step for all tensors of a dtype."""
+
+    name = "fused"
+
+    def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype):
+        self.prog, self.layout, self.state_dtype = program(base, track), layout, state_dtype
+        self.fns = {dt: kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype))
+                    for dt in set(param_dtypes)}
+        self.fallback = ForeachImpl(base, track, layout)
+        self._plans = {}
+
+    def reset(self):
+        """Forget cached pointers (the state tensors were replaced)."""
+        self._plans.clear()
+
+    def _plan(self, items):
+        key = tuple(it[0] for it in items)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        layout, nstreams = self.layout, len(self.prog.streams)
+        chunks, chunk_block = [], []
+        for k, it in enumerate(items):
+            i, w = it[0], it[1]
+            if layout.kind == "nodewise":
+                rows = layout.units[i]
+                per = max(1, CHUNK // max(1, w.numel() // rows))
+                pieces = [(lo, min(rows, lo + per)) for lo in range(0, rows, per)]
+            else:
+                pieces = [(lo, min(w.numel(), lo + CHUNK)) for lo in range(0, w.numel(), CHUNK)]
+            for lo, hi in pieces:
+                chunks += [k, lo, hi]
+                chunk_block.append(layout.starts[i])
+        n = len(items)
+        plan = {
+            "nchunks": len(chunks) // 3,
+            "chunks": (ctypes.c_int64 * max(1, len(chunks)))(*chunks),
+            "ptrs": (ctypes.c_void_p * (n * nstreams))(),
+            "block_at": (ctypes.c_int64 * n)(*[layout.starts[it[0]] for it in items]),
+            "row_len": (ctypes.c_int64 * n)(*[it[1].numel() // max(1, layout.units[it[0]]) for it in items]),
+            "scalar_row": (ctypes.c_int64 * n)(),
+            "chunk_block": torch.tensor(chunk_block, dtype=torch.long),
+            "partials": torch.zeros(max(1, len(chunks) // 3), dtype=torch.float64),
+            "rows": {},
+        }
+        # state and trace pointers are fixed for the plan's life; w and g are read every step
+        for k, it in enumerate(items):
+            for s, name in enumerate(self.prog.streams[2:], start=2):
+                plan["ptrs"][k * nstreams + s] = it[3][name].data_ptr()
+        self._plans[key] = plan
+        return plan
+
+    def step(self, items, alpha, gamma, z):
+        if not all(it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype for it in items):
+            return self.fallback.step(items, alpha, gamma, z)
+        by_dtype: dict = {}
+        for it in items:
+            by_dtype.setdefault(it[1].dtype, []).append(it)
+        for dtype, group in by_dtype.items():
+            self._run(self.fns[dtype], group, alpha, gamma, z)
+
+    def _run(self, fn, items, alpha, gamma, z):
+        plan, prog = self._plan(items), self.prog
+        nstreams, ptrs, scalar_row = len(prog.streams), plan["ptrs"], plan["scalar_row"]
+        rows, values = {}, []
+        for k, it in enumerate(items):
+            ptrs[k * nstreams] = it[1].data_ptr()
+            ptrs[k * nstreams + 1] = it[2].data_ptr()
+            key = (id(it[4]), it[5])
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = len(rows)
+                values += prog.scalars({**it[4], "t": it[5], "gamma": gamma}) or [0.0]
+            scalar_row[k] = row
+        scalars = (ctypes.c_double * len(values))(*values)
+        out = plan["partials"] if self.layout.kind == "tensor" or z is None else z
+        fn(plan["nchunks"], ctypes.addressof(plan["chunks"]), ctypes.addressof(ptrs), ctypes.addressof(scalars),
+           ctypes.addressof(scalar_row), alpha.data_ptr(), ctypes.addressof(plan["block_at"]),
+           ctypes.addressof(plan["row_len"]), out.data_ptr(), torch.get_num_threads())
+        if prog.track and self.layout.kind == "tensor":
+            z.index_add_(0, plan["chunk_block"], plan["partials"].to(z.dtype))
+
+
+class CompiledImpl:
+    """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel. The
+    scalars enter as Python floats, which dynamo keeps symbolic: a changing lr or bias correction
+    does not recompile."""
+
+    name = "fused"
+
+    def __init__(self, base, track: bool, layout: Layout):
+        self.prog, self.layout = program(base, track), layout
+        self._compiled = {}
+
+    def reset(self):
+        pass
+
+    def _fn(self, indices):
+        fn = self._compiled.get(indices)
+        if fn is None:
+            prog, layout = self.prog, self.layout
+            alpha_views = [functools.partial(layout.view, i=i) for i in indices]
+
+            def step(streams, alpha, scalars):
+                out = []
+                for k, view in enumerate(alpha_views):
+                    tensors = {name: streams[name][k] for name in prog.streams}
+                    meta_grad = kernels.run_program(prog, tensors, view(alpha), scalars)
+                    if meta_grad is not None:  # nodewise rows are summed outside (an inductor KeyError on
+                        out.append(meta_grad.sum() if layout.kind == "tensor" else meta_grad)  # row sums)
+                return out
+
+            fn = self._compiled[indices] = torch.compile(step, dynamic=False)
+        return fn
+
+    def step(self, items, alpha, gamma, z):
+        for subset in _subsets(items):
+            scalars = self.prog.scalars(_scalar_values(subset, gamma))
+            meta_grad = self._fn(tuple(it[0] for it in subset))(_streams(self.prog, subset), alpha, scalars)
+            if self.prog.track:
+                _reduce_into(self.layout, z, subset, meta_grad)
+
+
+def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
+              meta_dtype=torch.float32):
+    """The implementation `impl` asks for on this device: "auto" takes the fused step where it runs
+    and otherwise falls back to foreach with one warning that says why."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: unknown value {impl!r}; accepted: {', '.join(IMPLS)}")
+    if impl == "foreach" or device.type not in ("cpu", "cuda"):
+        return ForeachImpl(base, track, layout)
+    dtypes = set(param_dtypes) | ({state_dtype} if state_dtype is not None else set())
+    why = None
+    if not dtypes <= set(FUSED_DTYPES):
+        why = f"dtypes {sorted(str(d) for d in dtypes - set(FUSED_DTYPES))} are not supported by the fused step"
+    elif device.type == "cpu":
+        try:
+            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            why = f"the fused CPU step could not be built: {err}"
+    else:
+        try:
+            import triton  # noqa: F401  (torch.compile's GPU backend)
+        except ImportError:
+            why = "torch.compile needs triton on CUDA"
+        else:
+            return CompiledImpl(base, track, layout)
+    if impl == "fused":
+        raise RuntimeError(f"impl='fused' is not available: {why}")
+    warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)
+    return ForeachImpl(base, track, layout)
