@@ -206,9 +206,9 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     flags = ("--epochs-per-task", "2", "--batch-size", "3", "--stepsize-groups", "last_layer_and_others")
     assert ct.main(small(data_dir, tmp_path, "straight", *flags)) == 0
     # stop mid-epoch (step 2), then at the first task's last step (evaluated before stopping), then finish
-    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-after-steps", 2)) == 0
+    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-at-step", 2)) == 0
     assert not (tmp_path / "cut" / "summary.json").exists()
-    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-after-steps", 4, "--resume")) == 0
+    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-at-step", 6, "--resume")) == 0
     assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--resume")) == 0
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert read_metrics(straight, drop_timing=True) == read_metrics(cut, drop_timing=True)

@@ -240,7 +240,8 @@ def test_sbatch_script_text(tmp_path, monkeypatch):
                  "--alpha0 0.001 --alg-base AdamW --alg-meta fixed --stepsize-groups scalar) ;;"]:
         assert line in text.splitlines(), line
     assert "  1) " not in text  # finished: skipped
-    assert '--max-time "$MAX_TIME" --resume' in text and 'scontrol requeue "$TASK"' in text
+    assert '--max-time "$MAX_TIME" "$START"' in text and 'scontrol requeue "$TASK"' in text
+    assert "START=--resume" in text and "START=--start-over" in text  # --resume from a checkpoint, else afresh
     assert "trap on_usr1 USR1" in text and 'kill -USR1 "$CHILD"' in text
     assert text.index("#SBATCH --job-name") < text.index("set -u")  # every #SBATCH line before the first command
     if shutil.which("bash"):
@@ -259,7 +260,7 @@ def test_print_lists_runs_and_commands(tmp_path, monkeypatch, capsys):
     write(s.save_dir / s.jobs[1].run_name / "checkpoint.pt", "x")
     assert sweep.cmd_print(s, None) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("# sweep demo (cifar10/train.py): 12 runs, 1 finished, 11 to run")
+    assert out[0].startswith("# sweep demo (cifar10/train.py): 12 runs, 1 finished or diverged, 11 to run")
     assert out[1] == "# [0] AdamW_fixed_a0.001_scalar_s0 (finished)"
     assert re.match(r"# python\S* cifar10/train.py ", out[2]) and out[3] == "# [1] AdamW_fixed_a0.001_scalar_s1 (checkpoint)"
     assert re.match(r"python\S* cifar10/train.py --num-epochs 2 ", out[4]) and out[4].endswith(
@@ -393,9 +394,9 @@ def test_summarize_groups_seeds_mean_std(cifar_runs, tmp_path, capsys):
     assert "| Adam | 1e-06 | scalar | 3 (3) | 32.00 ± 2.00 | 32.00 ± 2.00 |" in out
     assert "| fixed | 1e-05 | scalar | 3 (2) | 6.67 ± 0.58 | 6.67 ± 0.58 |" in out
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == ("alg_meta,alpha0,stepsize_groups,runs,finished,final test/acc mean,final test/acc std,"
-                        "final test/acc n,best test/acc mean,best test/acc std,best test/acc n")
-    assert any(line.startswith("Adam,1e-06,scalar,3,3,32.0,2.0,3,") for line in lines[1:]) and len(lines) == 5
+    assert lines[0] == ("alg_meta,alpha0,stepsize_groups,runs,finished,diverged,final test/acc mean,"
+                        "final test/acc std,final test/acc n,best test/acc mean,best test/acc std,best test/acc n")
+    assert any(line.startswith("Adam,1e-06,scalar,3,3,0,32.0,2.0,3,") for line in lines[1:]) and len(lines) == 5
 
 
 def test_summarize_default_metrics_single_run_and_errors(tmp_path, capsys):

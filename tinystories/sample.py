@@ -50,11 +50,19 @@ def load_model(path, device) -> tuple[Transformer, dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--checkpoint: no file {path} (train.py writes <save-directory>/<run-name>/checkpoint.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model_args" not in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint at all, ...: torch raises many types
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"--checkpoint: cannot read {path} ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
         raise ValueError(f"--checkpoint: {path} is not a tinystories/train.py checkpoint")
-    model = Transformer(ModelArgs(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = Transformer(ModelArgs(**state["model_args"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"--checkpoint: {path} does not hold a model this sample.py can build ({first})") from None
     return model.to(device).eval(), state
 
 
