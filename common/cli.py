@@ -120,8 +120,9 @@ def parse_max_time(text) -> float | None:
 # The parser
 # --------------------------------------------------------------------------------------
 
-# "-1", "-.5", "-1e-3", "-2.5E+4": values, not options (argparse alone knows only the first two)
-_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+# "-1", "-.5", "-1e-3", "-2.5E+4", "-inf": values, not options (argparse alone knows only the first
+# two; the finite check then names the flag of a "-inf")
+_NEGATIVE_NUMBER = re.compile(r"^-(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 class ArgParser(argparse.ArgumentParser):

@@ -156,7 +156,7 @@ def test_one_epoch_metaoptimize_logs_top1_top5_and_step_sizes(image_folder, tmp_
 def test_cosine_adamw_epoch_sigterm_and_resume(image_folder, tmp_path):
     args = ["--data-dir", image_folder, "--save-directory", tmp_path, "--run-name", "cos", "--epochs", "2",
             "--optimizer", "AdamW", "--lr", "1e-3", "--warmup-steps", "2", *SMALL, "--workers", "2"]
-    proc = train(*args, "--sigterm-at-step", "4")  # mid-way through epoch 2
+    proc = train(*args, "--stop-at-step", "4")  # mid-way through epoch 2
     assert "stopped (SIGTERM) at epoch 2, batch 1/3" in proc.stderr
     assert not (tmp_path / "cos" / "summary.json").exists()
     state = torch.load(tmp_path / "cos" / "checkpoint.pt", weights_only=True)
@@ -178,7 +178,7 @@ def test_mid_epoch_resume_gives_the_same_weights(tmp_path):
             "--alg-base", "Lion", "--Lion-beta2-base", "0.9", "--momentum-param-base", "0.99", "--alg-meta", "Lion",
             "--stepsize-groups", "resnet18_blocks", *SMALL]
     straight = checksums(train(*args, "--run-name", "a").stdout)
-    train(*args, "--run-name", "b", "--sigterm-at-step", "6")  # 4 steps/epoch: stop in epoch 2
+    train(*args, "--run-name", "b", "--stop-at-step", "6")  # 4 steps/epoch: stop in epoch 2
     resumed = checksums(train(*args, "--run-name", "b", "--resume").stdout)
     assert straight and straight == resumed
     assert [r["step"] for r in read_metrics(tmp_path / "b") if "train/loss" in r and "test/acc" not in r] == \
