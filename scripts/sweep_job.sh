@@ -12,6 +12,7 @@ RUN_STATE=@RUN_STATE@  # common/runfolder.py: prints finished, diverged, checkpo
 MAX_TIME=@MAX_TIME@  # seconds: --time (@TIME@) minus stop_margin (@STOP_MARGIN@ s)
 MAX_RESTARTS=@MAX_RESTARTS@
 
+# shellcheck disable=SC2016  # a run's flags are quoted literally on purpose ('$' included)
 case "${SLURM_ARRAY_TASK_ID:?submit this file with sbatch}" in
   @RUNS@) RUN_NAME=name; SEED=0; ARGS=(--flag value) ;;
   *) echo "sweep: no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;

@@ -205,16 +205,44 @@ def test_bad_sweep_file_cli_error_and_nothing_submitted(tmp_path):
     bad_value = write(tmp_path / "value.toml", "experiment = 'cifar10'\nsave_directory = 'out'\n"
                                                "[grid]\nnum-epochs = [2, 'two']\n")
     missing = tmp_path / "missing.yaml"
-    for path, expected in [(unknown, "unknown flag --alpah0 for cifar10/train.py (did you mean --alpha0?)"),
-                           (bad_value, "--num-epochs: invalid int value: 'two'"), (missing, "no such sweep file")]:
-        proc = subprocess.run([sys.executable, str(SCRIPTS / "sweep.py"), "submit", str(path)], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
+    # values only the experiment's own checks know (more in test_sweep_check_uses_the_experiments_own_checks)
+    base = write(tmp_path / "base.yaml", "experiment: cifar10\nsave_directory: out\n"
+                                         "grid: {alg-base: [AdamW, Foo]}\n")
+    ts = write(tmp_path / "ts.yaml", "experiment: tinystories\nsave_directory: out\nfixed: {dropout: 1}\n")
+    cases = [(unknown, "unknown flag --alpah0 for cifar10/train.py (did you mean --alpha0?)"),
+             (bad_value, "--num-epochs: invalid int value: 'two'"), (missing, "no such sweep file"),
+             (base, ("run 1 (Foo_s0): cifar10/train.py rejects its flags: ", "--alg-base", "'Foo'")),
+             (ts, "run 0 (s0): tinystories/train.py rejects its flags: --dropout must be in [0, 1)")]
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "sweep.py"), "submit", str(path)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path, _ in cases]
+    for p, (path, expected) in zip(procs, cases):  # started together: each imports torch to check
+        stdout, stderr = p.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, proc.stderr
-        assert len(errors) == 1 and str(path.name) in errors[0] and expected in errors[0], proc.stderr
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        assert len(errors) == 1 and str(path.name) in errors[0] and all(e in errors[0] for e in expected), proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not calls.exists(), "sbatch/squeue must not run for a bad sweep file"
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_check_uses_the_experiments_own_checks():
+    """scripts/sweep_check.py runs each run's argv through train.py's parse_args: names and values."""
+    check = _load("sweep_check")
+    spec = importlib.util.spec_from_file_location("cifar10_train_sweep_check", REPO / "cifar10" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    assert check.rejection(train.parse_args, ["--gamma", "0.5", "--alpha0", "1e-5"]) is None
+    for argv, needle in [(["--gamma", "1.5"], "--gamma"), (["--alg-meta", "Foo"], "'Foo'"),
+                         (["--meta-stepsize", "inf"], "argument --meta-stepsize: must be a finite number, got inf"),
+                         (["--alpha0", "-1e-3"], "must be a positive number, got -0.001"),
+                         (["--num-epochs", "0"], "--num-epochs must be a positive integer"),
+                         (["--max-time", "soon"], "--max-time: cannot read 'soon'")]:
+        message = check.rejection(train.parse_args, argv)
+        assert message and needle in message and "\n" not in message, (argv, message)
+    options = check.OPTION.findall(check.help_text(REPO / "cifar10" / "train.py", train.parse_args))
+    assert "--alpha0" in options and "--stop-at-step" not in options  # hidden test flags are not offered
 
 
 # ---- the sbatch script ----------------------------------------------------------------------
@@ -244,13 +272,26 @@ def test_sbatch_script_text(tmp_path, monkeypatch):
     assert "START=--resume" in text and "START=--start-over" in text  # --resume from a checkpoint, else afresh
     assert "trap on_usr1 USR1" in text and 'kill -USR1 "$CHILD"' in text
     assert text.index("#SBATCH --job-name") < text.index("set -u")  # every #SBATCH line before the first command
-    if shutil.which("bash"):
-        syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
-        assert syntax.returncode == 0, syntax.stderr
+    syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
     # no GPUs, no partition: no such lines
     s.slurm.update(gpus=0, partition=None)
     text = sweep.sbatch_script(s, todo)
     assert "--gres" not in text and "--partition" not in text
+
+
+def test_sbatch_template_and_scripts_pass_shellcheck(tmp_path, monkeypatch):
+    """scripts/sweep_job.sh is a real bash file: shellcheck checks it as it stands and as sweep.py fills it in."""
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "install shellcheck (Debian: apt-get install shellcheck; .ci/run does)"
+    monkeypatch.chdir(tmp_path)
+    s = fill_argv(sweep.read_sweep(write(tmp_path / "demo.yaml", SWEEP_YAML.format(out="o u t"))))
+    s.jobs[0].argv += ["--data-dir", "/path with 'quotes' and $dollars"]
+    script = write(tmp_path / "demo.sbatch", sweep.sbatch_script(s, s.jobs))
+    for path in (sweep.JOB_TEMPLATE, script):
+        proc = subprocess.run([shellcheck, "--shell=bash", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    assert not re.search(r"@[A-Z_]+@", script.read_text())  # every field filled in
 
 
 def test_print_lists_runs_and_commands(tmp_path, monkeypatch, capsys):
@@ -582,7 +623,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     f = tiny_sweep(tmp_path / "grid.yaml", fake_cifar, "grid", epochs=2, grid="{alpha0: [1.0e-4, 1.0e-3]}")
     proc = submit(slurm, tmp_path, f)
     job = proc.stdout.strip()
-    assert re.fullmatch(r"\d+", job) and "4 runs, 0 finished (skipped), 4 to run" in proc.stderr
+    assert re.fullmatch(r"\d+", job) and "4 runs, 0 finished or diverged (skipped), 4 to run" in proc.stderr
     states = slurm.wait_done(job, timeout=600)
     out = (tmp_path / "out" / "grid").resolve()
     names = ["a0.0001_s0", "a0.0001_s1", "a0.001_s0", "a0.001_s1"]
@@ -590,7 +631,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     assert sorted(states) == [f"{job}_{i}" for i in range(4)] and set(states.values()) == {"COMPLETED"}, (states, logs)
     for n in names:
         assert sweep.run_finished(out / n), logs[n]
-        assert f"--run-name {n} --save-directory {out} --max-time 540 --resume" in logs[n]
+        assert f"--run-name {n} --save-directory {out} --max-time 540 --start-over" in logs[n]  # nothing to resume
 
     table = run_script(slurm, tmp_path, SCRIPTS / "summarize.py", out, "--csv", tmp_path / "table.csv")
     assert table.returncode == 0, table.stderr
@@ -618,7 +659,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     before = all_jobs(slurm)
     again = run_script(slurm, tmp_path, SCRIPTS / "sweep.py", "submit", f)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stderr
-    assert "4 runs, 4 finished (skipped), 0 to run" in again.stderr
+    assert "4 runs, 4 finished or diverged (skipped), 0 to run" in again.stderr
     assert all_jobs(slurm) == before
     print(f"\ncluster 2x2 sweep + summarize + plot + resubmit: {time.monotonic() - t0:.0f} s")
 
