@@ -730,8 +730,10 @@ class Run:
         except errors:
             self.checkpoint(progress())
             if self.is_main:
-                print(f"note: checkpoint of step {self._checkpoint_step} saved in {self.dir}; continue with the "
-                      f"same command plus --resume once the cause is fixed", file=sys.stderr)
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"note: checkpoint of step {self._checkpoint_step} saved in {self.dir}; continue with "
+                           f"the same command plus --resume once the cause is fixed", file=sys.stderr)
             raise
 
     def save_checkpoint(self, state: dict) -> None:

@@ -134,6 +134,24 @@ def test_wrong_data_dir_exits_with_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written for bad input
 
 
+def test_truncated_jpeg_is_one_error_line_naming_it_and_resumes_once_replaced(tmp_path):
+    folder = write_image_folder(tmp_path / "tiny")
+    bad = folder / "train" / "class3" / "img2.JPEG"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])  # a download cut short
+    args = ["--data-dir", folder, "--save-directory", tmp_path / "out", "--run-name", "r", "--epochs", "1", *SMALL]
+    proc = train(*args, "--workers", "2", check=False)  # the error comes from a loader worker process
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: --data-dir: cannot read image {bad} (OSError: ") and \
+        lines[0].endswith("; remove or replace it"), lines[0]
+    state = torch.load(tmp_path / "out" / "r" / "checkpoint.pt", weights_only=True)  # the steps done are kept
+    assert state["epoch"] == 0 and state["batch"] == state["step"] < 3 and "note: checkpoint of step" in proc.stderr
+    bad.write_bytes(good)
+    train(*args, "--resume")
+    assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["finished"]
+
+
 def test_one_epoch_metaoptimize_logs_top1_top5_and_step_sizes(image_folder, tmp_path):
     proc = train("--data-dir", image_folder, "--save-directory", tmp_path, "--run-name", "hf", "--epochs", "1",
                  "--alg-base", "AdamW", "--alg-meta", "Lion", "--alpha0", "1e-6",

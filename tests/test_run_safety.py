@@ -279,6 +279,11 @@ def test_summarize_and_plot_show_a_diverged_seed(tmp_path, capsys):
     series = data["cifar10_test_acc"]["series"]
     assert series[0]["label"].endswith("(2/3 diverged)") and series[0]["runs"] == [str(root / "s0")]
     assert sum(1 for s in series if s.get("diverged")) == 2  # each diverged run drawn on its own
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert plot.main([str(root), "--out", str(tmp_path / "afile" / "figs"), "--formats", "png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {tmp_path / 'afile' / 'figs'}: cannot write figures there (Not a directory)"], err
 
 
 # ---- non-finite and negative flag values ----------------------------------------------------
