@@ -17,8 +17,8 @@ import math
 import re
 import sys
 
-__all__ = ["ArgParser", "UsageError", "check_number", "duration_seconds", "error_line", "flag_name",
-           "require_finite"]
+__all__ = ["ArgParser", "UsageError", "check_number", "duration_seconds", "error_line", "first_line", "flag_name",
+           "parse_max_time", "require_finite"]
 
 TIME_FORMATS = '"HH:MM:SS", "D-HH:MM:SS", "MM:SS" or a number of seconds'
 
@@ -30,6 +30,11 @@ class UsageError(Exception):
 def error_line(exc: BaseException) -> str:
     """`error: <message on one line>` for an exception that stands for bad input."""
     return "error: " + (" ".join(str(exc).split()) or type(exc).__name__)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries such as torch write several), or its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def flag_name(dest: str) -> str:

@@ -530,7 +530,10 @@ class Run:
         """
         if self._stop_at is not None and step is not None and step >= self._stop_at and self.is_main \
                 and not self._stop_flag:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+            if signal.SIGTERM in self._old_handlers:
+                os.kill(os.getpid(), signal.SIGTERM)  # our handler runs before the next bytecode
+            else:  # no handler of ours (not the main thread): only what it would do
+                self._stop_flag, self.stop_reason = True, "SIGTERM"
         if not self._stop_flag and self.max_time is not None and time.monotonic() - PROCESS_START >= self.max_time:
             self._stop_flag = True
             self.stop_reason = f"--max-time {self.args.max_time}"
@@ -701,8 +704,7 @@ class Run:
         try:
             load_training_state(state, unwrap(model), optimizer, scheduler, scaler)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({first}); resume with "
+            raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
                              f"the flags the run started with (see {self.dir / CONFIG})") from None
         return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
 
@@ -772,8 +774,7 @@ class Run:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {first})") from None
+            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {cli.first_line(e)})") from None
         meta = state.pop("harness", None)
         if meta is None:
             raise UsageError(f"--resume: {path} was not written by common.harness")

@@ -9,7 +9,6 @@ the cifar10/train.py cases run the real ResNet-18 on a generated CIFAR-10 of 20 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_fixtures import write_fake_cifar10  # noqa: E402
+from cifar_fixtures import load_cifar10_train, write_fake_cifar10  # noqa: E402
 
 from common import cli, harness, runfolder  # noqa: E402
 
@@ -100,10 +99,7 @@ def cifar_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cifar_mod():
-    spec = importlib.util.spec_from_file_location("cifar10_train_safety", CIFAR)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_cifar10_train("cifar10_train_safety")
 
 
 @pytest.fixture(autouse=True)

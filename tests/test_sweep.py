@@ -229,10 +229,10 @@ def test_bad_sweep_file_cli_error_and_nothing_submitted(tmp_path):
 
 def test_sweep_check_uses_the_experiments_own_checks():
     """scripts/sweep_check.py runs each run's argv through train.py's parse_args: names and values."""
+    from cifar_fixtures import load_cifar10_train
+
     check = _load("sweep_check")
-    spec = importlib.util.spec_from_file_location("cifar10_train_sweep_check", REPO / "cifar10" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_cifar10_train("cifar10_train_sweep_check")
     assert check.rejection(train.parse_args, ["--gamma", "0.5", "--alpha0", "1e-5"]) is None
     for argv, needle in [(["--gamma", "1.5"], "--gamma"), (["--alg-meta", "Foo"], "'Foo'"),
                          (["--meta-stepsize", "inf"], "argument --meta-stepsize: must be a finite number, got inf"),

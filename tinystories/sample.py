@@ -15,6 +15,7 @@ from model import ModelArgs, Transformer, describe
 from prepare import load_tokenizer, tokenizer_path
 
 from common import harness
+from common.cli import first_line
 
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
@@ -53,16 +54,15 @@ def load_model(path, device) -> tuple[Transformer, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint at all, ...: torch raises many types
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"--checkpoint: cannot read {path} ({type(e).__name__}: {first})") from None
+        raise ValueError(f"--checkpoint: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
         raise ValueError(f"--checkpoint: {path} is not a tinystories/train.py checkpoint")
     try:
         model = Transformer(ModelArgs(**state["model_args"]))
         model.load_state_dict(state["model"])
     except (TypeError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"--checkpoint: {path} does not hold a model this sample.py can build ({first})") from None
+        raise ValueError(f"--checkpoint: {path} does not hold a model this sample.py can build "
+                         f"({first_line(e)})") from None
     return model.to(device).eval(), state
 
 
