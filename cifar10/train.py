@@ -7,8 +7,9 @@
     python3 cifar10/train.py --optimizer AdamW --lr 1e-3 --warmup-steps 1000   # cosine-schedule baseline
 
 The whole dataset sits on the device; a run writes <save-directory>/<run-name>/ (config.json,
-metrics.jsonl, checkpoint.pt every epoch, summary.json at the end). SIGTERM/SIGUSR1 or
+metrics.jsonl, checkpoint.pt every epoch, summary.json at the end). SIGTERM/SIGUSR1/Ctrl-C or
 --max-time save a checkpoint at the current batch and exit 0; rerun with --resume to continue.
+A non-finite loss, weight or step size ends the run as diverged (exit code 3, docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
@@ -48,14 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder holding cifar-10-batches-py/ (downloaded there when missing)")
     g.add_argument("--augment", action="store_true",
                    help="random crop (padding 4) + horizontal flip; off in the paper")
-    # for tests: stop as if SIGTERM arrived after this many optimizer steps of this process
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     add_optimizer_args(parser)
     harness.add_run_args(parser)
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
     args = parser.parse_args(argv)
     harness.require_positive(parser, args, "num_epochs", "batch_size", "eval_batch_size")
-    return args
+    return harness.check_args(args)
 
 
 @torch.no_grad()
@@ -95,26 +94,21 @@ def main(argv=None) -> int:
     epoch, batch, step = 0, 0, 0  # next epoch, next batch within it, optimizer steps done
     sums = torch.zeros(3, device=device)  # this epoch's train loss sum, correct, count (no per-step sync)
     history, best = [], {}
-    state = run.load_checkpoint()
+    state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         if state["batches_per_epoch"] != len(train):
             raise harness.UsageError(f"--resume: the checkpoint has {state['batches_per_epoch']} batches per epoch, "
                                      f"this run {len(train)}; resume with the same --batch-size and data")
-        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         sums.copy_(state["epoch_sums"])
         history, best = state["history"], state["best"]
         print(f"resumed {run.dir} at epoch {epoch + 1}, batch {batch}/{len(train)} (step {step})", file=sys.stderr)
 
-    def checkpoint():
-        run.save_checkpoint({
-            **harness.training_state(model, optimizer, scheduler, scaler),
-            "epoch": epoch, "batch": batch, "step": step,
-            "epoch_sums": sums, "history": history, "best": best, "batches_per_epoch": len(train),
-        })
+    def progress():  # a checkpoint's entries besides the training state
+        return {"epoch": epoch, "batch": batch, "step": step, "epoch_sums": sums, "history": history, "best": best,
+                "batches_per_epoch": len(train)}
 
     model.train()
-    steps_here = 0
     while epoch < args.num_epochs:
         t_epoch, images_here = time.monotonic(), 0
         bar = run.progress(len(train), desc=f"epoch {epoch + 1}/{args.num_epochs}", initial=batch, leave=False)
@@ -123,21 +117,16 @@ def main(argv=None) -> int:
                 out = fmodel(x)
                 loss = F.cross_entropy(out, y)
             harness.backward_and_step(loss, optimizer, scaler, scheduler)
-            step, batch, steps_here, images_here = step + 1, batch + 1, steps_here + 1, images_here + len(y)
+            step, batch, images_here = step + 1, batch + 1, images_here + len(y)
             with torch.no_grad():  # device-side sums, read once per epoch
                 sums[0] += loss.detach().float() * len(y)
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += len(y)
             bar.update()
             run.log_step_sizes(optimizer, step)
-            if run.should_stop() or steps_here == args.stop_after_steps:
+            if run.should_stop(step):
                 bar.close()
-                checkpoint()
-                run.close()
-                why = run.stop_reason or f"--stop-after-steps {args.stop_after_steps}"
-                print(f"stopped ({why}) at epoch {epoch + 1}, batch {batch}/{len(train)}; checkpoint saved in "
-                      f"{run.dir}; continue with the same command plus --resume", file=sys.stderr)
-                return 0
+                return run.stop(progress(), f"at epoch {epoch + 1}, batch {batch}/{len(train)}")
         bar.close()
 
         train_loss, train_correct, train_count = sums.tolist()  # the epoch's one host sync (plus eval)
@@ -147,21 +136,18 @@ def main(argv=None) -> int:
         record = {"epoch": epoch, "train/loss": train_loss / train_count,
                   "train/acc": 100.0 * train_correct / train_count, "test/loss": test_loss, "test/acc": test_acc,
                   "images_per_s": images_here / max(train_time, 1e-9)}
+        run.log(record, step)
         history.append(record)
         if not best or test_acc > best["test/acc"]:
             best = {"test/acc": test_acc, "epoch": epoch}
-        run.log(record, step)
         if run.is_main:
             bar.write(f"epoch {epoch}/{args.num_epochs}  train loss {record['train/loss']:.4f} "
                       f"acc {record['train/acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%  "
                       f"({record['images_per_s']:.0f} img/s)")
         sums.zero_()
-        checkpoint()
-        if epoch < args.num_epochs and run.should_stop():
-            run.close()
-            print(f"stopped ({run.stop_reason}) after epoch {epoch}; checkpoint saved in {run.dir}; continue "
-                  f"with the same command plus --resume", file=sys.stderr)
-            return 0
+        run.checkpoint(progress())
+        if epoch < args.num_epochs and run.should_stop(step):
+            return run.stop(progress(), f"after epoch {epoch}")
 
     final = history[-1] if history else {}
     run.finish({"final": final, "best": best})

@@ -44,7 +44,6 @@ load the model's state before the optimizer's.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 
 import dadaptation
@@ -55,6 +54,8 @@ import schedulefree
 import torch
 from gradient_descent_the_ultimate_optimizer import gdtuo
 from torch import nn
+
+from common.cli import check_number
 
 __all__ = [
     "BASELINES",
@@ -84,25 +85,9 @@ def _get(args, dest):
     return getattr(args, dest)
 
 
-def _number(args, dest, *, low=None, high=None, low_open=False, high_open=False, integer=False,
-            allow_inf=False) -> float:
-    value = _get(args, dest)
-    try:
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{_flag(dest)} must be a number, got {value!r}") from None
-    if integer and number != value:
-        raise ValueError(f"{_flag(dest)} must be an integer, got {value!r}")
-    bad = math.isnan(number) or (math.isinf(number) and not allow_inf)
-    if low is not None:
-        bad = bad or number < low or (low_open and number == low)
-    if high is not None:
-        bad = bad or number > high or (high_open and number == high)
-    if bad:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
-        hi = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
-        raise ValueError(f"{_flag(dest)} must be in {lo or '(-inf, '}{hi}, got {value!r}")
-    return number
+def _number(args, dest, **limits) -> float:
+    """The flag's value checked by common.cli.check_number (the one home of numeric flag checks)."""
+    return check_number(_get(args, dest), dest, **limits)
 
 
 def _positive(args, dest, **kw):

@@ -1,30 +1,37 @@
-"""The experiment harness every `train.py` shares: flags, run folder, logging, checkpoints, DDP, AMP.
+"""The experiment harness every `train.py` shares: flags, run folder, logging, run control, DDP, AMP.
 
 A training script uses it like this (see cifar10/train.py):
 
     parser = harness.ArgParser(description=...)
     harness.add_run_args(parser)
     add_optimizer_args(parser)
-    args = parser.parse_args()
-    run = harness.start_run(args, "cifar10")      # validates flags, seeds, picks the device
+    args = harness.check_args(parser.parse_args())  # every flag check that needs no device or data
+    run = harness.start_run(args, "cifar10")      # locks the run folder, seeds, picks the device
     ... build data, model, optimizer on run.device (bad input raises ValueError) ...
-    state = run.load_checkpoint()                  # --resume: dict or None
+    state = run.resume(model, optimizer, scheduler, scaler)   # --resume: the rest of the checkpoint
     for ...:
         ...
-        run.log_step_sizes(optimizer, step)        # does the --log-every check itself
-        if run.should_stop():                      # --max-time, SIGTERM, SIGUSR1
-            run.save_checkpoint({...}); run.close(); return
-    run.log({...}, step); run.save_checkpoint({...})
+        run.log_step_sizes(optimizer, step)        # every --log-every steps; checks for divergence
+        if run.should_stop(step):                  # --max-time, SIGTERM, SIGUSR1, SIGINT
+            return run.stop(progress(), "at epoch 3, batch 7/500")   # checkpoint, message, exit code 0
+    run.log({...}, step)
+    run.checkpoint(progress())                     # weights, optimizer, ... plus `progress` (a dict with "step")
     run.finish({"final": {...}, "best": {...}})
 
     if __name__ == "__main__":
         harness.run_main(main)                     # bad input -> one `error:` line, exit 2
 
-Run folder layout and metric keys: docs/CONTRACTS.md. Nothing is written to the run folder
-until the first `log`, `save_checkpoint` or `finish`, so a run that fails on bad input
-(unknown algorithm, missing dataset) leaves nothing behind.
+Run folder layout, metric keys and exit codes: docs/CONTRACTS.md; its rules live in
+common/runfolder.py. The folder is locked for the whole run (a second process on it fails at
+once, naming the holder). Nothing but the lock is written until the first `log`, `checkpoint` or
+`finish`; a run that fails on bad input before that leaves nothing behind.
 
-Checkpoints are loaded with `torch.load(weights_only=True)`: the state handed to
+Divergence: when step sizes are logged, when a loss is logged and before every checkpoint, the
+harness checks that losses, weights and step sizes are finite (one host sync, never per step).
+A non-finite value ends the run: the checkpoint of the last finite state is kept, summary.json
+says {"diverged": true, "diverged_at_step": N, ...}, and the process exits with code 3.
+
+Checkpoints are loaded with `torch.load(weights_only=True)`: the state handed to `checkpoint` /
 `save_checkpoint` may hold tensors, numbers, strings, None and lists/tuples/dicts of them
 (everything a `state_dict()` holds); no numpy arrays or custom classes.
 """
@@ -38,25 +45,30 @@ import json
 import math
 import os
 import random
-import re
 import secrets
 import signal
 import string
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import cli, runfolder
+from common.cli import UsageError, parse_max_time
+from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
+
 __all__ = [
     "ArgParser",
+    "Diverged",
     "Run",
+    "RunFolderError",
     "UsageError",
     "add_run_args",
     "amp_context",
     "backward_and_step",
+    "check_args",
     "cleanup_distributed",
     "distribute",
     "grad_scaler",
@@ -75,78 +87,20 @@ __all__ = [
 ]
 
 PROCESS_START = time.monotonic()  # --max-time counts from here (the import happens at process start)
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
-SUMMARY = "summary.json"
-WANDB_ID = "wandb_id.txt"
 MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
 DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
+EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
 
 
-class UsageError(Exception):
-    """Bad command-line input; `run_main` prints it as one `error: ...` line and exits with 2."""
+class Diverged(Exception):
+    """The run diverged (a non-finite loss, weight or step size); summary.json says so. Exit code 3."""
 
 
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse with errors as one line `error: ...` on stderr (exit code 2), as CONTRACTS.md asks."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
-
-
-_TIME_FORMATS = '"HH:MM:SS", "D-HH:MM:SS", "MM:SS" or a number of seconds'
-
-
-def parse_max_time(text) -> float | None:
-    """--max-time value in seconds: "HH:MM:SS", "D-HH:MM:SS" (SLURM), "MM:SS" or seconds; None when unset."""
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        s = str(text).strip()
-        if s.lower() in ("", "none", "inf", "infinite", "unlimited"):
-            return None
-        days = 0
-        m = re.fullmatch(r"(\d+)-(.+)", s)
-        if m:
-            days, s = int(m.group(1)), m.group(2)
-        parts = s.split(":")
-        try:
-            if m and len(parts) == 1:  # "D-HH" is SLURM too
-                parts.append("0")
-            if len(parts) == 1:
-                seconds = float(parts[0])
-            elif len(parts) in (2, 3):
-                if not all(re.fullmatch(r"\d+(\.\d*)?", p) for p in parts):
-                    raise ValueError
-                nums = [float(p) for p in parts]
-                if any(x >= 60 for x in nums[1:]):
-                    raise ValueError
-                if m and len(nums) == 2:  # "D-HH:MM"
-                    nums.append(0.0)
-                seconds = 0.0
-                for x in nums:
-                    seconds = seconds * 60 + x
-            else:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"--max-time: cannot read {text!r}; use {_TIME_FORMATS}") from None
-        seconds += days * 86400
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"--max-time must be a positive duration, got {text!r}; use {_TIME_FORMATS}")
-    return seconds
+ArgParser = cli.ArgParser  # one-line errors, -1e-3 as a value, non-finite floats refused
 
 
 def require_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
@@ -165,14 +119,21 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="name of the run folder <save-directory>/<run-name> (default: timestamp-random)")
     g.add_argument("--save-directory", default="outputs", help="where run folders are written")
     g.add_argument("--max-time", default=None,
-                   help=f"stop cleanly with a checkpoint after this much wall time: {_TIME_FORMATS}")
+                   help=f"stop cleanly with a checkpoint after this much wall time: {cli.TIME_FORMATS}")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run <save-directory>/<run-name> from its checkpoint (fresh start if none)")
-    g.add_argument("--log-every", type=int, default=100, help="log step sizes every this many optimizer steps")
+                   help="continue the run <save-directory>/<run-name> from its checkpoint (a fresh start if "
+                        "the folder is empty; refused if it holds results but no checkpoint)")
+    g.add_argument("--start-over", action="store_true",
+                   help="delete the results in <save-directory>/<run-name> (checkpoint, metrics, summary) and "
+                        "train from scratch")
+    g.add_argument("--log-every", type=int, default=100,
+                   help="log step sizes (and check for divergence) every this many optimizer steps")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                    help="autocast mixed precision (fp16 adds a gradient scaler)")
+    # tests: once this many optimizer steps are done, rank 0 sends itself SIGTERM (see Run.should_stop)
+    g.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     w = parser.add_argument_group("wandb")
     w.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
     w.add_argument("--wandb-project", default="metaoptimize", help="wandb project")
@@ -180,10 +141,37 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_main(main) -> None:
-    """Call `main()`; bad input (ValueError, UsageError, DatasetError) becomes one `error:` line, exit 2.
+def check_args(args):
+    """Every check of the run and optimizer flags that needs no device, data or model (raises
+    UsageError / ValueError naming the flag); returns `args`.
 
-    Set HARNESS_TRACEBACK=1 to see the full traceback instead. `main()` may return an exit code.
+    Call it at the end of an experiment's `parse_args`: sweep.py checks a sweep's values through
+    that function. `start_run` calls it again for namespaces made elsewhere.
+    """
+    parse_max_time(getattr(args, "max_time", None))
+    if getattr(args, "log_every", 1) < 1:
+        raise UsageError(f"--log-every must be a positive number of steps, got {args.log_every}")
+    name = getattr(args, "run_name", None)
+    if name is not None and (not str(name) or str(name) in (".", "..") or "/" in str(name) or "\\" in str(name)):
+        raise UsageError(f"--run-name must be a plain folder name, got {name!r}")
+    if getattr(args, "resume", False) and name is None:
+        raise UsageError("--resume needs --run-name (the name of the run to continue)")
+    for key, value in vars(args).items():  # a namespace from another parser: nan never makes sense
+        if isinstance(value, float) and math.isnan(value):
+            raise UsageError(f"{cli.flag_name(key)} must be a finite number, got nan")
+    if hasattr(args, "optimizer"):
+        from common.optim_flags import check_optimizer_args
+
+        check_optimizer_args(args)
+    return args
+
+
+def run_main(main) -> None:
+    """Call `main()` and exit with its code (0 when it returns None).
+
+    Bad input (ValueError, UsageError, DatasetError) becomes one `error:` line and exit code 2; a
+    run folder that cannot be used or written (locked, disk full) one `error:` line and exit 1; a
+    diverged run one `error:` line and exit 3. Set HARNESS_TRACEBACK=1 for the full traceback.
     """
     try:
         from common.data import DatasetError
@@ -191,14 +179,17 @@ def run_main(main) -> None:
         DatasetError = UsageError  # noqa: N806
     try:
         code = main()
-    except (ValueError, UsageError, DatasetError) as e:
+    except (ValueError, UsageError, DatasetError, RunFolderError, Diverged) as e:
+        _close_runs()
         if os.environ.get("HARNESS_TRACEBACK"):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(cli.error_line(e) + "\n")
         sys.stderr.flush()
         cleanup_distributed()
-        sys.exit(2)
+        sys.exit(EXIT_DIVERGED if isinstance(e, Diverged) else 1 if isinstance(e, RunFolderError) else 2)
+    except BaseException:
+        _close_runs()
+        raise
     cleanup_distributed(barrier=True)
     sys.exit(int(code or 0))
 
@@ -313,7 +304,8 @@ def training_state(model, optimizer, scheduler, scaler) -> dict:
     and traces), learning-rate schedule and AMP loss scale."""
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None, "scaler": scaler.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
 
 
@@ -323,7 +315,8 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler) -> Non
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
 
 
 def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
@@ -362,62 +355,52 @@ def _to_python(value):
     return value
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write via `write(file)` into a temp file next to `path`, fsync, then os.replace (all or nothing)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """Write via `write(file)` into a temp file next to `path`, fsync, then os.replace (all or nothing).
 
-
-def _atomic_write_json(path: Path, obj) -> None:
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
+    OS errors (a full disk, ...) become RunFolderError with one line naming the file (common/runfolder.py).
+    """
+    runfolder.atomic_write(path, write)
 
 
 def start_run(args, experiment: str) -> Run:
-    """Validate the run flags, seed, pick the device and set up the run (see `Run`).
+    """Check the flags (`check_args`), lock the run folder, seed, pick the device (see `Run`).
 
-    The optimizer flags are checked here too, so a typo fails before any data is downloaded.
+    The run and optimizer flags are checked before anything else, so a typo fails before any data
+    is downloaded; the save directory is checked writable and the run folder locked right after.
     """
-    if hasattr(args, "optimizer"):
-        from common.optim_flags import check_optimizer_args
-
-        check_optimizer_args(args)
+    check_args(args)
     return Run(args, experiment)
+
+
+_ACTIVE: list[Run] = []  # runs of this process that hold their folder
+
+
+def _close_runs() -> None:
+    """Close every run of this process (after an error: lock released, an unused folder removed)."""
+    for run in list(_ACTIVE):
+        with contextlib.suppress(Exception):
+            run.close()
+
+
+# errors rank 0 hits while claiming the folder, raised on every rank (by name, through a broadcast)
+_CLAIM_ERRORS = {cls.__name__: cls for cls in (UsageError, RunFolderError, runfolder.RunLocked, Diverged)}
+# losses and step sizes: a non-finite one of these in a logged record means the run diverged
+_WATCHED = ("loss", "step_size/")
 
 
 class Run:
     """One run: `<save-directory>/<run-name>/` with config.json, metrics.jsonl, checkpoint.pt, summary.json.
 
     Attributes: dir (Path), device, is_main, rank, world_size, local_rank, max_time (s or None),
-    stop_reason (why should_stop() said yes). Only rank 0 writes files and logs to wandb.
+    stop_reason (why should_stop() said yes). Only rank 0 writes files and logs to wandb; every
+    rank calls the same methods at the same steps (they synchronise under DDP).
     """
 
     def __init__(self, args, experiment: str):
         self.args, self.experiment = args, experiment
         self.max_time = parse_max_time(getattr(args, "max_time", None))
         self.log_every = int(getattr(args, "log_every", 100))
-        if self.log_every <= 0:
-            raise UsageError(f"--log-every must be a positive number of steps, got {self.log_every}")
         self.rank, self.world_size, self.local_rank = setup_distributed(args)
         self.is_main = self.rank == 0
         self.device = resolve_device(getattr(args, "device", "auto"))
@@ -426,8 +409,6 @@ class Run:
 
         name = getattr(args, "run_name", None)
         if name is None:
-            if getattr(args, "resume", False):
-                raise UsageError("--resume needs --run-name (the name of the run to continue)")
             # a timestamp plus a random suffix: runs started in the same second get their own folders
             name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             if self.world_size > 1:  # every rank must use rank 0's timestamp
@@ -436,58 +417,123 @@ class Run:
                 box = [name]
                 dist.broadcast_object_list(box, src=0)
                 name = box[0]
-        name = str(name)
-        if not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise UsageError(f"--run-name must be a plain folder name, got {name!r}")
-        args.run_name = name
-        self.name = name
-        self.dir = Path(getattr(args, "save_directory", "outputs")) / name
-        self.resume = bool(getattr(args, "resume", False))
-        if not self.resume and self.is_main:
-            found = [f for f in (CHECKPOINT, SUMMARY) if (self.dir / f).exists()]
-            if (self.dir / METRICS).exists() and (self.dir / METRICS).stat().st_size:
-                found.append(METRICS)
-            if found:
-                raise UsageError(
-                    f"run folder {self.dir} already holds a run ({', '.join(found)}); pass --resume to continue "
-                    f"it, or choose another --run-name / --save-directory"
-                )
-        if getattr(args, "wandb", False) and self.is_main:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
-        seed_everything(int(getattr(args, "seed", 0)))
+        args.run_name = self.name = str(name)
+        self.dir = Path(getattr(args, "save_directory", "outputs")) / self.name
+        self.resume_requested = bool(getattr(args, "resume", False))
+        self._stop_at = getattr(args, "stop_at_step", None)
 
         self._opened = False
+        self._closed = False
         self._metrics_file = None
         self._wandb = None
+        self._lock = None
+        self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
+        self._bars = []  # progress bars
+        self._objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
+        self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
         self._elapsed_before = 0.0  # training seconds of earlier segments of this run (from the checkpoint)
         self._t0 = time.monotonic()
         self._stop_flag = False
         self._stop_calls = 0
         self.stop_reason: str | None = None
+
+        for run in list(_ACTIVE):  # an earlier run of this process on this folder that never closed
+            if run.dir.resolve() == self.dir.resolve():
+                run.close()
+        error = None
+        if self.is_main:
+            try:
+                self._claim_folder()
+            except tuple(_CLAIM_ERRORS.values()) as e:
+                error = e
+        if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
+            import torch.distributed as dist
+
+            box = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = _CLAIM_ERRORS[box[0][0]](box[0][1])
+        if error is not None:
+            self.close()
+            raise error
+        _ACTIVE.append(self)
+
+        if getattr(args, "wandb", False) and self.is_main:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                self.close()
+                raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
+        seed_everything(int(getattr(args, "seed", 0)))
         self._old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError, OSError):  # not the main thread: no handlers
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (nohup, `&` in a script): keep it so
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _claim_folder(self):
+        """Rank 0: create and lock the run folder, clear stale temp files, apply the resume rules."""
+        parent = self.dir.parent
+        missing = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
+        try:
+            if parent.exists() and not parent.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing
+            self._lock = runfolder.RunLock(self.dir)
+            probe = self.dir / f".write-test.{secrets.token_hex(4)}.tmp"
+            probe.write_bytes(b"")  # the lock file may predate a read-only remount: check for real
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"--save-directory {parent}: {runfolder.describe_os_error(e, self.dir)}") from None
+        runfolder.remove_stale_temp_files(self.dir)
+
+        state = runfolder.run_state(self.dir)
+        results = runfolder.has_results(self.dir)
+        if getattr(self.args, "start_over", False):
+            if results:
+                runfolder.remove_results(self.dir)
+                print(f"note: --start-over: removed {', '.join(results)} from {self.dir}", file=sys.stderr)
+        elif state == "diverged" and self.resume_requested:
+            step = (runfolder.read_summary(self.dir) or {}).get("diverged_at_step")
+            raise Diverged(f"--resume: {self.dir} diverged at step {step} (see its summary.json); nothing to "
+                           f"resume. Start another --run-name with other settings, or pass --start-over")
+        elif results and not self.resume_requested:
+            raise UsageError(f"run folder {self.dir} already holds a run ({', '.join(results)}); pass --resume to "
+                             f"continue it, --start-over to discard it, or choose another --run-name / "
+                             f"--save-directory")
+        elif results and CHECKPOINT not in results:
+            raise UsageError(f"--resume: {self.dir} has no {CHECKPOINT} to continue from but holds results "
+                             f"({', '.join(results)}); a fresh start would overwrite them. Pass --start-over to "
+                             f"discard them, or choose another --run-name")
 
     # ---- time and stopping ---------------------------------------------------------------
 
     def _on_signal(self, signum, frame):  # only sets a flag; the loop saves between steps
         self._stop_flag = True
         self.stop_reason = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nCtrl-C: stopping with a checkpoint after this step (press it again to abort)", file=sys.stderr)
 
     def elapsed(self) -> float:
         """Seconds of training so far, over all segments of a resumed run."""
         return self._elapsed_before + time.monotonic() - self._t0
 
-    def should_stop(self) -> bool:
-        """True once --max-time is used up or SIGTERM/SIGUSR1 arrived. No device sync on one process.
+    def should_stop(self, step: int | None = None) -> bool:
+        """True once --max-time is used up or SIGTERM/SIGUSR1/SIGINT arrived. No device sync on one process.
 
-        Under DDP the ranks agree (an all-reduce every DDP_STOP_CHECK_EVERY calls), so call it
-        the same number of times on every rank.
+        `step` (optimizer steps done) serves the hidden test flag --stop-at-step: from that step on,
+        rank 0 sends itself SIGTERM. Under DDP the ranks agree (an all-reduce every
+        DDP_STOP_CHECK_EVERY calls), so call it the same number of times on every rank.
         """
+        if self._stop_at is not None and step is not None and step >= self._stop_at and self.is_main \
+                and not self._stop_flag:
+            if signal.SIGTERM in self._old_handlers:
+                os.kill(os.getpid(), signal.SIGTERM)  # our handler runs before the next bytecode
+            else:  # no handler of ours (not the main thread): only what it would do
+                self._stop_flag, self.stop_reason = True, "SIGTERM"
         if not self._stop_flag and self.max_time is not None and time.monotonic() - PROCESS_START >= self.max_time:
             self._stop_flag = True
             self.stop_reason = f"--max-time {self.args.max_time}"
@@ -504,20 +550,79 @@ class Run:
             self._stop_flag, self.stop_reason = True, "another rank stopped"
         return self._stop_flag
 
+    def stop(self, progress: dict, where: str) -> int:
+        """Stop early: checkpoint (unless one of this step exists), close, say how to continue; returns 0."""
+        if progress.get("step") is None or progress.get("step") != self._checkpoint_step:
+            self.checkpoint(progress)
+        self.close()
+        if self.is_main:
+            print(f"stopped ({self.stop_reason}) {where}; checkpoint saved in {self.dir}; continue with the same "
+                  f"command plus --resume", file=sys.stderr, flush=True)
+        return 0
+
+    # ---- divergence ------------------------------------------------------------------------
+
+    def _check_state(self, optimizer, step) -> dict:
+        """The step sizes as metrics (`step_size/block_i`, or min/median/max for many blocks), after
+        checking that they and the weights are finite (else Diverged). One host sync."""
+        from common.optim_flags import current_step_sizes
+
+        sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
+        many = sizes.numel() > MAX_LOGGED_BLOCKS
+        shown = torch.stack([sizes.min(), sizes.median(), sizes.max()]) if many else sizes
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        finite = torch.stack([torch.isfinite(p.detach()).all().to(sizes.device) for p in params]).all() if params \
+            else torch.ones((), dtype=torch.bool, device=sizes.device)
+        nonfinite_sizes = (~torch.isfinite(sizes)).sum()
+        *values, nonfinite_sizes, weights_finite = torch.cat(
+            [shown, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
+        if nonfinite_sizes:
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            which = f"the step size of block {bad} is {values[bad]}" if not many and bad is not None \
+                else "a step size is not finite"
+            self._diverge(step, f"{which} ({int(nonfinite_sizes)} of {sizes.numel()} blocks)")
+        if not weights_finite:
+            self._diverge(step, "a weight is not finite")
+        if many:
+            return dict(zip(("step_size/min", "step_size/median", "step_size/max"), values))
+        return {f"step_size/block_{i}": v for i, v in enumerate(values)}
+
+    def _check_metrics(self, metrics: dict, step) -> None:
+        for k, v in metrics.items():
+            if any(w in k for w in _WATCHED) and isinstance(v, (int, float)) and not math.isfinite(v):
+                self._diverge(step, f"{k} is {v}")
+
+    def _diverge(self, step, reason: str):
+        """Record the divergence in summary.json, close, raise Diverged (exit code 3 under run_main)."""
+        kept = self._checkpoint_step
+        if self.is_main:
+            self._open()
+            record = {"finished": False, "diverged": True, "diverged_at_step": _to_python(step), "reason": reason,
+                      "checkpoint_step": kept, "wall_time": round(self.elapsed(), 3)}
+            runfolder.write_json(self.dir / SUMMARY, record)
+            if self._wandb is not None:
+                self._wandb.summary.update({"diverged": True, "diverged_at_step": record["diverged_at_step"]})
+        self.close()
+        where = (f"the checkpoint of step {kept} (the last finite state) is kept in {self.dir}" if kept is not None
+                 else f"it diverged before its first checkpoint; see {self.dir / SUMMARY}")
+        raise Diverged(f"diverged at step {step}: {reason}; {where}")
+
     # ---- files ---------------------------------------------------------------------------
 
     def _open(self):
-        """Create the run folder, config.json, metrics.jsonl and the wandb run (rank 0, first write)."""
+        """Create config.json, metrics.jsonl and the wandb run (rank 0, first write)."""
         if self._opened or not self.is_main:
             self._opened = True
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not (self.resume and (self.dir / CONFIG).exists()):
+        if not (self.resume_requested and (self.dir / CONFIG).exists()):
             config = {k: _to_python(v) for k, v in vars(self.args).items()}
             config.update(experiment=self.experiment, command=list(sys.argv),
                           start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-            _atomic_write_json(self.dir / CONFIG, config)
-        self._metrics_file = open(self.dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
+            runfolder.write_json(self.dir / CONFIG, config)
+        try:
+            self._metrics_file = open(self.dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
         if getattr(self.args, "wandb", False):
             self._init_wandb()
         self._opened = True
@@ -541,35 +646,35 @@ class Run:
         self._wandb.define_metric("*", step_metric="step")
 
     def log(self, metrics: dict, step: int) -> None:
-        """One line in metrics.jsonl (with "step" and "time") and one wandb.log; rank 0 only."""
+        """One line in metrics.jsonl (with "step" and "time") and one wandb.log (rank 0).
+
+        A non-finite loss (a key holding "loss") or step size ends the run as diverged (every rank
+        must log the same values then: reduce them over the ranks first, as the experiments do).
+        """
+        metrics = {k: _to_python(v) for k, v in metrics.items()}
+        self._check_metrics(metrics, step)
         if not self.is_main:
             return
         self._open()
-        record = {"step": int(step), "time": round(self.elapsed(), 3)}
-        record.update({k: _to_python(v) for k, v in metrics.items()})
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
+        record = {"step": int(step), "time": round(self.elapsed(), 3), **metrics}
+        try:
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
+        except OSError as e:
+            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
         if self._wandb is not None:
             self._wandb.log(record)
 
     def log_step_sizes(self, optimizer, step: int, extra: dict | None = None) -> bool:
-        """Every --log-every steps: log the step size per block (`step_size/block_i`) plus `extra`.
+        """Every --log-every steps: log the step size per block (`step_size/block_i`) plus `extra`,
+        after checking that the step sizes and weights are finite (else: diverged). Every rank calls it.
 
         More than 64 blocks: `step_size/min`, `step_size/median`, `step_size/max`. Optimizers with
         an lr (the scheduled AdamW baseline) also log `lr`. Returns whether it logged.
         """
         if step % self.log_every:
             return False
-        if not self.is_main:
-            return True
-        from common.optim_flags import current_step_sizes
-
-        sizes = current_step_sizes(optimizer).detach().float()
-        if sizes.numel() > MAX_LOGGED_BLOCKS:
-            values = torch.stack([sizes.min(), sizes.median(), sizes.max()]).tolist()
-            metrics = dict(zip(("step_size/min", "step_size/median", "step_size/max"), values))
-        else:
-            metrics = {f"step_size/block_{i}": v for i, v in enumerate(sizes.tolist())}
+        metrics = self._check_state(optimizer, step)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         if isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
             metrics["lr"] = _to_python(lr)
@@ -584,8 +689,58 @@ class Run:
         self._metrics_file.flush()
         return self._metrics_file.tell()
 
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def resume(self, model, optimizer, scheduler=None, scaler=None) -> dict | None:
+        """Register what a checkpoint holds (see `checkpoint`); with --resume and a checkpoint, load
+        them and return the checkpoint's other entries (the `progress` it was saved with).
+
+        None on a fresh start. A checkpoint that does not fit (other model flags) is one error line.
+        """
+        self._objects = (model, optimizer, scheduler, scaler)
+        state = self.load_checkpoint()
+        if state is None:
+            return None
+        try:
+            load_training_state(state, unwrap(model), optimizer, scheduler, scaler)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
+                             f"the flags the run started with (see {self.dir / CONFIG})") from None
+        return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+
+    def checkpoint(self, progress: dict) -> None:
+        """Save weights, optimizer, schedule and loss scale (registered by `resume`) plus `progress`
+        (what the loop needs to continue; its "step" is the optimizer steps done).
+
+        First checks that weights and step sizes are finite: a diverged state never replaces the
+        last finite checkpoint. Every rank calls it (rank 0 writes).
+        """
+        if self._objects is None:
+            raise RuntimeError("Run.checkpoint: call run.resume(model, optimizer, ...) first")
+        model, optimizer, scheduler, scaler = self._objects
+        self._check_state(optimizer, progress.get("step"))
+        self.save_checkpoint({**training_state(unwrap(model), optimizer, scheduler, scaler), **progress})
+        self._checkpoint_step = progress.get("step")
+
+    @contextlib.contextmanager
+    def checkpoint_on(self, errors, progress):
+        """Inside the block, an exception of type `errors` (e.g. an unreadable data file between
+        steps) first saves a checkpoint with `progress()` (so --resume keeps the steps done), then
+        goes on (its one `error:` line names the file)."""
+        try:
+            yield
+        except errors:
+            self.checkpoint(progress())
+            if self.is_main:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"note: checkpoint of step {self._checkpoint_step} saved in {self.dir}; continue with "
+                           f"the same command plus --resume once the cause is fixed", file=sys.stderr)
+            raise
+
     def save_checkpoint(self, state: dict) -> None:
-        """Atomically write checkpoint.pt: `state` plus RNG states, elapsed time and the metrics offset."""
+        """Atomically write checkpoint.pt: `state` plus RNG states, elapsed time and the metrics offset
+        (no divergence check: `checkpoint` is the method to use in a training loop)."""
         if self.is_main:
             self._open()
             state = dict(state)
@@ -608,20 +763,18 @@ class Run:
     def load_checkpoint(self) -> dict | None:
         """With --resume: the saved state (RNG states restored, metrics.jsonl cut back to the checkpoint).
 
-        None without --resume, or when the run folder has no checkpoint yet (a fresh start).
-        Tensors come back on the CPU; load_state_dict() moves them where they belong.
+        None without --resume, or when the run folder has no checkpoint (a fresh start: the folder
+        holds no results then, see `_claim_folder`). Tensors come back on the CPU.
         """
-        if not self.resume:
+        if not self.resume_requested:
             return None
         path = self.dir / CHECKPOINT
         if not path.exists():
-            if self.is_main and (self.dir / METRICS).exists():  # lines of an attempt that never checkpointed
-                os.truncate(self.dir / METRICS, 0)
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {cli.first_line(e)})") from None
         meta = state.pop("harness", None)
         if meta is None:
             raise UsageError(f"--resume: {path} was not written by common.harness")
@@ -634,6 +787,7 @@ class Run:
         random.setstate(_tuples(meta["rng_python"]))
         self._elapsed_before = float(meta["elapsed"])
         self._t0 = time.monotonic()
+        self._checkpoint_step = state.get("step")
         if self.is_main:
             metrics = self.dir / METRICS
             if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
@@ -647,24 +801,44 @@ class Run:
             saved = json.loads((self.dir / CONFIG).read_text())
         except (OSError, ValueError):
             return
-        skip = {"resume", "max_time", "stop_after_steps", "command", "start_time", "experiment"}
+        skip = {"resume", "start_over", "max_time", "stop_at_step", "command", "start_time", "experiment"}
         changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(self.args).items()
                    if k in saved and k not in skip and _to_python(v) != saved[k]]
         if changed:
             print(f"note: resuming {self.dir} with changed flags: {'; '.join(changed)}", file=sys.stderr)
 
+    # ---- the end -------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Flush and close files and wandb (used after stopping early; `finish` calls it too)."""
+        """Flush and close files and wandb, restore signal handlers, let go of the folder (used after
+        stopping early; `finish` calls it too). A folder this run created and never wrote is removed."""
+        if self._closed:
+            return
+        self._closed = True
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        for bar in self._bars:
+            bar.close()
+        self._bars = []
         if self._metrics_file is not None:
-            self._metrics_file.close()
+            with contextlib.suppress(OSError):
+                self._metrics_file.close()
             self._metrics_file = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        for sig, handler in self._old_handlers.items():
+        for sig, handler in getattr(self, "_old_handlers", {}).items():
             with contextlib.suppress(ValueError, OSError, TypeError):
                 signal.signal(sig, handler)
         self._old_handlers = {}
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        for d in self._made_dirs:  # innermost first; stops at the first folder that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def finish(self, summary: dict) -> None:
         """The run completed: write summary.json {"finished": true, **summary, "wall_time": s}, close."""
@@ -673,7 +847,7 @@ class Run:
             record = {"finished": True}
             record.update({k: _plain(v) for k, v in summary.items()})
             record["wall_time"] = round(self.elapsed(), 3)
-            _atomic_write_json(self.dir / SUMMARY, record)
+            runfolder.write_json(self.dir / SUMMARY, record)
             if self._wandb is not None:
                 for section in ("final", "best"):
                     for k, v in (record.get(section) or {}).items():
@@ -689,8 +863,11 @@ class Run:
         kwargs.setdefault("dynamic_ncols", True)
         kwargs.setdefault("mininterval", 0.5 if tty else 30.0)  # batch logs stay short
         if isinstance(iterable_or_total, int):
-            return tqdm(total=iterable_or_total, desc=desc, **kwargs)
-        return tqdm(iterable_or_total, desc=desc, **kwargs)
+            bar = tqdm(total=iterable_or_total, desc=desc, **kwargs)
+        else:
+            bar = tqdm(iterable_or_total, desc=desc, **kwargs)
+        self._bars.append(bar)  # closed by close(): an error line then starts on a line of its own
+        return bar
 
 
 def _plain(value):

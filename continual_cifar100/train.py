@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without
 import torch
 import torch.nn.functional as F
 
-from common import harness
+from common import harness, runfolder
 from common.data import DatasetError, epoch_generator, load_cifar, normalize, random_crop_flip, split_classes
 from common.models import ContinualCNN
 from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
@@ -93,8 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "<run-name>/seeds_summary.json with mean and std; overrides --seed")
     g.add_argument("--acc-every", type=int, default=ACC_EVERY, help="log online accuracy every this many steps")
     g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, help="batch size of the test evaluation")
-    # for tests: stop as if SIGTERM arrived after this many optimizer steps of this process
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     add_optimizer_args(parser)
     harness.add_run_args(parser)
     parser.set_defaults(log_every=LOG_EVERY, **OPTIMIZER_DEFAULTS)
@@ -107,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_tasks is not None and not 1 <= args.num_tasks <= num_tasks:
         parser.error(f"--num-tasks must be in [1, {num_tasks}] with --classes-per-task {args.classes_per_task}, "
                      f"got {args.num_tasks}")
-    return args
+    return harness.check_args(args)
 
 
 # --------------------------------------------------------------------------------------
@@ -223,9 +220,8 @@ def train(args) -> dict | None:
     loss_sum = torch.zeros((), device=device)  # training loss summed since the last online/acc line
     window = 0  # steps in loss_sum
     history = []  # one record per finished task
-    state = run.load_checkpoint()
+    state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
-        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         step, seen, task_seen, window = state["step"], state["seen"], state["task_seen"], state["window"]
         hits.copy_(state["hits"])
         loss_sum.copy_(state["loss_sum"])
@@ -234,12 +230,9 @@ def train(args) -> dict | None:
     else:
         print(f"{len(tasks)} tasks of {args.classes_per_task} classes (seed {args.seed}): {tasks}", file=sys.stderr)
 
-    def checkpoint():
-        run.save_checkpoint({
-            **harness.training_state(model, optimizer, scheduler, scaler),
-            "step": step, "seen": seen, "task_seen": task_seen,
-            "window": window, "hits": hits, "loss_sum": loss_sum, "history": history,
-        })
+    def progress():  # a checkpoint's entries besides the training state
+        return {"step": step, "seen": seen, "task_seen": task_seen, "window": window, "hits": hits,
+                "loss_sum": loss_sum, "history": history}
 
     def online_record(t):  # reads the device counters: once per log line
         nonlocal window
@@ -250,15 +243,9 @@ def train(args) -> dict | None:
             window = 0
         return record
 
-    def stopping():
-        return run.should_stop() or (args.stop_after_steps is not None and steps_here >= args.stop_after_steps)
-
-    def why_stopped():
-        return run.stop_reason or f"--stop-after-steps {args.stop_after_steps}"
-
     model.train()
     bar = run.progress(total_steps, desc="steps", initial=step)
-    t_log, steps_here, start = time.monotonic(), 0, 0  # `start`: first step of task t
+    t_log, start = time.monotonic(), 0  # `start`: first step of task t
     for t, classes in enumerate(tasks):
         end = start + steps_per_task[t]
         if t < len(history):  # finished before a resume
@@ -274,7 +261,7 @@ def train(args) -> dict | None:
                 train_step(fmodel, optimizer, scaler, xs[lo:hi], ys[lo:hi], hits, loss_sum, args)
                 if scheduler is not None:
                     scheduler.step()
-                step, window, steps_here = step + 1, window + 1, steps_here + 1
+                step, window = step + 1, window + 1
                 seen, task_seen = seen + hi - lo, task_seen + hi - lo
                 if step % args.acc_every == 0:
                     record = online_record(t)
@@ -288,12 +275,9 @@ def train(args) -> dict | None:
                     record = None
                 if not run.log_step_sizes(optimizer, step, extra=record) and record:
                     run.log(record, step)
-                if step < end and stopping():  # at a task's last step, stop after its evaluation
+                if step < end and run.should_stop(step):  # at a task's last step, stop after its evaluation
                     bar.close()
-                    checkpoint()
-                    run.close()
-                    print(f"stopped ({why_stopped()}) at step {step}/{total_steps} (task {t + 1}/{len(tasks)}); checkpoint "
-                          f"saved in {run.dir}; continue with the same command plus --resume", file=sys.stderr)
+                    run.stop(progress(), f"at step {step}/{total_steps} (task {t + 1}/{len(tasks)})")
                     return None
             del xs, ys
 
@@ -302,20 +286,18 @@ def train(args) -> dict | None:
         test_acc = evaluate(fmodel, optimizer, x_test, y_test, args)
         record = online_record(t)
         record.update({"task/train_acc": accuracy(hits[1].item(), task_seen), "task/test_acc": test_acc})
-        history.append(record)
         run.log(record, step)
+        history.append(record)
         bar.update(step - bar.n)
         bar.write(f"task {t + 1}/{len(tasks)} (step {step}): train acc {record['task/train_acc']:.2f}%  test acc "
                   f"{test_acc:.2f}%  online acc {record['online/acc']:.2f}%")
         hits[1].zero_()
         task_seen = 0
         start = end
-        checkpoint()
-        if t + 1 < len(tasks) and stopping():
+        run.checkpoint(progress())
+        if t + 1 < len(tasks) and run.should_stop(step):
             bar.close()
-            run.close()
-            print(f"stopped ({why_stopped()}) after task {t + 1}/{len(tasks)}; checkpoint saved in {run.dir}; "
-                  f"continue with the same command plus --resume", file=sys.stderr)
+            run.stop(progress(), f"after task {t + 1}/{len(tasks)}")
             return None
     bar.close()
 
@@ -338,43 +320,53 @@ def train(args) -> dict | None:
 # --------------------------------------------------------------------------------------
 
 
-def seeds_summary(finals: dict[int, dict]) -> dict:
-    """Mean and standard deviation (n - 1; 0 for one seed) over seeds of every numeric final metric."""
-    keys = [k for k, v in next(iter(finals.values())).items() if isinstance(v, (int, float))]
-    mean = {k: statistics.fmean(f[k] for f in finals.values()) for k in keys}
-    std = {k: statistics.stdev([f[k] for f in finals.values()]) if len(finals) > 1 else 0.0 for k in keys}
-    return {"seeds": list(finals), "mean": mean, "std": std, "per_seed": {str(s): f for s, f in finals.items()}}
+def seeds_summary(finals: dict[int, dict], diverged: dict[int, str] | None = None) -> dict:
+    """Mean and standard deviation (n - 1; 0 for one seed) over the seeds that did not diverge, of
+    every numeric final metric; `diverged` (seed -> why) is listed, never averaged in."""
+    summary = {"seeds": list(finals), "diverged": {str(s): why for s, why in (diverged or {}).items()},
+               "mean": {}, "std": {}, "per_seed": {str(s): f for s, f in finals.items()}}
+    if finals:
+        keys = [k for k, v in next(iter(finals.values())).items() if isinstance(v, (int, float))]
+        summary["mean"] = {k: statistics.fmean(f[k] for f in finals.values()) for k in keys}
+        summary["std"] = {k: statistics.stdev([f[k] for f in finals.values()]) if len(finals) > 1 else 0.0
+                          for k in keys}
+    return summary
 
 
 def train_seeds(args) -> int:
-    """--seeds: one run per seed in <save-directory>/<run-name>/seed<k>/, then seeds_summary.json there."""
+    """--seeds: one run per seed in <save-directory>/<run-name>/seed<k>/, then seeds_summary.json there.
+
+    A seed that diverges is recorded as such and the other seeds still run (exit code 3 at the end)."""
     if args.run_name is None:
-        if args.resume:
-            raise harness.UsageError("--resume needs --run-name (the name of the runs to continue)")
         args.run_name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if not args.run_name or args.run_name in (".", "..") or "/" in args.run_name or "\\" in args.run_name:
-        raise harness.UsageError(f"--run-name must be a plain folder name, got {args.run_name!r}")
     parent = Path(args.save_directory) / args.run_name
-    finals = {}
+    finals, diverged = {}, {}
     for seed in args.seeds:
         sub = copy.copy(args)
         sub.seed, sub.save_directory, sub.run_name = seed, str(parent), f"seed{seed}"
-        done = parent / sub.run_name / harness.SUMMARY
-        if args.resume and done.exists() and json.loads(done.read_text()).get("finished"):
-            finals[seed] = json.loads(done.read_text())["final"]
+        if args.resume and runfolder.run_state(parent / sub.run_name) == "finished":
+            finals[seed] = runfolder.read_summary(parent / sub.run_name)["final"]
             continue
-        final = train(sub)
+        try:
+            final = train(sub)
+        except harness.Diverged as e:
+            print(f"seed {seed}: {e}", file=sys.stderr)
+            diverged[seed] = str(e)
+            continue
         if final is None:
             return 0  # stopped with a checkpoint; rerun with --resume
         finals[seed] = final
-    summary = seeds_summary(finals)
-    harness.atomic_write_bytes(parent / "seeds_summary.json", lambda f: f.write(
-        (json.dumps(summary, indent=2) + "\n").encode()))
-    m, s = summary["mean"], summary["std"]
-    print(f"{len(finals)} seeds {list(finals)}: average online accuracy {m['online/acc']:.2f} +- "
-          f"{s['online/acc']:.2f}%, average end-of-task test accuracy {m['task/test_acc_mean']:.2f} +- "
-          f"{s['task/test_acc_mean']:.2f}% (mean +- std; {parent / 'seeds_summary.json'})")
-    return 0
+    summary = seeds_summary(finals, diverged)
+    runfolder.write_json(parent / "seeds_summary.json", summary)
+    note = f"; diverged (left out): seeds {sorted(diverged)}" if diverged else ""
+    if finals:
+        m, s = summary["mean"], summary["std"]
+        print(f"{len(finals)} seeds {list(finals)}: average online accuracy {m['online/acc']:.2f} +- "
+              f"{s['online/acc']:.2f}%, average end-of-task test accuracy {m['task/test_acc_mean']:.2f} +- "
+              f"{s['task/test_acc_mean']:.2f}% (mean +- std; {parent / 'seeds_summary.json'}){note}")
+    else:
+        print(f"every seed diverged: {sorted(diverged)} ({parent / 'seeds_summary.json'})")
+    return harness.EXIT_DIVERGED if diverged else 0
 
 
 def main(argv=None) -> int:

@@ -25,14 +25,38 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from common.data import DatasetError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DUMMY_CLASSES = 1000
 LAYOUT = "expected <data-dir>/train/<class>/*.JPEG and <data-dir>/val/<class>/*.JPEG, or use --dummy"
 
 
+class UnreadableImage(DatasetError):
+    """An image file that cannot be decoded (truncated, not an image): the message names the file.
+
+    Raised in a DataLoader worker, it reaches the training loop rebuilt from the worker's whole
+    traceback text; the constructor keeps only the original message, so the error stays one line.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 class CheckedImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose layout problems are one ValueError naming the folder and what is missing."""
+    """ImageFolder whose layout problems are one ValueError naming the folder and what is missing,
+    and whose unreadable images are an UnreadableImage naming the file."""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated file, unknown format, ...
+            raise UnreadableImage(f"--data-dir: cannot read image {self.samples[index][0]} "
+                                  f"({type(e).__name__}: {e}); remove or replace it") from None
 
     def find_classes(self, directory):
         if not os.path.isdir(directory):

@@ -13,8 +13,8 @@ divides it over the ranks (DDP; DistributedSampler; metrics summed over the rank
 and saves). A run writes <save-directory>/<run-name>/ (config.json, metrics.jsonl, checkpoint.pt
 every epoch, summary.json at the end). Every --log-every steps: train/loss, train/acc,
 images_per_s, lr, step_size/block_i; every epoch: test/loss, test/acc (top-1, %), test/acc5
-(top-5, %) on val/. SIGTERM/SIGUSR1 or --max-time save a checkpoint at the current batch and
-exit 0; rerun with --resume: a run stopped mid-epoch continues that epoch in the same sample
+(top-5, %) on val/. SIGTERM/SIGUSR1/Ctrl-C or --max-time save a checkpoint at the current batch
+and exit 0; rerun with --resume: a run stopped mid-epoch continues that epoch in the same sample
 order, skipping the batches it has trained on (only random crops and flips are drawn anew).
 """
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ import torchvision
 from data import Normalizer, build_loaders, set_train_position
 
 from common import harness
+from common.data import DatasetError
 from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 # the paper's ImageNet setting (spec section 7); every one is a flag
@@ -76,9 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dummy", action="store_true", help="synthetic images instead of --data-dir (1000 classes)")
     g.add_argument("--dummy-size", type=int, default=DUMMY_SIZE,
                    help="--dummy: training images per epoch (validation: 1/25 of them)")
-    # for tests: print a checksum of the weights on every rank at the end; SIGTERM rank 0 after N steps
+    # for tests: print a checksum of the weights on every rank at the end
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--sigterm-at-step", type=int, default=0, help=argparse.SUPPRESS)
     add_optimizer_args(parser)
     harness.add_run_args(parser)
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
@@ -88,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (ResNet-18 downsamples 32x), got {args.image_size}")
-    return args
+    return harness.check_args(args)
 
 
 def all_reduce_sum(tensor: torch.Tensor, world_size: int) -> list[float]:
@@ -157,9 +155,8 @@ def main(argv=None) -> int:
     epoch, batch, step = 0, 0, 0  # next epoch, next batch within it, optimizer steps done
     sums = torch.zeros(3, device=device)  # this epoch's train loss sum, correct, count (this rank; no sync)
     best, last = {}, {}
-    state = run.load_checkpoint()
+    state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
-        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         if run.is_main:  # saved summed over the ranks
             sums.copy_(state["epoch_sums"])
@@ -169,19 +166,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     net = harness.maybe_compile(harness.distribute(model, device), args)  # training forward; `model` is saved
 
-    def checkpoint():
-        run.save_checkpoint({
-            **harness.training_state(model, optimizer, scheduler, scaler),
-            "epoch": epoch, "batch": batch, "step": step,
-            "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size)), "best": best, "last": last,
-        })
-
-    def stopped(where):
-        run.close()
-        if run.is_main:
-            print(f"stopped ({run.stop_reason}) {where}; checkpoint saved in {run.dir}; continue with the same "
-                  f"command plus --resume", file=sys.stderr)
-        return 0
+    def progress():  # a checkpoint's entries besides the training state (every rank: it reduces the sums)
+        return {"epoch": epoch, "batch": batch, "step": step, "best": best, "last": last,
+                "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size))}
 
     if run.is_main:
         print(f"imagenet: {train_size} training images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
@@ -194,33 +181,31 @@ def main(argv=None) -> int:
         t_epoch = t_log = time.monotonic()
         images_here = 0
         bar = run.progress(steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", initial=batch, leave=False)
-        for images, labels in train:
-            images, labels = normalize(images, labels)
-            with harness.amp_context(args, device):
-                out = net(images)
-                loss = F.cross_entropy(out, labels)
-            harness.backward_and_step(loss, optimizer, scaler, scheduler)
-            step, batch, images_here = step + 1, batch + 1, images_here + len(labels)
-            with torch.no_grad():  # device-side sums, read every --log-every steps
-                sums[0] += loss.detach().float() * len(labels)
-                sums[1] += (out.argmax(1) == labels).sum()
-                sums[2] += len(labels)
-            bar.update()
-            if step % run.log_every == 0:  # every rank: the sums are reduced over the ranks
-                totals = all_reduce_sum(sums, run.world_size)
-                loss_sum, correct, count = (a - b for a, b in zip(totals, logged))
-                now = time.monotonic()
-                record = {"epoch": epoch + batch / steps_per_epoch, "train/loss": loss_sum / count,
-                          "train/acc": 100.0 * correct / count, "images_per_s": count / (now - t_log)}
-                run.log_step_sizes(optimizer, step, extra=record)
-                bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                logged, t_log = totals, now
-            if step == args.sigterm_at_step and run.is_main:
-                os.kill(os.getpid(), signal.SIGTERM)
-            if run.should_stop():
-                bar.close()
-                checkpoint()
-                return stopped(f"at epoch {epoch + 1}, batch {batch}/{steps_per_epoch}")
+        with run.checkpoint_on(DatasetError, progress):  # an unreadable image: keep the steps done
+            for images, labels in train:
+                images, labels = normalize(images, labels)
+                with harness.amp_context(args, device):
+                    out = net(images)
+                    loss = F.cross_entropy(out, labels)
+                harness.backward_and_step(loss, optimizer, scaler, scheduler)
+                step, batch, images_here = step + 1, batch + 1, images_here + len(labels)
+                with torch.no_grad():  # device-side sums, read every --log-every steps
+                    sums[0] += loss.detach().float() * len(labels)
+                    sums[1] += (out.argmax(1) == labels).sum()
+                    sums[2] += len(labels)
+                bar.update()
+                if step % run.log_every == 0:  # every rank: the sums are reduced over the ranks
+                    totals = all_reduce_sum(sums, run.world_size)
+                    loss_sum, correct, count = (a - b for a, b in zip(totals, logged))
+                    now = time.monotonic()
+                    record = {"epoch": epoch + batch / steps_per_epoch, "train/loss": loss_sum / count,
+                              "train/acc": 100.0 * correct / count, "images_per_s": count / (now - t_log)}
+                    run.log_step_sizes(optimizer, step, extra=record)
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                    logged, t_log = totals, now
+                if run.should_stop(step):
+                    bar.close()
+                    return run.stop(progress(), f"at epoch {epoch + 1}, batch {batch}/{steps_per_epoch}")
         bar.close()
 
         train_loss, train_correct, train_count = all_reduce_sum(sums, run.world_size)
@@ -232,15 +217,15 @@ def main(argv=None) -> int:
                 **test, "images_per_s": images_per_s}
         if not best or test["test/acc"] > best["test/acc"]:
             best = {"test/acc": test["test/acc"], "test/acc5": test["test/acc5"], "epoch": epoch}
-        run.log(last, step)
+        run.log(last, step)  # a non-finite loss ends the run as diverged
         if run.is_main:
             bar.write(f"epoch {epoch}/{args.epochs}  train loss {last['train/loss']:.4f} acc {last['train/acc']:.2f}%"
                       f"  val loss {test['test/loss']:.4f} top-1 {test['test/acc']:.2f}% top-5 {test['test/acc5']:.2f}%"
                       f"  ({images_per_s:.0f} img/s)")
         sums.zero_()
-        checkpoint()
-        if epoch < args.epochs and run.should_stop():
-            return stopped(f"after epoch {epoch}")
+        run.checkpoint(progress())
+        if epoch < args.epochs and run.should_stop(step):
+            return run.stop(progress(), f"after epoch {epoch}")
 
     if args.weights_checksum:
         print(f"weights-checksum rank={run.rank} {weights_checksum(model)}\n", end="", flush=True)  # one write: ranks share stdout

@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tinystories"))
 
+from model import ModelArgs, Transformer  # noqa: E402  (tinystories/model.py)
+
 from common.benchmark import interleaved  # noqa: E402
 from common.models import ContinualCNN, cifar_resnet18  # noqa: E402
 from common.optimizers import BASE_RULES, MetaOptimize  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402  (tinystories/model.py)
 
 PAPER_META = dict(normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9)
 PAPER_BASE = dict(weight_decay_base=0.1, normalizer_param_base=0.999, momentum_param_base=0.9, lion_beta2_base=0.9)

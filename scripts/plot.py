@@ -15,6 +15,8 @@ Per experiment (config.json "experiment"), one line per configuration (mean over
 - <exp>_online_acc: the accumulated online accuracy of the continual task against steps, with the
   task switches marked.
 plot_data.json in the output folder holds the numbers behind every figure and the runs they come from.
+Diverged runs (as summarize.py tells them) are left out of the means: each is drawn on its own as a
+dashed line up to its divergence, ending in an x, and the legend says how many diverged.
 """
 
 from __future__ import annotations
@@ -141,12 +143,29 @@ def _add_curve(ax, data: dict, label: str, curve) -> None:
     data["series"].append(_series_record(label, *curve))
 
 
+def _diverged_note(members) -> str:
+    n = sum(r.diverged for r in members)
+    return f" ({n}/{len(members)} diverged)" if n else ""
+
+
 def _add_config_curves(ax, data: dict, groups, keys, metric: str, x: str) -> None:
-    """One curve per configuration: its runs (seeds) averaged."""
+    """One curve per configuration: its runs (seeds) that did not diverge averaged; each diverged
+    run dashed on its own, up to its divergence (an x)."""
     for config, members in groups:
-        curve = mean_curve(members, metric, x)
+        label = method_label(config, keys) + _diverged_note(members)
+        curve = mean_curve([r for r in members if not r.diverged], metric, x)
         if curve is not None:
-            _add_curve(ax, data, method_label(config, keys), curve)
+            _add_curve(ax, data, label, curve)
+        for run in (r for r in members if r.diverged):
+            xs, ys = run.series(metric, x)
+            keep = [(a, b) for a, b in zip(xs, ys) if math.isfinite(b)]
+            if keep:
+                (line,) = ax.plot(*zip(*keep), linestyle="--", linewidth=0.8, alpha=0.7,
+                                  label=None if curve is not None else label)
+                ax.plot(*keep[-1], marker="x", color=line.get_color(), markersize=7)
+                data["series"].append({"label": f"{label}: {run.name}", "runs": [run.name], "diverged": True,
+                                       "x": [a for a, _ in keep], "mean": [b for _, b in keep],
+                                       "std": [0.0] * len(keep)})
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +242,7 @@ def robustness_figures(exp: str, groups, keys) -> dict:
         alpha0 = config.get("alpha0")
         if not isinstance(alpha0, (int, float)) or alpha0 <= 0:
             continue
-        finals = [v for r in members if (v := final_value(r, metric)) is not None]
+        finals = [v for r in members if not r.diverged and (v := final_value(r, metric)) is not None]
         if finals:
             label = method_label({k: v for k, v in config.items() if k != "alpha0"} | {"alpha0": None}, others)
             lines.setdefault(label, []).append((float(alpha0), finals, members))
@@ -238,7 +257,13 @@ def robustness_figures(exp: str, groups, keys) -> dict:
         mean = np.array([np.mean(p[1]) for p in points])
         std = np.array([np.std(p[1], ddof=1) if len(p[1]) > 1 else 0.0 for p in points])
         ax.errorbar(grid, mean, yerr=std, label=label, marker="o", markersize=4, capsize=3)
-        data["series"].append(_series_record(label, grid, mean, std, [r for p in points for r in p[2]]))
+        record = _series_record(label, grid, mean, std, [r for p in points for r in p[2]])
+        record["diverged"] = [sum(r.diverged for r in p[2]) for p in points]  # left out of each point
+        data["series"].append(record)
+        for x, y, p in zip(grid, mean, points):
+            if note := _diverged_note(p[2]):
+                ax.annotate(note.strip(" ()"), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6,
+                            ha="center")
     ax.set_xscale("log")
     ax.legend(fontsize=7)
     return {f"{exp}_alpha0_{metric.replace('/', '_')}": (fig, data)}
@@ -328,10 +353,13 @@ def main(argv=None) -> int:
         if not figures:
             raise InputError("the runs logged nothing to plot (no test/acc, val/loss, train/loss, step sizes or "
                              "online/acc in metrics.jsonl)")
+        written = save_figures(figures, Path(args.out), formats)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    written = save_figures(figures, Path(args.out), formats)
+    except OSError as e:  # --out under a file, not writable, disk full
+        print(f"error: --out {args.out}: cannot write figures there ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"{len(figures)} figures from {len(runs)} runs in {args.out}:")
     for name in figures:
         print(f"  {name}")

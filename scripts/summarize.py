@@ -11,7 +11,8 @@ paths, device, logging); runs that agree on everything else are the seeds of one
 Columns: the configuration keys that differ between rows, the number of runs (finished/all), then
 "final" (the last logged value) and "best" (highest accuracy, lowest loss) of each metric as
 mean +- std over the runs (sample std; blank for one run). Unfinished runs count with what they
-logged so far.
+logged so far. Diverged runs (summary.json says so, or a loss or step size they logged is not
+finite) are left out of the statistics, and every cell of their configuration says how many.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` (cli, runfolder: no torch)
+from common import runfolder  # noqa: E402
+from common.cli import ArgParser, UsageError, error_line  # noqa: E402
+
 # config.json keys that are not part of a configuration (besides any *_dir/_directory/_path/_file key)
 IGNORED_KEYS = {
     "seed", "run_name", "save_directory", "data_dir", "command", "start_time", "resume", "max_time",
     "device", "log_every", "wandb", "wandb_project", "wandb_entity", "workers", "num_workers",
-    "stop_after_steps", "sigterm_at_step", "weights_checksum", "compile",
+    "stop_at_step", "start_over", "weights_checksum", "compile",
 }
 # shared configuration keys named above the table (the others are in config.json)
 SHARED_SHOWN = ["experiment", "optimizer", "alg_base", "alg_meta", "alpha0", "stepsize_groups", "gamma",
@@ -49,7 +54,16 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return bool(self.summary and self.summary.get("finished") is True)
+        return runfolder.summary_state(self.summary) == "finished"
+
+    @property
+    def diverged(self) -> bool:
+        """summary.json says so, or a loss or step size it logged is not finite (runs from before the
+        harness checked this)."""
+        if runfolder.summary_state(self.summary) == "diverged":
+            return True
+        return any(isinstance(v, float) and not math.isfinite(v) and ("loss" in k or k.startswith("step_size/"))
+                   for r in self.metrics for k, v in r.items())
 
     @property
     def experiment(self) -> str:
@@ -66,16 +80,8 @@ class Run:
         return xs, ys
 
 
-class InputError(Exception):
+class InputError(UsageError):
     """Bad input: printed as one `error: ...` line, exit code 2."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `error: ...` (exit code 2)."""
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +162,8 @@ def load_wandb_runs(project: str, api=None) -> list[Run]:
         summary = dict(r.summary) if r.summary is not None else {}
         finished = getattr(r, "state", "") == "finished"
         runs.append(Run(name=f"{project}/{r.id}", config=config, metrics=metrics,
-                        summary={"finished": finished,
+                        summary={"finished": finished and summary.get("diverged") is not True,
+                                 "diverged": summary.get("diverged") is True,
                                  "final": {k: v for k, v in summary.items() if not k.startswith(("_", "best/"))},
                                  "best": {k[5:]: v for k, v in summary.items() if k.startswith("best/")}}))
     if not runs:
@@ -243,7 +250,8 @@ def available_metrics(runs: list[Run]) -> list[str]:
 
 def summarize(runs: list[Run], metrics: list[str] | None = None, extra_ignored=()) -> tuple[list[str], list[dict], dict]:
     """(column keys, rows, configuration shared by every row). Each row: the varying configuration
-    keys, runs, finished, and per metric `final <m>` / `best <m>` as (mean, std, n)."""
+    keys, runs, finished, diverged, and per metric `final <m>` / `best <m>` as (mean, std, n) over
+    the runs that did not diverge."""
     groups = group_runs(runs, extra_ignored)
     metrics = metrics or available_metrics(runs)
     keys = varying_keys([c for c, _ in groups])
@@ -253,9 +261,10 @@ def summarize(runs: list[Run], metrics: list[str] | None = None, extra_ignored=(
         row = {k: config.get(k) for k in keys}
         row["runs"] = len(members)
         row["finished"] = sum(r.finished for r in members)
+        row["diverged"] = sum(r.diverged for r in members)
         for m in metrics:
             for kind, fn in (("final", final_value), ("best", best_value)):
-                values = [v for r in members if (v := fn(r, m)) is not None]
+                values = [v for r in members if not r.diverged and (v := fn(r, m)) is not None]
                 row[f"{kind} {m}"] = (*mean_std(values), len(values))
         rows.append(row)
     return keys, rows, common
@@ -271,12 +280,14 @@ def _fmt(x: float | None, scale: float | None = None) -> str:
     return f"{x:.2f}" if scale >= 1 else f"{x:.4f}"
 
 
-def _cell(value) -> str:
+def _cell(value, diverged: int = 0) -> str:
+    """A statistic's cell; with `diverged` runs in its configuration it says how many were left out."""
     if isinstance(value, tuple):
-        mean, std, _ = value
-        if mean is None:
-            return ""
-        return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std, mean)}"
+        mean, std, n = value
+        text = "" if mean is None else _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std, mean)}"
+        if diverged:
+            text = f"{text} (n={n}; {diverged} diverged)" if text else f"diverged ({diverged})"
+        return text
     if isinstance(value, float):
         return repr(value)
     return "" if value is None else str(value)
@@ -290,9 +301,10 @@ def markdown_table(keys: list[str], rows: list[dict], metrics: list[str]) -> str
         cells = []
         for c in columns:
             if c == "runs":
-                cells.append(f"{row['runs']} ({row['finished']})")
+                diverged = f"; {row['diverged']} diverged" if row["diverged"] else ""
+                cells.append(f"{row['runs']} ({row['finished']}{diverged})")
             else:
-                cells.append(_cell(row[c]).replace("|", "\\|"))
+                cells.append(_cell(row[c], row["diverged"]).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,9 +313,10 @@ def csv_text(keys: list[str], rows: list[dict], metrics: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     stats = [f"{kind} {m}" for m in metrics for kind in ("final", "best")]
-    writer.writerow([*keys, "runs", "finished"] + [f"{s} {part}" for s in stats for part in ("mean", "std", "n")])
+    writer.writerow([*keys, "runs", "finished", "diverged"] + [f"{s} {part}" for s in stats
+                                                                for part in ("mean", "std", "n")])
     for row in rows:
-        cells = [_cell(row[k]) for k in keys] + [row["runs"], row["finished"]]
+        cells = [_cell(row[k]) for k in keys] + [row["runs"], row["finished"], row["diverged"]]
         for s in stats:
             mean, std, n = row[s]
             cells += ["" if mean is None else repr(mean), "" if std is None else repr(std), n]
@@ -334,10 +347,12 @@ def main(argv=None) -> int:
         extra = {k.strip() for k in args.ignore.split(",") if k.strip()}
         keys, rows, common = summarize(runs, metrics, extra)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     text = markdown_table(keys, rows, metrics)
-    print(f"{len(runs)} runs, {len(rows)} configurations; mean ± std over seeds")
+    diverged = sum(r.diverged for r in runs)
+    note = f"; {diverged} diverged (left out of the statistics)" if diverged else ""
+    print(f"{len(runs)} runs, {len(rows)} configurations; mean ± std over seeds{note}")
     shown = [f"{k}={_cell(common[k])}" for k in SHARED_SHOWN if k in common]
     if shown:
         print("shared: " + ", ".join(shown))

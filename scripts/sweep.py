@@ -30,7 +30,7 @@ YAML reads 1e-5 as text (fine for the command line); write 1.0e-5 to get a numbe
 
 Flags are checked against the experiment's own parser (its `parse_args`, else `train.py --help`)
 before anything is written or submitted: an unknown flag or a bad value is one `error:` line.
-sweep.py sets --seed, --run-name, --save-directory, --max-time and --resume itself.
+sweep.py sets --seed, --run-name, --save-directory, --max-time and --resume / --start-over itself.
 
 Preemption and time limits (the sbatch script does this for every task):
 - train.py gets `--max-time` = slurm.time - slurm.stop_margin and stops itself with a checkpoint;
@@ -42,8 +42,10 @@ Preemption and time limits (the sbatch script does this for every task):
   `scancel`, the time limit, preemption: SLURM requeues preempted jobs itself when the cluster's
   PreemptMode says so), a train.py that fails on its own (its exit code is the task's), a task
   restarted slurm.max_restarts times already. The next `submit` resumes such runs from their checkpoint.
-Re-submitting a sweep skips the runs whose folder holds summary.json with "finished": true, and
-refuses while jobs of the same name are still queued (pass --force to submit anyway).
+Re-submitting a sweep skips the runs whose folder holds summary.json with "finished": true or
+"diverged": true, and refuses while jobs of the same name are still queued (pass --force to submit
+anyway). A task without a checkpoint to resume from starts its run over (--start-over): an earlier
+attempt died before its first checkpoint. The sbatch script is scripts/sweep_job.sh filled in.
 Logs: <save_directory>/logs/<run-name>.log (every attempt of the run, appended).
 """
 
@@ -65,6 +67,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `common` (its cli and runfolder modules need no torch)
+from common import runfolder  # noqa: E402
+from common.cli import ArgParser, UsageError, duration_seconds, error_line  # noqa: E402
+
+JOB_TEMPLATE = Path(__file__).with_name("sweep_job.sh")  # the sbatch script, @FIELD@s filled in
+CHECKER = Path(__file__).with_name("sweep_check.py")  # checks the runs with train.py's own parse_args
 
 # sbatch settings; a sweep file's `slurm:` section overrides them
 SLURM_DEFAULTS = {
@@ -93,21 +101,13 @@ NAME_PREFIXES = {
 TOP_LEVEL_KEYS = ("experiment", "name", "save_directory", "fixed", "grid", "configs", "seeds", "run_name", "slurm")
 # flags sweep.py passes itself -> where a sweep file sets them instead
 SET_BY_SWEEP = {"seed": "use `seeds:`", "run-name": "use `run_name:`", "save-directory": "use `save_directory:`",
-                "max-time": "it is slurm.time - slurm.stop_margin", "resume": "every task resumes"}
-FINISHED_FILE = "summary.json"
+                "max-time": "it is slurm.time - slurm.stop_margin", "resume": "every task resumes",
+                "start-over": "a task starts over only when it has no checkpoint"}
 CHECK_TIMEOUT = 300  # s for importing train.py and checking every run's flags
 
 
-class SweepError(Exception):
+class SweepError(UsageError):
     """Bad sweep file or flag: printed as one `error: ...` line, exit code 2."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `error: ...` (exit code 2)."""
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
 
 
 @dataclass
@@ -297,19 +297,7 @@ def resolve_experiment(experiment, path: Path) -> Path:
 
 def slurm_seconds(value) -> int:
     """SLURM time ("D-HH:MM:SS", "D-HH:MM", "D-HH", "HH:MM:SS", "MM:SS", minutes) in seconds."""
-    text = str(value).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not m:
-        raise ValueError(text)
-    days, a, b, c = m.groups()
-    a, b, c = int(a), int(b) if b else None, int(c) if c else None
-    if days is not None:  # D-HH[:MM[:SS]]
-        return int(days) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-    if c is not None:  # HH:MM:SS
-        return a * 3600 + b * 60 + c
-    if b is not None:  # MM:SS
-        return a * 60 + b
-    return a * 60  # minutes
+    return int(duration_seconds(value, bare_unit=60, decimals=False))
 
 
 def check_slurm(slurm, path: Path) -> dict:
@@ -413,55 +401,6 @@ def read_sweep(path, overrides: list[str] = ()) -> Sweep:
 # Checking the flags against the experiment's parser
 # --------------------------------------------------------------------------------------
 
-# Runs in a child process: imports train.py (its imports included, as `python train.py` would),
-# prints the option strings of its parser, then reads a JSON list of argument lists from stdin and
-# parses each with train.py's own `parse_args(argv)`. Without a `parse_args`, it reads `--help`.
-_CHECKER = r"""
-import argparse, contextlib, importlib.util, io, json, pathlib, re, runpy, sys
-path = sys.argv[1]
-sys.path.insert(0, str(pathlib.Path(path).parent))
-sys.argv = [path]
-spec = importlib.util.spec_from_file_location("sweep_checked_train", path)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-parse_args = getattr(module, "parse_args", None)
-
-def parse(argv):
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse_args(argv)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            lines = [l for l in err.getvalue().splitlines() if l.strip()]
-            return lines[-1] if lines else f"exit code {e.code}"
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-options = []
-if callable(parse_args):
-    parsers, original = [], argparse.ArgumentParser.parse_known_args
-    def recording(self, *a, **k):
-        parsers.append(self)
-        return original(self, *a, **k)
-    argparse.ArgumentParser.parse_known_args = recording
-    parse([])
-    argparse.ArgumentParser.parse_known_args = original
-    options = [o for p in parsers for a in p._actions for o in a.option_strings]
-if not options:
-    parse_args, out = None, io.StringIO()
-    sys.argv = [path, "--help"]
-    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):
-        runpy.run_path(path, run_name="__main__")
-    options = sorted(set(re.findall(r"(?<![\w-])--[A-Za-z0-9][\w-]*", out.getvalue())))
-print("SWEEP-OPTIONS " + json.dumps(options), flush=True)
-argvs = json.loads(sys.stdin.readline())
-errors = {i: msg for i, argv in enumerate(argvs) if parse_args and (msg := parse(argv))}
-print("SWEEP-ERRORS " + json.dumps(errors), flush=True)
-"""
-
-
 def _read_tagged(proc: subprocess.Popen, tag: str, err, train: Path) -> object:
     for line in proc.stdout:
         if line.startswith(tag):
@@ -475,7 +414,7 @@ def _read_tagged(proc: subprocess.Popen, tag: str, err, train: Path) -> object:
 def check_flags(sweep: Sweep) -> None:
     """Fill every job's argv; raise SweepError on an unknown flag or a value train.py rejects."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _CHECKER, str(sweep.train)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(CHECKER), str(sweep.train)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True, cwd=Path.cwd())
         timed_out = threading.Event()
         timer = threading.Timer(CHECK_TIMEOUT, lambda: (timed_out.set(), proc.kill()))
@@ -527,18 +466,12 @@ def rel(path: Path) -> str:
 
 def run_finished(run_dir: Path) -> bool:
     """A run is complete when its folder has summary.json with "finished": true (docs/CONTRACTS.md)."""
-    try:
-        return json.loads((Path(run_dir) / FINISHED_FILE).read_text()).get("finished") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return runfolder.is_finished(run_dir)
 
 
 def run_status(run_dir: Path) -> str:
-    if run_finished(run_dir):
-        return "finished"
-    if (Path(run_dir) / "checkpoint.pt").exists():
-        return "checkpoint"
-    return "new"
+    """finished, diverged, checkpoint or new (common/runfolder.py)."""
+    return runfolder.run_state(run_dir)
 
 
 # --------------------------------------------------------------------------------------
@@ -560,30 +493,25 @@ def array_spec(indices: list[int], throttle: int = 0) -> str:
 
 
 def sbatch_script(sweep: Sweep, jobs: list[Job], source: str = "") -> str:
-    """The text of one sbatch script running `jobs` as a job array (task id = job index)."""
+    """The text of one sbatch script running `jobs` as a job array (task id = job index): the
+    template scripts/sweep_job.sh with its @FIELD@s filled in."""
     s = sweep.slurm
     save_dir = sweep.save_dir.resolve()
     logs = save_dir / "logs"
     q = shlex.quote
     max_time = f"{s['time_s'] - s['stop_margin']:.3f}".rstrip("0").rstrip(".")  # seconds
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    lines = [
-        "#!/bin/bash",
+    header = [
         f"# Sweep {sweep.name!r} ({sweep.experiment}): written by scripts/sweep.py from {source or sweep.path} on {now}.",
         f"# {len(sweep.jobs)} runs; this job array runs the {len(jobs)} unfinished ones (task id = run index).",
         "# Resubmit with the same `sweep.py submit` command: finished runs are skipped.",
         f"#SBATCH --job-name={sweep.name}",
         f"#SBATCH --array={array_spec([j.index for j in jobs], s['throttle'])}",
     ]
-    if s["partition"]:
-        lines.append(f"#SBATCH --partition={s['partition']}")
-    if s["account"]:
-        lines.append(f"#SBATCH --account={s['account']}")
-    if s["qos"]:
-        lines.append(f"#SBATCH --qos={s['qos']}")
+    header += [f"#SBATCH --{key}={s[key]}" for key in ("partition", "account", "qos") if s[key]]
     if s["gpus"]:
-        lines.append(f"#SBATCH --gres=gpu:{s['gpus']}")
-    lines += [
+        header.append(f"#SBATCH --gres=gpu:{s['gpus']}")
+    header += [
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={s['cpus_per_task']}",
@@ -594,95 +522,26 @@ def sbatch_script(sweep: Sweep, jobs: list[Job], source: str = "") -> str:
         "#SBATCH --requeue",
         f"#SBATCH --signal=B:USR1@{s['signal_before']}",
         f"#SBATCH --chdir={Path.cwd()}",
+        *(f"#SBATCH {opt}" for opt in s["extra"]),
     ]
-    lines += [f"#SBATCH {opt}" for opt in s["extra"]]
-    lines += [
-        "",
-        "set -u",
-        f"SAVE_DIR={q(str(save_dir))}",
-        f"TRAIN={q(str(sweep.train))}",
-        f"PYTHON={q(s['python'])}",
-        f"MAX_TIME={max_time}  # seconds: --time ({s['time']}) minus stop_margin ({s['stop_margin']} s)",
-        f"MAX_RESTARTS={s['max_restarts']}",
-        "",
-        'case "${SLURM_ARRAY_TASK_ID:?submit this file with sbatch}" in',
-    ]
-    for job in jobs:
-        args = " ".join(q(w) for w in job.argv)
-        lines.append(f"  {job.index}) RUN_NAME={q(job.run_name)}; SEED={job.seed}; ARGS=({args}) ;;")
-    lines += [
-        '  *) echo "sweep: no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;',
-        "esac",
-        "",
-        *s["setup"],
-        BODY,
-    ]
-    return "\n".join(lines)
-
-
-# The part of the sbatch script that is the same for every sweep.
-BODY = r"""
-TASK="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-RUN_DIR="$SAVE_DIR/$RUN_NAME"
-LOG="$SAVE_DIR/logs/$RUN_NAME.log"
-RESTARTS="${SLURM_RESTART_COUNT:-0}"
-mkdir -p "$SAVE_DIR/logs"
-echo "sweep: task $TASK (restart $RESTARTS) runs $RUN_DIR; log: $LOG"
-exec >>"$LOG" 2>&1
-echo "=== $(date '+%F %T') task $TASK on $(hostname), restart $RESTARTS"
-if grep -qs '"finished": *true' "$RUN_DIR/summary.json"; then
-    echo "sweep: $RUN_DIR already finished; nothing to do"
-    exit 0
-fi
-[ -f "$RUN_DIR/checkpoint.pt" ] && echo "sweep: resuming from $RUN_DIR/checkpoint.pt"
-export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1
-
-# USR1 (SLURM's warning before the time limit, or `scancel --batch --signal=USR1`) reaches only this
-# shell: pass it on to train.py, which checkpoints and exits. TERM (`scancel --full --signal=TERM`,
-# scancel, preemption, the time limit) reaches train.py directly; only note it.
-STOP=""
-CHILD=""
-on_usr1() { STOP=USR1; if [ -n "$CHILD" ]; then kill -USR1 "$CHILD" 2>/dev/null; fi; }
-on_term() { STOP=TERM; }
-trap on_usr1 USR1
-trap on_term TERM
-
-CMD=("$PYTHON" "$TRAIN" "${ARGS[@]}" --seed "$SEED" --run-name "$RUN_NAME" --save-directory "$SAVE_DIR" \
-     --max-time "$MAX_TIME" --resume)
-echo "sweep: ${CMD[*]}"
-"${CMD[@]}" &
-CHILD=$!
-[ "$STOP" = USR1 ] && kill -USR1 "$CHILD" 2>/dev/null
-while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done
-wait "$CHILD"
-RC=$?
-echo "sweep: train.py exited with $RC${STOP:+ after SIG$STOP}"
-
-if grep -qs '"finished": *true' "$RUN_DIR/summary.json"; then
-    echo "sweep: $RUN_NAME finished"
-    exit 0
-fi
-if [ "$STOP" = TERM ]; then
-    # `scancel --signal=TERM` leaves the job RUNNING; scancel, the time limit and preemption end it
-    # (COMPLETING): do not undo those (SLURM requeues preempted jobs itself when told to)
-    STATE=$(scontrol show job "$TASK" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*')
-    if [ "$STATE" != JobState=RUNNING ]; then
-        echo "sweep: SIGTERM as the job ends ($STATE): not requeued; the next submit resumes from the checkpoint"
-        exit "$RC"
-    fi
-fi
-if [ -n "$STOP" ] || [ "$RC" -eq 0 ]; then
-    if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
-        echo "sweep: restarted $RESTARTS times already (slurm.max_restarts); giving up"
-        exit 1
-    fi
-    echo "sweep: stopped before the end; requeueing $TASK to resume from the checkpoint"
-    scontrol requeue "$TASK" || echo "sweep: scontrol requeue failed"
-    exit 0
-fi
-echo "sweep: train.py failed (exit $RC); not requeued"
-exit "$RC"
-"""
+    runs = [f"  {job.index}) RUN_NAME={q(job.run_name)}; SEED={job.seed}; "
+            f"ARGS=({' '.join(q(w) for w in job.argv)}) ;;" for job in jobs]
+    lines = {"@HEADER@": header, "@RUNS@": runs, "@SETUP@": list(s["setup"])}
+    fields = {"@SAVE_DIR@": q(str(save_dir)), "@TRAIN@": q(str(sweep.train)), "@PYTHON@": q(s["python"]),
+              "@RUN_STATE@": q(str(REPO / "common" / "runfolder.py")), "@MAX_TIME@": max_time,
+              "@MAX_RESTARTS@": str(s["max_restarts"]), "@TIME@": str(s["time"]), "@STOP_MARGIN@": str(s["stop_margin"])}
+    template = JOB_TEMPLATE.read_text().splitlines()
+    top = next(i for i, line in enumerate(template) if "@HEADER@" in line)  # above: the template's own notes
+    out = [template[0]]
+    for line in template[top:]:
+        marker = next((m for m in lines if m in line), None)
+        if marker:
+            out += lines[marker]
+            continue
+        for name, value in fields.items():
+            line = line.replace(name, value)
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -697,28 +556,32 @@ def prepare(path: str, overrides: list[str]) -> Sweep:
     return sweep
 
 
+ENDED = ("finished", "diverged")  # nothing left to run in these folders
+
+
 def pending_jobs(sweep: Sweep) -> list[Job]:
-    return [job for job in sweep.jobs if not run_finished(sweep.save_dir / job.run_name)]
+    """The runs still to do: not finished, not diverged (rerunning a diverged run would diverge again)."""
+    return [job for job in sweep.jobs if run_status(sweep.save_dir / job.run_name) not in ENDED]
 
 
 def cmd_print(sweep: Sweep, args) -> int:
     todo = pending_jobs(sweep)
     print(f"# sweep {sweep.name} ({rel(sweep.train)}): {len(sweep.jobs)} runs, "
-          f"{len(sweep.jobs) - len(todo)} finished, {len(todo)} to run; save directory {sweep.save_dir}")
+          f"{len(sweep.jobs) - len(todo)} finished or diverged, {len(todo)} to run; save directory {sweep.save_dir}")
     python = shlex.quote(Path(sweep.slurm["python"]).name)
     for job in sweep.jobs:
         status = run_status(sweep.save_dir / job.run_name)
         words = job.command(python, Path(rel(sweep.train)), sweep.save_dir)
         line = " ".join([words[0]] + [shlex.quote(w) for w in words[1:]])
         print(f"# [{job.index}] {job.run_name} ({status})")
-        print(f"# {line}" if status == "finished" else line)
+        print(f"# {line}" if status in ENDED else line)
     return 0
 
 
 def write_script(sweep: Sweep, out: str | None) -> tuple[Path | None, list[Job]]:
     todo = pending_jobs(sweep)
     done = len(sweep.jobs) - len(todo)
-    print(f"sweep {sweep.name}: {len(sweep.jobs)} runs, {done} finished (skipped), {len(todo)} to run",
+    print(f"sweep {sweep.name}: {len(sweep.jobs)} runs, {done} finished or diverged (skipped), {len(todo)} to run",
           file=sys.stderr)
     if not todo:
         return None, todo
@@ -732,7 +595,7 @@ def write_script(sweep: Sweep, out: str | None) -> tuple[Path | None, list[Job]]
 def cmd_write(sweep: Sweep, args) -> int:
     path, _ = write_script(sweep, args.out)
     if path is None:
-        print("nothing to write: every run has finished")
+        print("nothing to write: every run has finished or diverged")
         return 0
     print(path)
     return 0
@@ -755,7 +618,7 @@ def cmd_submit(sweep: Sweep, args) -> int:
                              f"resubmit when they are done, or pass --force")
     path, todo = write_script(sweep, args.out)
     if path is None:
-        print("nothing to submit: every run has finished")
+        print("nothing to submit: every run has finished or diverged")
         return 0
     proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -782,7 +645,7 @@ def main(argv=None) -> int:
         sweep = prepare(args.sweep_file, args.overrides)
         return {"print": cmd_print, "write": cmd_write, "submit": cmd_submit}[args.command](sweep, args)
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

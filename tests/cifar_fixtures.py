@@ -5,6 +5,7 @@
     root = write_fake_cifar10(tmp_path)            # tmp_path/cifar-10-batches-py/{data_batch_1..5,...}
     data = load_cifar("cifar10", root, download=False)
     archive = make_cifar_archive(tmp_path / "src", "cifar10")   # .../cifar-10-python.tar.gz
+    train = load_cifar10_train("my_name")          # cifar10/train.py as a module (main(argv), parse_args)
 
 Files are protocol-2 pickles of dicts with bytes keys (what Python 2's cPickle wrote): data
 batches hold b"batch_label", b"labels" (CIFAR-10) or b"fine_labels" + b"coarse_labels"
@@ -15,6 +16,7 @@ mean colour, so a tiny model can learn them.
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import tarfile
 from pathlib import Path
@@ -123,3 +125,11 @@ def make_cifar_archive(root, name: str) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     return archive
+
+
+def load_cifar10_train(module_name: str):
+    """cifar10/train.py imported as `module_name` (its main(argv) runs in-process: no torch import per run)."""
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "cifar10" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

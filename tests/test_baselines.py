@@ -498,7 +498,7 @@ def test_cifar10_end_to_end(cifar, tmp_path, name):
               "--eval-batch-size", "10", "--num-epochs", "2", "--device", "cpu", "--log-every", "1",
               "--optimizer", name, *E2E[name]]
     assert mod.main([*common, "--run-name", "full"]) == 0
-    assert mod.main([*common, "--run-name", "part", "--stop-after-steps", "3"]) == 0
+    assert mod.main([*common, "--run-name", "part", "--stop-at-step", "3"]) == 0
     assert mod.main([*common, "--run-name", "part", "--resume"]) == 0
 
     lines = [json.loads(x) for x in (out / "full" / "metrics.jsonl").read_text().splitlines()]

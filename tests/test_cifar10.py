@@ -130,7 +130,7 @@ def test_defaults_are_the_papers(train_mod):
         0.0, -1, 0.99, 0.9)
     assert (a.num_epochs, a.batch_size, a.data_dir, a.augment, a.seed, a.save_directory, a.max_time) == (
         60, 100, "./data", False, 0, "outputs", None)
-    assert (a.log_every, a.amp, a.compile, a.wandb, a.resume, a.stop_after_steps) == (
+    assert (a.log_every, a.amp, a.compile, a.wandb, a.resume, a.stop_at_step) == (
         100, "none", False, False, False, None)
     b = train_mod.parse_args(README_COMMAND.split())
     assert (b.run_name, b.max_time) == ("1", "00:05:00")
@@ -154,7 +154,7 @@ def test_help_from_the_cifar10_folder():
     for symbol in ["[kappa]", "[rho]", "[lambda]", "[c]", "[kappa_bar]", "[rho_bar]", "[lambda_bar]", "[c_bar]",
                    "[eta]", "[alpha0]", "[gamma]"]:
         assert symbol in text, symbol
-    assert "--stop-after-steps" not in text  # test-only flag stays hidden
+    assert "--stop-at-step" not in text  # test-only flag stays hidden
 
 
 # ---- training runs ----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_resume_equals_uninterrupted(train_mod, data_dir, tmp_path, opt):
     ckpt = load_ckpt(out / "part")
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 1, 1)
     assert not (out / "part" / "summary.json").exists()
-    assert train_mod.main([*common, "--run-name", "part", "--resume", "--stop-after-steps", "2"]) == 0
+    assert train_mod.main([*common, "--run-name", "part", "--resume", "--stop-at-step", "3"]) == 0
     ckpt = load_ckpt(out / "part")
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 1, 3)
     assert train_mod.main([*common, "--run-name", "part", "--resume"]) == 0

@@ -20,6 +20,7 @@ import pytest
 import torch
 from cifar_fixtures import write_fake_cifar100
 
+from common import harness
 from common.data import split_classes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,10 @@ def test_seeds_summary_mean_and_std():
     assert s["seeds"] == [0, 1] and s["mean"]["online/acc"] == 60.0 and s["mean"]["steps"] == 10
     assert math.isclose(s["std"]["online/acc"], math.sqrt(200)) and s["std"]["steps"] == 0.0
     assert ct.seeds_summary({3: {"online/acc": 5.0}})["std"]["online/acc"] == 0.0
+    s = ct.seeds_summary({0: {"online/acc": 50.0}}, {1: "diverged at step 7: train/loss is nan"})
+    assert s["seeds"] == [0] and s["mean"]["online/acc"] == 50.0 and s["diverged"] == {"1": "diverged at step 7: "
+                                                                                       "train/loss is nan"}
+    assert ct.seeds_summary({}, {0: "x"})["mean"] == {}  # every seed diverged: nothing averaged
 
 
 # --------------------------------------------------------------------------------------
@@ -206,9 +211,9 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     flags = ("--epochs-per-task", "2", "--batch-size", "3", "--stepsize-groups", "last_layer_and_others")
     assert ct.main(small(data_dir, tmp_path, "straight", *flags)) == 0
     # stop mid-epoch (step 2), then at the first task's last step (evaluated before stopping), then finish
-    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-after-steps", 2)) == 0
+    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-at-step", 2)) == 0
     assert not (tmp_path / "cut" / "summary.json").exists()
-    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-after-steps", 4, "--resume")) == 0
+    assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--stop-at-step", 6, "--resume")) == 0
     assert ct.main(small(data_dir, tmp_path, "cut", *flags, "--resume")) == 0
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     assert read_metrics(straight, drop_timing=True) == read_metrics(cut, drop_timing=True)
@@ -250,6 +255,22 @@ def test_seeds_runs_each_seed_and_writes_mean_and_std(data_dir, tmp_path):
     (tmp_path / "five" / "seeds_summary.json").unlink()
     assert ct.main([*args, "--resume"]) == 0
     assert json.loads((tmp_path / "five" / "seeds_summary.json").read_text()) == s
+
+
+def test_diverging_seeds_are_reported_not_averaged(data_dir, tmp_path, capsys):
+    # the report: a huge SGD meta step gives nan step sizes from step 6 (seed 0), 12 (seed 1)
+    args = small(data_dir, tmp_path, "nan", "--seeds", "0,1", "--alg-meta", "SGD", "--meta-stepsize", "1e3")
+    assert ct.main(args) == harness.EXIT_DIVERGED
+    s = json.loads((tmp_path / "nan" / "seeds_summary.json").read_text())
+    assert s["seeds"] == [] and s["mean"] == {} and sorted(s["diverged"]) == ["0", "1"]
+    assert "diverged at step 6: the step size of block 0 is nan" in s["diverged"]["0"]
+    seed1 = json.loads((tmp_path / "nan" / "seed1" / "summary.json").read_text())
+    assert (seed1["diverged"], seed1["finished"], seed1["diverged_at_step"], seed1["checkpoint_step"]) == \
+        (True, False, 12, 8)  # the end of task 1 was the last finite state
+    assert torch.load(tmp_path / "nan" / "seed1" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert "every seed diverged" in capsys.readouterr().out
+    assert ct.main([*args, "--resume"]) == harness.EXIT_DIVERGED  # said again, nothing retrained
+    assert json.loads((tmp_path / "nan" / "seed1" / "summary.json").read_text()) == seed1
 
 
 @pytest.mark.parametrize("flags, needle", [

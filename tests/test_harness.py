@@ -157,7 +157,7 @@ def test_auto_device_and_helpers(tmp_path):
 
 def test_nothing_written_before_first_log(tmp_path):
     run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
-    assert run.dir == tmp_path / "out" / "r" and not run.dir.exists()
+    assert run.dir == tmp_path / "out" / "r" and [p.name for p in run.dir.iterdir()] == [".lock"]  # locked only
     run.log({"epoch": 1, "train/loss": torch.tensor(0.5)}, step=10)
     config = json.loads((run.dir / "config.json").read_text())
     assert config["experiment"] == "x" and config["run_name"] == "r" and config["seed"] == 0
@@ -219,11 +219,11 @@ def test_atomic_checkpoint_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(harness.RunFolderError, match="cannot write .*checkpoint.pt: disk full"):
         run.save_checkpoint({"value": torch.tensor([2.0])})
     monkeypatch.undo()
     assert (run.dir / "checkpoint.pt").read_bytes() == good
-    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in run.dir.iterdir()) == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl"]
     run.close()
 
 
@@ -252,16 +252,23 @@ def test_resume_truncates_metrics_and_restores_rng(tmp_path, capsys):
     run.close()
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
+def test_resume_without_checkpoint_never_destroys_results(tmp_path):
     run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
-    run.log({"train/loss": 1.0}, step=1)  # died before its first checkpoint
+    run.log({"train/loss": 1.0}, step=1)
+    run.finish({"final": {"train/loss": 1.0}})  # a finished run whose checkpoint was deleted (or never written)
+    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
+    with pytest.raises(harness.UsageError, match="no checkpoint.pt to continue from .*--start-over"):
+        harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
+    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before  # untouched, lock released
+    # asked for explicitly: the old results go, a fresh run starts
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume", "--start-over"), "x")
+    assert run.load_checkpoint() is None and sorted(p.name for p in run.dir.iterdir()) == [".lock"]
     run.close()
-    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
-    assert run.load_checkpoint() is None
-    assert (run.dir / "metrics.jsonl").read_text() == ""
-    run.close()
+    # an empty folder, or none: --resume is a fresh start; a folder it made and never used is removed
     run = harness.start_run(make_args(tmp_path, "--run-name", "new", "--resume"), "x")
-    assert run.load_checkpoint() is None and not run.dir.exists()
+    assert run.load_checkpoint() is None
+    run.close()
+    assert not run.dir.exists()
 
 
 def test_resume_rejects_other_experiment_and_garbage(tmp_path):

@@ -134,6 +134,24 @@ def test_wrong_data_dir_exits_with_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written for bad input
 
 
+def test_truncated_jpeg_is_one_error_line_naming_it_and_resumes_once_replaced(tmp_path):
+    folder = write_image_folder(tmp_path / "tiny")
+    bad = folder / "train" / "class3" / "img2.JPEG"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])  # a download cut short
+    args = ["--data-dir", folder, "--save-directory", tmp_path / "out", "--run-name", "r", "--epochs", "1", *SMALL]
+    proc = train(*args, "--workers", "2", check=False)  # the error comes from a loader worker process
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: --data-dir: cannot read image {bad} (OSError: ") and \
+        lines[0].endswith("; remove or replace it"), lines[0]
+    state = torch.load(tmp_path / "out" / "r" / "checkpoint.pt", weights_only=True)  # the steps done are kept
+    assert state["epoch"] == 0 and state["batch"] == state["step"] < 3 and "note: checkpoint of step" in proc.stderr
+    bad.write_bytes(good)
+    train(*args, "--resume")
+    assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["finished"]
+
+
 def test_one_epoch_metaoptimize_logs_top1_top5_and_step_sizes(image_folder, tmp_path):
     proc = train("--data-dir", image_folder, "--save-directory", tmp_path, "--run-name", "hf", "--epochs", "1",
                  "--alg-base", "AdamW", "--alg-meta", "Lion", "--alpha0", "1e-6",
@@ -156,7 +174,7 @@ def test_one_epoch_metaoptimize_logs_top1_top5_and_step_sizes(image_folder, tmp_
 def test_cosine_adamw_epoch_sigterm_and_resume(image_folder, tmp_path):
     args = ["--data-dir", image_folder, "--save-directory", tmp_path, "--run-name", "cos", "--epochs", "2",
             "--optimizer", "AdamW", "--lr", "1e-3", "--warmup-steps", "2", *SMALL, "--workers", "2"]
-    proc = train(*args, "--sigterm-at-step", "4")  # mid-way through epoch 2
+    proc = train(*args, "--stop-at-step", "4")  # mid-way through epoch 2
     assert "stopped (SIGTERM) at epoch 2, batch 1/3" in proc.stderr
     assert not (tmp_path / "cos" / "summary.json").exists()
     state = torch.load(tmp_path / "cos" / "checkpoint.pt", weights_only=True)
@@ -178,7 +196,7 @@ def test_mid_epoch_resume_gives_the_same_weights(tmp_path):
             "--alg-base", "Lion", "--Lion-beta2-base", "0.9", "--momentum-param-base", "0.99", "--alg-meta", "Lion",
             "--stepsize-groups", "resnet18_blocks", *SMALL]
     straight = checksums(train(*args, "--run-name", "a").stdout)
-    train(*args, "--run-name", "b", "--sigterm-at-step", "6")  # 4 steps/epoch: stop in epoch 2
+    train(*args, "--run-name", "b", "--stop-at-step", "6")  # 4 steps/epoch: stop in epoch 2
     resumed = checksums(train(*args, "--run-name", "b", "--resume").stdout)
     assert straight and straight == resumed
     assert [r["step"] for r in read_metrics(tmp_path / "b") if "train/loss" in r and "test/acc" not in r] == \

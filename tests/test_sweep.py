@@ -205,16 +205,44 @@ def test_bad_sweep_file_cli_error_and_nothing_submitted(tmp_path):
     bad_value = write(tmp_path / "value.toml", "experiment = 'cifar10'\nsave_directory = 'out'\n"
                                                "[grid]\nnum-epochs = [2, 'two']\n")
     missing = tmp_path / "missing.yaml"
-    for path, expected in [(unknown, "unknown flag --alpah0 for cifar10/train.py (did you mean --alpha0?)"),
-                           (bad_value, "--num-epochs: invalid int value: 'two'"), (missing, "no such sweep file")]:
-        proc = subprocess.run([sys.executable, str(SCRIPTS / "sweep.py"), "submit", str(path)], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
+    # values only the experiment's own checks know (more in test_sweep_check_uses_the_experiments_own_checks)
+    base = write(tmp_path / "base.yaml", "experiment: cifar10\nsave_directory: out\n"
+                                         "grid: {alg-base: [AdamW, Foo]}\n")
+    ts = write(tmp_path / "ts.yaml", "experiment: tinystories\nsave_directory: out\nfixed: {dropout: 1}\n")
+    cases = [(unknown, "unknown flag --alpah0 for cifar10/train.py (did you mean --alpha0?)"),
+             (bad_value, "--num-epochs: invalid int value: 'two'"), (missing, "no such sweep file"),
+             (base, ("run 1 (Foo_s0): cifar10/train.py rejects its flags: ", "--alg-base", "'Foo'")),
+             (ts, "run 0 (s0): tinystories/train.py rejects its flags: --dropout must be in [0, 1)")]
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "sweep.py"), "submit", str(path)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path, _ in cases]
+    for p, (path, expected) in zip(procs, cases):  # started together: each imports torch to check
+        stdout, stderr = p.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2, proc.stderr
-        assert len(errors) == 1 and str(path.name) in errors[0] and expected in errors[0], proc.stderr
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        assert len(errors) == 1 and str(path.name) in errors[0] and all(e in errors[0] for e in expected), proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not calls.exists(), "sbatch/squeue must not run for a bad sweep file"
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_check_uses_the_experiments_own_checks():
+    """scripts/sweep_check.py runs each run's argv through train.py's parse_args: names and values."""
+    from cifar_fixtures import load_cifar10_train
+
+    check = _load("sweep_check")
+    train = load_cifar10_train("cifar10_train_sweep_check")
+    assert check.rejection(train.parse_args, ["--gamma", "0.5", "--alpha0", "1e-5"]) is None
+    for argv, needle in [(["--gamma", "1.5"], "--gamma"), (["--alg-meta", "Foo"], "'Foo'"),
+                         (["--meta-stepsize", "inf"], "argument --meta-stepsize: must be a finite number, got inf"),
+                         (["--alpha0", "-1e-3"], "must be a positive number, got -0.001"),
+                         (["--num-epochs", "0"], "--num-epochs must be a positive integer"),
+                         (["--max-time", "soon"], "--max-time: cannot read 'soon'")]:
+        message = check.rejection(train.parse_args, argv)
+        assert message and needle in message and "\n" not in message, (argv, message)
+    options = check.OPTION.findall(check.help_text(REPO / "cifar10" / "train.py", train.parse_args))
+    assert "--alpha0" in options and "--stop-at-step" not in options  # hidden test flags are not offered
 
 
 # ---- the sbatch script ----------------------------------------------------------------------
@@ -240,16 +268,30 @@ def test_sbatch_script_text(tmp_path, monkeypatch):
                  "--alpha0 0.001 --alg-base AdamW --alg-meta fixed --stepsize-groups scalar) ;;"]:
         assert line in text.splitlines(), line
     assert "  1) " not in text  # finished: skipped
-    assert '--max-time "$MAX_TIME" --resume' in text and 'scontrol requeue "$TASK"' in text
+    assert '--max-time "$MAX_TIME" "$START"' in text and 'scontrol requeue "$TASK"' in text
+    assert "START=--resume" in text and "START=--start-over" in text  # --resume from a checkpoint, else afresh
     assert "trap on_usr1 USR1" in text and 'kill -USR1 "$CHILD"' in text
     assert text.index("#SBATCH --job-name") < text.index("set -u")  # every #SBATCH line before the first command
-    if shutil.which("bash"):
-        syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
-        assert syntax.returncode == 0, syntax.stderr
+    syntax = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
     # no GPUs, no partition: no such lines
     s.slurm.update(gpus=0, partition=None)
     text = sweep.sbatch_script(s, todo)
     assert "--gres" not in text and "--partition" not in text
+
+
+def test_sbatch_template_and_scripts_pass_shellcheck(tmp_path, monkeypatch):
+    """scripts/sweep_job.sh is a real bash file: shellcheck checks it as it stands and as sweep.py fills it in."""
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "install shellcheck (Debian: apt-get install shellcheck; .ci/run does)"
+    monkeypatch.chdir(tmp_path)
+    s = fill_argv(sweep.read_sweep(write(tmp_path / "demo.yaml", SWEEP_YAML.format(out="o u t"))))
+    s.jobs[0].argv += ["--data-dir", "/path with 'quotes' and $dollars"]
+    script = write(tmp_path / "demo.sbatch", sweep.sbatch_script(s, s.jobs))
+    for path in (sweep.JOB_TEMPLATE, script):
+        proc = subprocess.run([shellcheck, "--shell=bash", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+    assert not re.search(r"@[A-Z_]+@", script.read_text())  # every field filled in
 
 
 def test_print_lists_runs_and_commands(tmp_path, monkeypatch, capsys):
@@ -259,7 +301,7 @@ def test_print_lists_runs_and_commands(tmp_path, monkeypatch, capsys):
     write(s.save_dir / s.jobs[1].run_name / "checkpoint.pt", "x")
     assert sweep.cmd_print(s, None) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("# sweep demo (cifar10/train.py): 12 runs, 1 finished, 11 to run")
+    assert out[0].startswith("# sweep demo (cifar10/train.py): 12 runs, 1 finished or diverged, 11 to run")
     assert out[1] == "# [0] AdamW_fixed_a0.001_scalar_s0 (finished)"
     assert re.match(r"# python\S* cifar10/train.py ", out[2]) and out[3] == "# [1] AdamW_fixed_a0.001_scalar_s1 (checkpoint)"
     assert re.match(r"python\S* cifar10/train.py --num-epochs 2 ", out[4]) and out[4].endswith(
@@ -393,9 +435,9 @@ def test_summarize_groups_seeds_mean_std(cifar_runs, tmp_path, capsys):
     assert "| Adam | 1e-06 | scalar | 3 (3) | 32.00 ± 2.00 | 32.00 ± 2.00 |" in out
     assert "| fixed | 1e-05 | scalar | 3 (2) | 6.67 ± 0.58 | 6.67 ± 0.58 |" in out
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == ("alg_meta,alpha0,stepsize_groups,runs,finished,final test/acc mean,final test/acc std,"
-                        "final test/acc n,best test/acc mean,best test/acc std,best test/acc n")
-    assert any(line.startswith("Adam,1e-06,scalar,3,3,32.0,2.0,3,") for line in lines[1:]) and len(lines) == 5
+    assert lines[0] == ("alg_meta,alpha0,stepsize_groups,runs,finished,diverged,final test/acc mean,"
+                        "final test/acc std,final test/acc n,best test/acc mean,best test/acc std,best test/acc n")
+    assert any(line.startswith("Adam,1e-06,scalar,3,3,0,32.0,2.0,3,") for line in lines[1:]) and len(lines) == 5
 
 
 def test_summarize_default_metrics_single_run_and_errors(tmp_path, capsys):
@@ -581,7 +623,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     f = tiny_sweep(tmp_path / "grid.yaml", fake_cifar, "grid", epochs=2, grid="{alpha0: [1.0e-4, 1.0e-3]}")
     proc = submit(slurm, tmp_path, f)
     job = proc.stdout.strip()
-    assert re.fullmatch(r"\d+", job) and "4 runs, 0 finished (skipped), 4 to run" in proc.stderr
+    assert re.fullmatch(r"\d+", job) and "4 runs, 0 finished or diverged (skipped), 4 to run" in proc.stderr
     states = slurm.wait_done(job, timeout=600)
     out = (tmp_path / "out" / "grid").resolve()
     names = ["a0.0001_s0", "a0.0001_s1", "a0.001_s0", "a0.001_s1"]
@@ -589,7 +631,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     assert sorted(states) == [f"{job}_{i}" for i in range(4)] and set(states.values()) == {"COMPLETED"}, (states, logs)
     for n in names:
         assert sweep.run_finished(out / n), logs[n]
-        assert f"--run-name {n} --save-directory {out} --max-time 540 --resume" in logs[n]
+        assert f"--run-name {n} --save-directory {out} --max-time 540 --start-over" in logs[n]  # nothing to resume
 
     table = run_script(slurm, tmp_path, SCRIPTS / "summarize.py", out, "--csv", tmp_path / "table.csv")
     assert table.returncode == 0, table.stderr
@@ -617,7 +659,7 @@ def test_cluster_sweep_table_figures_and_resubmit(slurm, fake_cifar, tmp_path):
     before = all_jobs(slurm)
     again = run_script(slurm, tmp_path, SCRIPTS / "sweep.py", "submit", f)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stderr
-    assert "4 runs, 4 finished (skipped), 0 to run" in again.stderr
+    assert "4 runs, 4 finished or diverged (skipped), 0 to run" in again.stderr
     assert all_jobs(slurm) == before
     print(f"\ncluster 2x2 sweep + summarize + plot + resubmit: {time.monotonic() - t0:.0f} s")
 

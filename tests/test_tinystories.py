@@ -241,7 +241,9 @@ def test_vocab_and_pretokenized_shards(data_dir):
     assert sp.vocab_size() == VOCAB
     bins = sorted((data_dir / f"tok{VOCAB}").glob("*.bin"))
     assert [b.name for b in bins] == [f"data{k:02d}.bin" for k in range(NUM_SHARDS)]
-    assert not list((data_dir / f"tok{VOCAB}").glob("*.tmp"))
+    assert not list((data_dir / f"tok{VOCAB}").glob("*.tmp")) and not list(data_dir.glob(".tok*"))
+    manifest = json.loads((data_dir / f"tok{VOCAB}" / "manifest.json").read_text())  # written last
+    assert manifest["tokens"] == {b.name: b.stat().st_size // 2 for b in bins} and manifest["vocab_size"] == VOCAB
     stories = json.loads((data_dir / "TinyStories_all_data" / "data01.json").read_text())
     tokens = np.fromfile(bins[1], dtype=np.uint16)
     assert (tokens == sp.bos_id()).sum() == len(stories) and tokens[0] == sp.bos_id()
@@ -274,17 +276,36 @@ def test_pretokenize_with_an_existing_tokenizer(data_dir, tmp_path):
         assert (d / f"tok{VOCAB}" / name).read_bytes() == (data_dir / f"tok{VOCAB}" / name).read_bytes()
 
 
-def test_worker_error_fails_pretokenize(data_dir, tmp_path):
+def test_failed_pretokenize_leaves_nothing_train_py_accepts(data_dir, tmp_path):
     d = tmp_path / "data"
     shutil.copytree(data_dir / "TinyStories_all_data", d / "TinyStories_all_data")
     shutil.copy(data_dir / f"tok{VOCAB}.model", d)
     (d / "TinyStories_all_data" / "data02.json").write_text('[{"story": "fine"}, {"no_story": 1}]')
     proc = py("prepare", "pretokenize", "--data-dir", d, "--vocab-size", VOCAB, "--workers", 2, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "data02.json" in lines[0] and "KeyError" in lines[0] and "no_story" not in proc.stdout
-    assert not (d / f"tok{VOCAB}" / "data02.bin").exists()
+    assert "data02.json" in lines[0] and 'entry 1 has no "story" text' in lines[0]
+    assert sorted(p.name for p in d.iterdir()) == ["TinyStories_all_data", f"tok{VOCAB}.model"]  # no partial set
+    # a set whose pretokenize was killed (files, no manifest) or lost a file is refused, naming what to rerun
+    prep = load("prepare")
+    partial = d / f"tok{VOCAB}"
+    shutil.copytree(data_dir / f"tok{VOCAB}", partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="without manifest.json .* run `python tinystories/prepare.py pretokenize"):
+        prep.TokenShards(d, VOCAB, "train")
+    shutil.copy(data_dir / f"tok{VOCAB}" / "manifest.json", partial)
+    (partial / "data03.bin").write_bytes((partial / "data03.bin").read_bytes()[:100])  # half written
+    with pytest.raises(ValueError, match="data03.bin has 50 tokens, not .* incomplete"):
+        prep.TokenShards(d, VOCAB, "train")
+    proc = py("train", "--data-dir", d, *TINY, "--max-iters", 1, "--save-directory", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and error_lines(proc.stderr)[-1].startswith("error: --vocab-size 100: "), proc.stderr
+    # a good set survives a failed rerun, and a killed run's temp folder is cleared by the next one
+    shutil.copy(data_dir / f"tok{VOCAB}" / "data03.bin", partial)
+    (d / f".tok{VOCAB}.partial-1").mkdir()
+    proc = py("prepare", "pretokenize", "--data-dir", d, "--vocab-size", VOCAB, "--workers", 1, check=False)
+    assert proc.returncode == 2 and not (d / f".tok{VOCAB}.partial-1").exists()
+    assert len(prep.TokenShards(d, VOCAB, "train").files) == NUM_SHARDS - 1
 
 
 def test_prepare_bad_input_is_one_error_line(tmp_path):
@@ -348,8 +369,8 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, extra):
     common = ["--data-dir", data_dir, *TINY, "--max-iters", 8, "--eval-every", 3, "--eval-iters", 2,
               "--save-directory", tmp_path, *extra]
     py("train", *common, "--run-name", "whole")
-    stopped = py("train", *common, "--run-name", "parts", "--stop-at", 5)
-    assert "stopped" in stopped.stdout and not (tmp_path / "parts" / "summary.json").exists()
+    stopped = py("train", *common, "--run-name", "parts", "--stop-at-step", 5)
+    assert "stopped (SIGTERM) at step 5/8" in stopped.stderr and not (tmp_path / "parts" / "summary.json").exists()
     assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == 5
     py("train", *common, "--run-name", "parts", "--resume")
     a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("whole", "parts"))
@@ -403,6 +424,32 @@ def test_bad_input_is_one_error_line_and_writes_nothing(data_dir, tmp_path):
         lines = error_lines(proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_resume_checkpoint_and_shard_are_one_error_line(trained, data_dir, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = py("train", "--data-dir", data_dir, *TINY, "--dim", 64, "--max-iters", 30, "--save-directory", tmp_path,
+              "--run-name", "tiny", "--resume", check=False)  # another model size than the checkpoint's
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and lines[-1].startswith("error: --resume: ") and "does not fit" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and {p.name: p.read_bytes() for p in run.iterdir()} == before
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000])  # truncated
+    for args, needle in ((["--run-dir", run], "error: --checkpoint: cannot read"),
+                         (["--run-dir", trained, "--temperature", "nan"], "error: argument --temperature: must be a finite")):
+        proc = py("sample", *args, check=False)
+        lines = error_lines(proc.stderr)
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(needle), proc.stderr
+    d = tmp_path / "data"
+    shutil.copytree(data_dir / "TinyStories_all_data", d / "TinyStories_all_data")
+    (d / "TinyStories_all_data" / "data01.json").write_text('{"stories": []}')  # not the shard schema
+    proc = py("prepare", "train_vocab", "--data-dir", d, "--vocab-size", VOCAB, check=False)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and "data01.json: expected a JSON list" in lines[0], proc.stderr
+    (d / "TinyStories_all_data" / "data01.json").write_text('[{"story": "cut')  # not JSON
+    proc = py("prepare", "train_vocab", "--data-dir", d, "--vocab-size", VOCAB, check=False)
+    assert proc.returncode == 2 and "data01.json: not a JSON shard" in error_lines(proc.stderr)[0], proc.stderr
 
 
 def test_bfloat16_and_clipping_run(data_dir, tmp_path):

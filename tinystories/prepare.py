@@ -8,12 +8,12 @@
 Layout under --data-dir (default data/tinystories):
   TinyStories_all_data.tar.gz, TinyStories_all_data/data00.json .. data49.json (lists of {"story": ...}),
   tok<V>.model (the tokenizer of vocabulary size V), tok<V>/data00.bin .. (uint16 tokens, each story
-  starts with BOS). Shard 0 is the validation split; the others are training data.
+  starts with BOS) and tok<V>/manifest.json (token count per file, written last: train.py reads only
+  a complete set). Shard 0 is the validation split; the others are training data.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.cli import ArgParser
 from common.download import DownloadError, download, extract_tar
 
 # -----------------------------------------------------------------------------
@@ -38,6 +39,7 @@ ARCHIVE_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd76
 SHARDS_DIR = "TinyStories_all_data"
 VOCAB_SHARDS = 10  # training shards whose stories the tokenizer is trained on
 VOCAB_SENTENCES = 200_000  # lines sentencepiece samples from them
+MANIFEST = "manifest.json"  # written last into tok<V>/: {"tokens": {"data00.bin": count, ...}, ...}
 # -----------------------------------------------------------------------------
 
 
@@ -68,8 +70,18 @@ def load_tokenizer(path):
 
 
 def read_stories(shard: Path) -> list[str]:
-    with open(shard, encoding="utf-8") as f:
-        examples = json.load(f)
+    """The stories of one JSON shard; ValueError naming the file when it is not in the TinyStories format."""
+    try:
+        with open(shard, encoding="utf-8") as f:
+            examples = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{shard}: not a JSON shard ({e})") from None
+    bad = next((i for i, ex in enumerate(examples) if not (isinstance(ex, dict) and isinstance(ex.get("story"), str))),
+               None) if isinstance(examples, list) else -1
+    if bad is not None:
+        where = "the top level is not a list" if bad < 0 else f"entry {bad} has no \"story\" text"
+        raise ValueError(f"{shard}: expected a JSON list of {{\"story\": text, ...}} objects (the "
+                         f"TinyStories_all_data format); {where}")
     return [ex["story"].strip() for ex in examples]
 
 
@@ -145,13 +157,13 @@ def tokenize_shard(shard: str, model_file: str, out_dir: str) -> tuple[str, int]
         chunks.append(np.fromiter(itertools.chain.from_iterable([bos, *x] for x in ids), dtype=np.uint16))
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
     out = Path(out_dir) / (Path(shard).stem + ".bin")
-    tmp = out.with_suffix(".bin.tmp")
-    tokens.tofile(tmp)
-    os.replace(tmp, out)
-    return Path(shard).name, int(tokens.size)
+    tokens.tofile(out)
+    return out.name, int(tokens.size)
 
 
 def cmd_pretokenize(args) -> None:
+    """Tokenize every shard into a temporary folder, write its manifest, then rename it to tok<V>/:
+    a failed or killed run leaves nothing that train.py would read."""
     model_file = Path(args.tokenizer) if args.tokenizer else tokenizer_path(args.data_dir, args.vocab_size)
     sp = load_tokenizer(model_file)
     vocab = sp.vocab_size()
@@ -161,45 +173,82 @@ def cmd_pretokenize(args) -> None:
         raise ValueError(f"--tokenizer: {model_file} has no BOS token")
     shards = shard_paths(args.data_dir)
     out_dir = tokens_dir(args.data_dir, vocab)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    own = tokenizer_path(args.data_dir, vocab)
-    if model_file.resolve() != own.resolve():  # keep a copy where train/sample look for it
-        shutil.copyfile(model_file, own)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    tmp.mkdir(parents=True)
     workers = max(1, min(args.workers or os.cpu_count() or 1, len(shards)))
     print(f"pretokenizing {len(shards)} shards with {model_file} ({vocab} tokens), {workers} workers -> {out_dir}")
-    total = 0
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(tokenize_shard, str(s), str(model_file), str(out_dir)): s for s in shards}
-        with tqdm(total=len(futures), desc="pretokenize", unit="shard") as bar:
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    exc = fut.exception()
-                    if exc is not None:
-                        for other in pending:
-                            other.cancel()
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise RuntimeError(f"pretokenize failed on {futures[fut]}: {type(exc).__name__}: {exc}")
-                    total += fut.result()[1]
-                    bar.update(1)
-    print(f"wrote {total:,} tokens ({len(shards)} .bin files; {shards[0].stem}.bin is the validation split)")
+    counts = {}
+    try:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(tokenize_shard, str(s), str(model_file), str(tmp)): s for s in shards}
+            with tqdm(total=len(futures), desc="pretokenize", unit="shard") as bar:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        exc = fut.exception()
+                        if exc is not None:
+                            for other in pending:
+                                other.cancel()
+                            pool.shutdown(wait=True, cancel_futures=True)
+                            if isinstance(exc, ValueError):  # a malformed shard: it names the file
+                                raise ValueError(str(exc))
+                            raise RuntimeError(f"pretokenize failed on {futures[fut]}: {type(exc).__name__}: {exc}")
+                        name, count = fut.result()
+                        counts[name] = count
+                        bar.update(1)
+        manifest = {"vocab_size": vocab, "tokenizer": str(model_file), "tokens": dict(sorted(counts.items()))}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        own = tokenizer_path(args.data_dir, vocab)
+        if model_file.resolve() != own.resolve():  # keep a copy where train/sample look for it
+            shutil.copyfile(model_file, tmp / own.name)
+            os.replace(tmp / own.name, own)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {sum(counts.values()):,} tokens ({len(shards)} .bin files; {shards[0].stem}.bin is the "
+          f"validation split) to {out_dir}")
 
 
 # -----------------------------------------------------------------------------
 # batches for training (used by train.py)
 
 
+def complete_token_files(data_dir, vocab_size: int) -> list[Path]:
+    """The .bin files of tok<V>/, checked against the manifest pretokenize writes last (every file
+    there, of the size it recorded); ValueError saying what to rerun otherwise."""
+    folder = tokens_dir(data_dir, vocab_size)
+    rerun = f"run `python tinystories/prepare.py pretokenize --vocab-size {vocab_size}`"
+    try:
+        counts = json.loads((folder / MANIFEST).read_text())["tokens"]
+    except FileNotFoundError:
+        found = "missing" if not folder.exists() else f"without {MANIFEST} (an unfinished pretokenize?)"
+        raise ValueError(f"--vocab-size {vocab_size}: the pretokenized data {folder} is {found}; {rerun}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--vocab-size {vocab_size}: unreadable {folder / MANIFEST} ({e}); {rerun}") from None
+    files = [folder / name for name in sorted(counts)]
+    for f in files:
+        size = f.stat().st_size if f.exists() else None
+        if size != 2 * counts[f.name]:
+            what = "is missing" if size is None else f"has {size // 2} tokens, not {counts[f.name]}"
+            raise ValueError(f"--vocab-size {vocab_size}: {f} {what}: the pretokenized set is incomplete; {rerun}")
+    if len(files) < 2:
+        raise ValueError(f"--vocab-size {vocab_size}: need at least 2 pretokenized shards in {folder} "
+                         f"(found {len(files)}: shard 0 is validation); download more shards, then {rerun}")
+    return files
+
+
 class TokenShards:
     """Memory-mapped uint16 token shards of one split; random windows of seq_len + 1 tokens."""
 
     def __init__(self, data_dir, vocab_size: int, split: str):
-        folder = tokens_dir(data_dir, vocab_size)
-        files = sorted(folder.glob("data*.bin"))
-        if len(files) < 2:
-            raise ValueError(f"--vocab-size {vocab_size}: need at least 2 pretokenized shards in {folder} "
-                             f"(found {len(files)}); run `python tinystories/prepare.py pretokenize "
-                             f"--vocab-size {vocab_size}` first")
+        files = complete_token_files(data_dir, vocab_size)
         files = files[:1] if split == "val" else files[1:]
         self.arrays = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
         self.files = files
@@ -222,7 +271,7 @@ class TokenShards:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{download,train_vocab,pretokenize}")
     p = sub.add_parser("download", help="download and unpack the TinyStories_all_data archive")
     p.add_argument("--url", default=URL)

@@ -15,6 +15,7 @@ from model import ModelArgs, Transformer, describe
 from prepare import load_tokenizer, tokenizer_path
 
 from common import harness
+from common.cli import first_line
 
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
@@ -50,11 +51,18 @@ def load_model(path, device) -> tuple[Transformer, dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--checkpoint: no file {path} (train.py writes <save-directory>/<run-name>/checkpoint.pt)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model_args" not in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint at all, ...: torch raises many types
+        raise ValueError(f"--checkpoint: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
+    if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
         raise ValueError(f"--checkpoint: {path} is not a tinystories/train.py checkpoint")
-    model = Transformer(ModelArgs(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = Transformer(ModelArgs(**state["model_args"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--checkpoint: {path} does not hold a model this sample.py can build "
+                         f"({first_line(e)})") from None
     return model.to(device).eval(), state
 
 

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict
 
@@ -92,11 +93,12 @@ def parse_args(argv=None):
     m.add_argument("--multiple-of", type=int, help="SwiGLU hidden width rounds up to a multiple of this")
     m.add_argument("--dropout", type=float)
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)  # tests: print per rank
-    g.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # tests: act as if signalled
     harness.add_run_args(parser)
     add_optimizer_args(parser)
     parser.set_defaults(**DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks, known before they connect
+    return harness.check_args(args)
 
 
 def check_args(args, world_size: int):
@@ -166,7 +168,6 @@ def weights_checksum(model, optimizer) -> str:
 def main():
     args = parse_args()
     run = harness.start_run(args, "tinystories")
-    check_args(args, run.world_size)
     device = run.device
     train_data = TokenShards(args.data_dir, args.vocab_size, "train")
     val_data = TokenShards(args.data_dir, args.vocab_size, "val")
@@ -180,19 +181,15 @@ def main():
     scaler = harness.grad_scaler(args, device)
 
     step, best, last = 0, {}, {}
-    state = run.load_checkpoint()
+    state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
-        harness.load_training_state(state, model, optimizer, scheduler, scaler)
         step, best, last = state["step"], state["best"], state["last"]
     net = harness.maybe_compile(harness.distribute(model, device), args)
     net.train()
 
-    def checkpoint():
-        run.save_checkpoint({
-            **harness.training_state(model, optimizer, scheduler, scaler),
-            "step": step, "best": best, "last": last,
-            "model_args": asdict(model_args), "data_dir": str(args.data_dir),
-        })
+    def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args)
+        return {"step": step, "best": best, "last": last, "model_args": asdict(model_args),
+                "data_dir": str(args.data_dir)}
 
     accum = args.grad_accum // run.world_size  # micro-batches on this rank per step
     first_micro = run.rank * accum  # global index of this rank's first micro-batch
@@ -249,24 +246,16 @@ def main():
         if step % args.eval_every == 0 or step == args.max_iters:
             with eval_weights(optimizer):
                 last = estimate_loss(model, {"train": train_data, "val": val_data}, args, run)
-            if not math.isfinite(last["val/loss"]) and run.is_main:
-                print(f"warning: validation loss is {last['val/loss']} at step {step}", flush=True)
+            run.log(last, step)  # a non-finite loss ends the run as diverged
             if last["val/loss"] <= best.get("val/loss", math.inf):
                 best = dict(last)
-            run.log(last, step)
             if run.is_main:
                 bar.write(f"step {step}: train loss {last['train/loss']:.4f}, val loss {last['val/loss']:.4f}")
-            checkpoint()
+            run.checkpoint(progress())
             t_log = time.monotonic()  # tokens/s counts training time only
-        if run.should_stop() or step == args.stop_at:
-            if step % args.eval_every and step != args.max_iters:  # not just saved
-                checkpoint()
+        if run.should_stop(step):
             bar.close()
-            if run.is_main:
-                print(f"stopped ({run.stop_reason or '--stop-at'}) at step {step}/{args.max_iters}; "
-                      f"checkpoint in {run.dir}; continue with --resume", flush=True)
-            run.close()
-            return 0
+            return run.stop(progress(), f"at step {step}/{args.max_iters}")
     bar.close()
     if args.weights_checksum:
         print(f"weights-checksum rank={run.rank} {weights_checksum(model, optimizer)}\n", end="", flush=True)  # one write: ranks share stdout

@@ -1,0 +1,288 @@
+"""Run-folder rules (docs/CONTRACTS.md), standard library only: the harness writes by them,
+sweep.py, summarize.py and plot.py read by them (without importing torch).
+
+- file names, and what `summary.json` says: `run_state(dir)` is "finished", "diverged",
+  "checkpoint" (can resume) or "new";
+- one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder);
+- atomic writes with the user's umask (`atomic_write`), and removal of the temp files that a
+  killed writer leaves (`remove_stale_temp_files`);
+- OS errors as one line that says what happened and where (`describe_os_error`).
+
+    python common/runfolder.py state RUN_DIR     # prints finished, diverged, checkpoint or new
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+WANDB_ID = "wandb_id.txt"
+LOCK = ".lock"
+RESULT_FILES = (SUMMARY, CHECKPOINT, METRICS, CONFIG, WANDB_ID)  # a fresh start removes them, in this order
+SAME_TASK_WAIT = 120  # s a requeued SLURM task waits for its own earlier attempt to let go of the lock
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ".<file>.<8 random chars>.tmp"
+
+
+class RunFolderError(Exception):
+    """The run folder cannot be used or written (locked, unwritable, disk full): one line, exit 1."""
+
+
+class RunLocked(RunFolderError):
+    """Another process holds the run folder's lock."""
+
+
+# --------------------------------------------------------------------------------------
+# What a run folder holds
+# --------------------------------------------------------------------------------------
+
+
+def read_summary(run_dir) -> dict | None:
+    """summary.json as a dict; None when missing or unreadable (a run that has not ended)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def summary_state(summary: dict | None) -> str | None:
+    """"diverged" or "finished" for a summary.json's contents; None for a run that has not ended."""
+    if not isinstance(summary, dict):
+        return None
+    if summary.get("diverged") is True:
+        return "diverged"
+    if summary.get("finished") is True:
+        return "finished"
+    return None
+
+
+def run_state(run_dir) -> str:
+    """"finished" (summary.json says so), "diverged" (stopped on a non-finite loss, weight or step
+    size), "checkpoint" (can resume) or "new"."""
+    state = summary_state(read_summary(run_dir))
+    if state:
+        return state
+    return "checkpoint" if (Path(run_dir) / CHECKPOINT).exists() else "new"
+
+
+def is_finished(run_dir) -> bool:
+    return run_state(run_dir) == "finished"
+
+
+def has_results(run_dir) -> list[str]:
+    """The files of `run_dir` that a fresh start would lose (summary, checkpoint, non-empty metrics)."""
+    run_dir = Path(run_dir)
+    found = [f for f in (SUMMARY, CHECKPOINT) if (run_dir / f).exists()]
+    with contextlib.suppress(OSError):
+        if (run_dir / METRICS).stat().st_size:
+            found.append(METRICS)
+    return found
+
+
+def remove_results(run_dir) -> None:
+    """Delete what an earlier run left (summary first: a half-done removal never claims "finished")."""
+    for name in RESULT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(run_dir) / name).unlink()
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def describe_os_error(e: OSError, path) -> str:
+    """One line for an OSError on `path`: what happened (the disk is full, ...) and where."""
+    what = {
+        errno.ENOSPC: "no space left on device (the disk is full)",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a file of that name is in the way",
+    }.get(e.errno, e.strerror or str(e))
+    return f"cannot write {path}: {what}"
+
+
+def disk_is_full(path, margin: int = 1 << 20) -> bool:
+    """True when the file system of `path` has less than `margin` bytes left for this user."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path, write) -> None:
+    """Write via `write(binary_file)` into a temp file next to `path`, fsync, os.replace: all or nothing.
+
+    The file gets the user's umask (0644 with the usual 022). On an OSError the temp file is removed
+    and RunFolderError says what happened (the disk is full, ...) and where; other errors pass
+    through (after the temp file is removed). A SIGKILL can still leave the temp file:
+    `remove_stale_temp_files` clears those at the next start.
+    """
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        # a full disk may surface as another error (torch: "unexpected pos ..."): look before freeing it
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and disk_is_full(path.parent)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) or full:
+            cause = e if isinstance(e, OSError) else OSError(errno.ENOSPC, "disk full")
+            raise RunFolderError(describe_os_error(cause, path)) from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path, obj) -> None:
+    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temp_files(run_dir) -> list[Path]:
+    """Delete the temp files of writes that never finished (a SIGKILL mid-checkpoint). Call it
+    only while holding the folder's lock: a live writer's temp file looks the same."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(run_dir):
+            if entry.is_file(follow_symlinks=False) and _TEMP.match(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+# --------------------------------------------------------------------------------------
+# One writer per folder
+# --------------------------------------------------------------------------------------
+
+
+def _slurm_task() -> str | None:
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def describe_holder(holder: dict | None) -> str:
+    if not holder:
+        return "another process"
+    text = f"pid {holder.get('pid')} on {holder.get('host')}"
+    if holder.get("slurm_task"):
+        text += f" (SLURM job {holder['slurm_task']})"
+    if holder.get("since"):
+        text += f", since {holder['since']}"
+    return text
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held until `release()` or the process ends (a killed
+    holder never leaves a stale lock: the kernel drops it). The lock file names its holder.
+
+    A second process gets RunLocked at once, except a requeued attempt of the same SLURM task,
+    which waits up to SAME_TASK_WAIT s for its earlier attempt to exit. On a file system without
+    locks (some parallel file systems), the folder is used unlocked with a note on stderr.
+    """
+
+    def __init__(self, run_dir):
+        import fcntl
+
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+        me = _slurm_task()
+        deadline = time.monotonic() + SAME_TASK_WAIT
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    print(f"note: cannot lock {self.path} ({e.strerror}); make sure only one process "
+                          f"writes {run_dir}", file=sys.stderr)
+                    return
+                if me and holder and holder.get("slurm_task") == me and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                raise RunLocked(f"run folder {run_dir} is in use by {describe_holder(holder)}; one run "
+                                f"folder has one writer: wait until that run ends, or choose another "
+                                f"--run-name / --save-directory") from None
+            # the holder we waited for may have removed the file: hold the one on disk
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_task": _slurm_task(),
+                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        """Remove the lock file and let go (safe to call twice)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "state":
+        print("usage: python common/runfolder.py state RUN_DIR", file=sys.stderr)
+        return 2
+    print(run_state(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
