@@ -6,7 +6,10 @@ and the baselines' protocols; spec section 7), not from the sweep files: a sweep
 from the paper fails here.
 """
 
+import glob
 import importlib.util
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -135,3 +138,197 @@ def test_sweep_file_expands_to_the_papers_runs(name):
             assert f.get("meta-stepsize") == 1e-3, job.run_name
             assert f.get("gamma") == (0.999 if name == "continual_cifar100" else 1.0), job.run_name
     assert sorted(got) == expected
+
+
+# ---- scripts/paper.py and the figures, from run folders generated for every sweep ---------------
+
+paper = _load("paper")
+summarize = _load("summarize")
+plot = _load("plot")
+
+BLOCK_COUNT = {"resnet18_blocks": 6, "last_layer_and_others": 2}
+
+
+def _config(experiment: str, flags: dict, seed: int, run_name: str, save_dir: Path) -> dict:
+    """config.json as the harness writes it: every parsed flag (argparse dest names), defaults included."""
+    import argparse
+
+    from common.optimizers import add_optimizer_args
+
+    argv = [w for k, v in flags.items() for w in sweep.flag_args(k, v)]
+    defaults, _ = add_optimizer_args(argparse.ArgumentParser()).parse_known_args(argv)
+    config = {**vars(defaults), **{k.replace("-", "_"): v for k, v in flags.items()}}
+    return {**config, "experiment": experiment, "seed": seed, "run_name": run_name,
+            "save_directory": str(save_dir), "command": [f"{experiment}/train.py", *argv]}
+
+
+def _records(experiment: str, config: dict, seed: int) -> list[dict]:
+    """Metrics shaped like each experiment's (docs/CONTRACTS.md), different per configuration."""
+    moves = config["optimizer"] != "HF" or config["alg_meta"] != "fixed"
+    blocks = BLOCK_COUNT.get(config["stepsize_groups"], 1) if config["optimizer"] == "HF" else 1
+    alpha = config["alpha0"] if config["optimizer"] == "HF" else 1e-3
+    quality = (hash(json.dumps(config, sort_keys=True, default=str)) % 1000) / 100 + seed  # a per-config offset
+    records, step = [], 0
+    if experiment == "continual_cifar100":
+        for task in range(3):
+            for k in range(1, 5):
+                step += 1
+                r = {"step": step, "time": step, "task": task, "online/acc": 10 + quality + step,
+                     **{f"step_size/block_{b}": alpha * (1 + 0.1 * step * moves * (b + 1)) for b in range(blocks)}}
+                if k == 4:
+                    r.update({"task/train_acc": 50.0 + task, "task/test_acc": 40.0 + task + quality})
+                records.append(r)
+        return records
+    if experiment == "tinystories":
+        for step in (10, 20, 30):
+            records.append({"step": step, "time": step, "train/loss": 5 - step / 10 + quality / 100,
+                            "step_size/block_0": alpha * (1 + step * moves)})
+            records.append({"step": step, "time": step, "train/loss": 5 - step / 10, "val/loss": 5.5 - step / 10
+                            + quality / 100})
+        return records
+    for epoch in (1, 2, 3):
+        for _ in range(2):
+            step += 1
+            records.append({"step": step, "time": step,
+                            **{f"step_size/block_{b}": alpha * (1 + 0.1 * step * moves * (b + 1)) for b in range(blocks)}})
+        r = {"step": step, "time": step, "epoch": epoch, "train/loss": 2 / epoch, "train/acc": 20 * epoch + quality,
+             "test/loss": 2.5 / epoch, "test/acc": 18 * epoch + quality}
+        if experiment == "imagenet":
+            r["test/acc5"] = 40 * epoch / 1.5 + quality
+        records.append(r)
+    return records
+
+
+@pytest.fixture(scope="module")
+def paper_outputs(tmp_path_factory):
+    """Run folders of every sweep file, where and as its runs write them (cwd-relative outputs/...)."""
+    root = tmp_path_factory.mktemp("paper")
+    for path in SWEEP_FILES.values():
+        s = sweep.read_sweep(path)
+        save_dir = root / s.save_dir
+        for job in s.jobs:
+            run = save_dir / job.run_name
+            run.mkdir(parents=True)
+            config = _config(s.experiment, job.flags, job.seed, job.run_name, save_dir)
+            records = _records(s.experiment, config, job.seed)
+            (run / "config.json").write_text(json.dumps(config))
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (run / "summary.json").write_text(json.dumps({"finished": True, "final": records[-1], "best": {}}))
+    return root
+
+
+def _run_command(command: str, figures: Path, capsys) -> None:
+    words = shlex.split(command.replace("{figures}", str(figures)))
+    assert words[0] == "python3" and words[1].startswith("scripts/"), command
+    script = {"scripts/plot.py": plot, "scripts/summarize.py": summarize, "scripts/paper.py": paper}[words[1]]
+    argv = [m for w in words[2:] for m in (sorted(glob.glob(w)) if "*" in w else [w])]
+    assert script.main(argv) == 0, (command, capsys.readouterr().err)
+
+
+def test_every_figure_and_table_is_indexed_and_every_sweep_used():
+    assert [i.number for i in paper.FIGURES] == list(range(1, 12))
+    assert [i.number for i in paper.TABLES] == list(range(1, 6))
+    used = {n for item in paper.ITEMS for n in (*item.sweeps, *item.tuning)}
+    assert used == set(SWEEP_FILES)
+    for item in paper.ITEMS:
+        for command in item.commands:
+            assert command.startswith("python3 scripts/"), command
+            if "plot.py" in command:
+                assert f"--name {item.kind.lower()}{item.number}_" in command  # files named after the figure
+
+
+def test_paper_index_and_one_figure_print_their_commands(capsys):
+    assert paper.main([]) == 0
+    out = capsys.readouterr().out
+    for item in paper.ITEMS:
+        assert f"{item.label}: " in out
+    assert "cifar10_combinations.yaml (36 runs)" in out and "imagenet_lr_free.yaml (12 runs)" in out
+    assert paper.main(["--figure", "5", "--set", "slurm.partition=gpu", "--figures-dir", "figs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "python3 scripts/sweep.py submit scripts/sweeps/imagenet_lr_free.yaml --set slurm.partition=gpu" in lines
+    assert any(line.startswith("python3 scripts/plot.py") and "--out figs" in line for line in lines)
+    assert paper.main(["--table", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| HF | SGDm | Adam | resnet18_blocks | 0.9 | - | 0.1 | - | 0.9 | 0.999 | - | 1e-06 | 0.001 | 1 |" in table
+    with pytest.raises(SystemExit) as e:
+        paper.main(["--figure", "12"])
+    assert e.value.code == 2 and "the paper has no Figure 12" in capsys.readouterr().err
+
+
+def test_every_figure_command_draws_its_figure_from_the_runs(paper_outputs, tmp_path, monkeypatch, capsys):
+    """Every plot and summarize command of the index, on run folders laid out as the sweeps write them."""
+    monkeypatch.chdir(paper_outputs)
+    figures = tmp_path / "figures"
+    for item in paper.ITEMS:
+        for command in item.commands:
+            if "bench_overhead" in command:
+                continue  # tests/test_bench_overhead.py
+            _run_command(command, figures, capsys)
+    data = json.loads((figures / "plot_data.json").read_text())
+    names = {w.split()[0] for item in paper.FIGURES for c in item.commands if "plot.py" in c
+             for w in c.split("--name ")[1:]}
+    # step-sizes draws one figure per configuration, each named <name>_<configuration>
+    assert {n for n in data if not n.startswith("figure10_")} == names - {n for n in names if "figure10" in n}
+    assert sorted(n for n in data if n.startswith("figure10_")) == [
+        "figure10_imagenet_step_sizes_AdamW_Lion_resnet18_blocks", "figure10_imagenet_step_sizes_AdamW_Lion_scalar",
+        "figure10_imagenet_step_sizes_Lion_Lion_resnet18_blocks", "figure10_imagenet_step_sizes_Lion_Lion_scalar",
+        "figure10_imagenet_step_sizes_SGDm_Lion_scalar", "figure10_tinystories_step_sizes_AdamW_Adam",
+        "figure10_tinystories_step_sizes_AdamW_Lion", "figure10_tinystories_step_sizes_Lion_Lion"]
+    for name in data:
+        for fmt in ("png", "pdf"):
+            assert (figures / f"{name}.{fmt}").stat().st_size > 1000, name
+
+    def labels(panel):
+        return [s["label"] for s in panel["series"]]
+
+    # Figure 1: a panel per base update, each with its fixed step, scalar and blockwise MetaOptimize
+    f1 = data["figure1_cifar10_test_acc"]
+    assert [p["title"] for p in f1["panels"]] == ["AdamW", "Lion", "RMSProp", "SGDm"]
+    assert [len(p["series"]) for p in f1["panels"]] == [3, 3, 3, 3]
+    assert all(len(s["runs"]) == 3 for p in f1["panels"] for s in p["series"])  # 3 seeds each
+    # Figure 2: four alpha0 curves and the fixed-step Lion reference; final accuracy against alpha0
+    curves, finals, steps = data["figure2_cifar10_alpha0"]["panels"]
+    assert len(curves["series"]) == 5 and "Lion fixed α=0.0001" in labels(curves)
+    assert finals["series"][0]["x"] == [1e-9, 1e-8, 1e-7, 1e-6] and len(steps["series"]) == 4
+    assert finals["references"][0]["label"] == "Lion fixed α=0.0001"
+    # Figure 3: the six blocks of (SGDm, Adam)
+    assert labels(data["figure3_cifar10_sgdm_adam_step_sizes"]) == [f"block {b}" for b in range(6)]
+    # Figure 5: the best of each grid (DoG's r_eps, Mechanic's s_init per base, the cosine peak)
+    f5 = labels(data["figure5_imagenet_lr_free"])
+    assert sum(label.startswith("DoG") for label in f5) == 1 and sum("Mechanic" in label for label in f5) == 3
+    assert sum("cosine" in label for label in f5) == 1 and not any("resnet18_blocks" in label for label in f5)
+    assert len(f5) == 5 + 1 + 1 + 1 + 3 + 1  # 5 scalar MetaOptimize/fixed, cosine, DoG, Prodigy, Mechanic x3, gdtuo
+    # Figure 7: online accuracy with task switches, and the end-of-task test accuracy over tasks 1..3
+    online, task = data["figure7_continual_cifar100"]["panels"]
+    assert online["task_switches"] == [4, 8] and len(task["series"]) == 3 and task["series"][0]["x"] == [1, 2, 3]
+    # Figure 8: six block panels, the four blockwise combinations in each
+    f8 = data["figure8_cifar10_block_step_sizes"]["panels"]
+    assert [p["title"] for p in f8] == [f"block {b}" for b in range(6)] and all(len(p["series"]) == 4 for p in f8)
+    # Figure 9: top-1 test and train, top-5 test; the best cosine peak only
+    top1, top5 = data["figure9_imagenet_top1_top5"]["panels"]
+    assert len(top1["series"]) == 2 * 8 and len(top5["series"]) == 8
+    # Figure 11: every grid point on its own line
+    assert sum(label.startswith("DoG") for label in labels(data["figure11_tinystories_train_loss"])) == 4
+
+
+def test_plot_kinds_auto_mode_and_clear_errors(paper_outputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(paper_outputs)
+    out = str(tmp_path / "f")
+    assert plot.main(["outputs/imagenet", "--out", out, "--formats", "png"]) == 0
+    assert "imagenet_top1_top5" in json.loads((tmp_path / "f" / "plot_data.json").read_text())
+    capsys.readouterr()
+    bad = [
+        (["outputs/tinystories", "--kind", "top1-top5"], "no run logged test/acc5"),
+        (["outputs/imagenet", "--kind", "task-end"], "no run logged task/test_acc"),
+        (["outputs/cifar10_baselines", "--kind", "alpha0"], "needs MetaOptimize runs with at least two alpha0"),
+        (["outputs/cifar10_baselines", "--kind", "block-panels"], "no configuration logged moving step sizes"),
+        (["outputs/imagenet", "--kind", "curves", "--where", "alg_base"], "expected KEY=VALUE"),
+        (["outputs/imagenet", "--kind", "curves", "--where", "alg_base=Adagrad"], "--where alg_base=Adagrad: no run"),
+        (["outputs/imagenet", "--kind", "curves", "--metric", "val/loss"], "--metric val/loss: none of the 10 runs"),
+        (["outputs/imagenet", "--kind", "curves", "--name", "a/b"], "--name 'a/b'"),
+        (["outputs/imagenet", "--name", "x"], "give --kind too"),
+    ]
+    for argv, message in bad:
+        assert plot.main([*argv, "--out", out]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after tqdm's progress lines
+        assert err.startswith("error: ") and message in err, (argv, err)

@@ -448,7 +448,8 @@ def test_plot_picks_the_figures_the_runs_support(cifar_runs, tmp_path, capsys):
     expected = {"cifar10_test_acc", "cifar10_train_loss", "cifar10_alpha0_test_acc",
                 "cifar10_step_sizes_AdamW_Adam_alpha0=1e-06_scalar", "cifar10_step_sizes_AdamW_Adam_alpha0=1e-05_scalar",
                 "cifar10_step_sizes_AdamW_Adam_alpha0=1e-06_resnet18_blocks",
-                "continual_cifar100_online_acc", "continual_cifar100_step_sizes_AdamW_Adam",
+                "continual_cifar100_online_acc", "continual_cifar100_task_test_acc",
+                "continual_cifar100_step_sizes_AdamW_Adam",
                 "tinystories_val_loss"}
     assert set(data) == expected  # no step-size figure for fixed steps
     for name in expected:
