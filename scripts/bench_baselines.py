@@ -185,7 +185,7 @@ def bench_set(key: str, args, device) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method (after 2 warm-up rounds)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="parameter sets")

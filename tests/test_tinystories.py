@@ -287,6 +287,21 @@ def test_worker_error_fails_pretokenize(data_dir, tmp_path):
     assert not (d / f"tok{VOCAB}" / "data02.bin").exists()
 
 
+def test_download_tokenizer_checks_and_installs_it(data_dir, tmp_path):
+    """download_tokenizer: by default Llama 2's tokenizer (pinned URL, size and sha256); here a file:// URL."""
+    model = data_dir / f"tok{VOCAB}.model"
+    d = tmp_path / "data"
+    out = py("prepare", "download_tokenizer", "--data-dir", d, "--url", model.as_uri(), "--sha256", sha256(model),
+             "--size", model.stat().st_size).stdout
+    assert (d / f"tok{VOCAB}.model").read_bytes() == model.read_bytes()  # where pretokenize/train look for it
+    assert f"pretokenize --vocab-size {VOCAB}" in out
+    # by default the size and checksum are Llama 2's: another file is refused, and nothing is installed
+    bad = py("prepare", "download_tokenizer", "--data-dir", tmp_path / "bad", "--url", model.as_uri(), check=False)
+    lines = error_lines(bad.stderr)
+    assert bad.returncode == 1 and len(lines) == 1 and "expected 499723" in lines[0], bad.stderr
+    assert not list((tmp_path / "bad").glob("tok*.model"))
+
+
 def test_prepare_bad_input_is_one_error_line(tmp_path):
     for args in (["train_vocab", "--vocab-size", 100], ["pretokenize", "--vocab-size", 100],
                  ["train_vocab", "--vocab-size", 70000]):
