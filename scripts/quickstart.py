@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=at_least(1), default=HIDDEN_SIZE, help="width of the MLP's hidden layer")
     p.add_argument("--save-directory", default=SAVE_DIRECTORY, help="folder for the figure, CSV, JSON and table")
     p.add_argument("--threads", type=at_least(1), default=THREADS, help="torch CPU threads")
+    p.add_argument("--record", default=None, metavar="STEM",
+                   help="also record the table and timings as STEM.md + STEM.json, with date, command and machine "
+                        "(e.g. results/quickstart)")
     # the same names, meanings and -1 = unset convention as common.optimizers.add_optimizer_args
     g = p.add_argument_group("optimizer (the MetaOptimize arm; the fixed arm uses the same base with --alg-meta fixed)")
     g.add_argument("--alg-base", default=ALG_BASE, help="base update: SGD, SGDm, RMSProp, AdamW, Lion")
@@ -352,17 +355,29 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.save_directory, exist_ok=True)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     data = load_data()
     grid = [(m, a, s) for m in args.methods for a in args.alphas for s in args.seeds]
     runs = [train_one(data, args, m, a, s) for m, a, s in tqdm(grid, desc="runs", unit="run")]
     table = summarize(runs, args.alphas, args.methods)
     text = format_table(table, args)
     print(text)
-    wall_time = time.time() - start
+    wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
     write_numbers(runs, table, text, args, wall_time)
     plot(runs, table, args)
-    print(f"wrote {args.save_directory}/quickstart.{{png,pdf,csv,json}} and table.txt ({wall_time:.1f} s for data and training)")
+    print(f"wrote {args.save_directory}/quickstart.{{png,pdf,csv,json}} and table.txt ({wall_time:.1f} s for data and "
+          f"training, {cpu_time:.1f} s of CPU)")
+    if args.record:
+        from common.benchmark import write_results
+
+        paths = write_results(
+            args.record, title="Offline quick start (scripts/quickstart.py)", table=f"```\n{text}\n```",
+            raw={"summary": table, "wall_time_s": wall_time, "cpu_time_s": cpu_time, "runs": len(runs)},
+            argv=args.argv,
+            notes=[f"{len(runs)} runs ({len(args.methods)} methods x {len(args.alphas)} initial step sizes x "
+                   f"{len(args.seeds)} seeds, {args.num_epochs} epochs each) in {wall_time:.1f} s of wall time and "
+                   f"{cpu_time:.1f} s of CPU time ({args.threads} torch thread(s)), data loading and training."])
+        print(f"recorded {paths[0]} and {paths[1]}")
     return table
 
 

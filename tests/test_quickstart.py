@@ -55,11 +55,15 @@ def test_reduced_grid_writes_table_figure_and_numbers(tmp_path):
 
 def test_methods_flag_chooses_the_arms(tmp_path):
     proc = run_script("--alphas", "1e-3", "--seeds", "1", "--num-epochs", "1", "--methods", "fixed,prodigy",
-                      "--save-directory", str(tmp_path))
+                      "--save-directory", str(tmp_path), "--record", str(tmp_path / "rec" / "qs"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "quickstart.json").read_text())
     assert list(result["summary"]) == ["fixed", "prodigy"] and len(result["runs"]) == 2
     assert (tmp_path / "quickstart.png").stat().st_size > 1000  # no MetaOptimize arm: no trajectory panel
+    record = json.loads((tmp_path / "rec" / "qs.json").read_text())  # --record: table, timings, command
+    assert record["raw"]["runs"] == 2 and record["raw"]["wall_time_s"] > 0
+    assert record["command"].startswith("python3 scripts/quickstart.py --alphas 1e-3")
+    assert (tmp_path / "table.txt").read_text().strip() in (tmp_path / "rec" / "qs.md").read_text()
 
 
 def test_full_batch_and_seed_list(tmp_path):
