@@ -135,17 +135,19 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def write_results(stem: str | Path, *, title: str, table: str, raw, device: torch.device | str = "cpu",
-                  argv: Sequence[str] | None = None, notes: Sequence[str] = ()) -> tuple[Path, Path]:
+                  argv: Sequence[str] | None = None, notes: Sequence[str] = (), env: dict | None = None
+                  ) -> tuple[Path, Path]:
     """Record a benchmark's output: `<stem>.md` (title, date, command, machine, the table, notes) and
     `<stem>.json` (the same header and `raw`, every measurement behind the table). Returns both paths.
 
     `argv` is the script's arguments (default sys.argv[1:]); `raw` must be JSON-serialisable
-    (numbers, text, lists, dicts; other objects are written with str())."""
+    (numbers, text, lists, dicts; other objects are written with str()). `env`: `environment()` taken
+    when the measurement started (its date and git commit); default: taken now."""
     stem = Path(stem)
     if stem.suffix in (".md", ".json"):
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    env = environment(device, argv)
+    env = env or environment(device, argv)
     machine = f"{env['host']}: {env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
     if "gpu" in env:
         machine += f"; {env['gpu']} ({env['gpu_memory_gb']} GB), CUDA {env['cuda']}"

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import harness  # noqa: E402
-from common.benchmark import interleaved, markdown_table, sync, write_results  # noqa: E402
+from common.benchmark import environment, interleaved, markdown_table, sync, write_results  # noqa: E402
 from common.optimizers import add_optimizer_args, build_optimizer  # noqa: E402
 
 # flags of each row (train.py's), per experiment: the paper's configurations (spec section 7) and
@@ -354,6 +354,7 @@ def main(argv=None) -> int:
     if args.memory_child:
         print(json.dumps({name: bench_experiment(name, args, device, memory_only=True) for name in args.experiments}))
         return 0
+    env = environment(device, args.argv)  # the date and commit of the start
     child_memory = memory_in_child(args) if device.type == "cpu" else None
     results = {name: bench_experiment(name, args, device, child_memory) for name in args.experiments}
     record = args.record or (None if args.quick else str(ROOT / "results" / f"bench_overhead_{device.type}"))
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
             notes.append("--quick: tiny models, one round; the numbers only show that every row runs.")
         paths = write_results(record, title="Overhead against AdamW (the paper's Table 1)", table=text,
                               raw={k: v["raw"] for k, v in results.items()}, device=device, argv=args.argv,
-                              notes=notes)
+                              notes=notes, env=env)
         print(f"\nwrote {paths[0]} and {paths[1]}")
     return 0
 

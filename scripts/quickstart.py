@@ -355,6 +355,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.save_directory, exist_ok=True)
+    from common.benchmark import environment, write_results
+
+    env = environment("cpu", args.argv)  # the date and commit of the start, for --record
     start, cpu_start = time.time(), time.process_time()
     data = load_data()
     grid = [(m, a, s) for m in args.methods for a in args.alphas for s in args.seeds]
@@ -368,15 +371,14 @@ def main(argv=None) -> dict:
     print(f"wrote {args.save_directory}/quickstart.{{png,pdf,csv,json}} and table.txt ({wall_time:.1f} s for data and "
           f"training, {cpu_time:.1f} s of CPU)")
     if args.record:
-        from common.benchmark import write_results
-
         paths = write_results(
             args.record, title="Offline quick start (scripts/quickstart.py)", table=f"```\n{text}\n```",
             raw={"summary": table, "wall_time_s": wall_time, "cpu_time_s": cpu_time, "runs": len(runs)},
             argv=args.argv,
             notes=[f"{len(runs)} runs ({len(args.methods)} methods x {len(args.alphas)} initial step sizes x "
                    f"{len(args.seeds)} seeds, {args.num_epochs} epochs each) in {wall_time:.1f} s of wall time and "
-                   f"{cpu_time:.1f} s of CPU time ({args.threads} torch thread(s)), data loading and training."])
+                   f"{cpu_time:.1f} s of CPU time ({args.threads} torch thread(s)), data loading and training."],
+            env=env)
         print(f"recorded {paths[0]} and {paths[1]}")
     return table
 
