@@ -73,24 +73,20 @@ LR_FREE = {
     "gdtuo (Adam, Adam)": ["--optimizer", "gdtuo", "--gdtuo-base", "Adam", "--gdtuo-hyper", "Adam"],
 }
 REFERENCE, FUSED = "AdamW (torch, foreach)", "AdamW (torch, fused)"
-METHODS = {
-    "imagenet": {
+
+
+def table_rows(blocks: str) -> dict:
+    """The rows of Table 1 for one model, whose named step-size blocks are `blocks`."""
+    return {
         REFERENCE: None, FUSED: None,
         "MetaOptimize (AdamW, Lion) scalar": [*ADAMW, *LION_META, "--alpha0", "1e-6"],
-        "MetaOptimize (AdamW, Lion) blocks": [*ADAMW, *LION_META, "--alpha0", "1e-6",
-                                              "--stepsize-groups", "resnet18_blocks"],
+        "MetaOptimize (AdamW, Lion) blocks": [*ADAMW, *LION_META, "--alpha0", "1e-6", "--stepsize-groups", blocks],
         "MetaOptimize (Lion, Lion) scalar": [*LION, *LION_META, "--alpha0", "1e-6"],
         **LR_FREE,
-    },
-    "tinystories": {
-        REFERENCE: None, FUSED: None,
-        "MetaOptimize (AdamW, Lion) scalar": [*ADAMW, *LION_META, "--alpha0", "1e-6"],
-        "MetaOptimize (AdamW, Lion) blocks": [*ADAMW, *LION_META, "--alpha0", "1e-6",
-                                              "--stepsize-groups", "transformer_blocks_15m"],
-        "MetaOptimize (Lion, Lion) scalar": [*LION, *LION_META, "--alpha0", "1e-6"],
-        **LR_FREE,
-    },
-}
+    }
+
+
+METHODS = {"imagenet": table_rows("resnet18_blocks"), "tinystories": table_rows("transformer_blocks_15m")}
 TITLES = {"imagenet": "ImageNet, ResNet-18", "tinystories": "TinyStories, llama2.c 15M transformer"}
 QUICK = dict(imagenet_batch=2, image_size=16, classes=10, tinystories_batch=2, seq_len=16, dim=48, n_heads=2,
              vocab_size=256, steps=1, rounds=1, warmup=1)

@@ -285,15 +285,20 @@ def robustness_figures(exp: str, groups, keys) -> dict:
     ylabel = CURVE_METRICS.get(metric, metric)
     fig, ax = _figure(f"{exp}: final {ylabel} against initial step size", "α0 (initial step size)", f"final {ylabel}")
     data = {"kind": "alpha0", "metric": metric, "x": "alpha0", "series": []}
+    _add_alpha0_points(ax, data, lines)
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    return {f"{exp}_alpha0_{metric.replace('/', '_')}": (fig, data)}
+
+
+def _add_alpha0_points(ax, data: dict, lines: dict) -> None:
+    """Final metric against alpha0, one line per method: {label: [(alpha0, final values, runs)]}."""
     for label, points in lines.items():
         grid = np.array([p[0] for p in points])
         mean = np.array([np.mean(p[1]) for p in points])
         std = np.array([np.std(p[1], ddof=1) if len(p[1]) > 1 else 0.0 for p in points])
         ax.errorbar(grid, mean, yerr=std, label=label, marker="o", markersize=4, capsize=3)
         data["series"].append(_series_record(label, grid, mean, std, [r for p in points for r in p[2]]))
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    return {f"{exp}_alpha0_{metric.replace('/', '_')}": (fig, data)}
 
 
 def task_switches(runs: list[Run]) -> list[float]:
@@ -513,12 +518,7 @@ def kind_alpha0(name, groups, keys, metric) -> dict:
         values = [v for r in members if (v := final_value(r, metric)) is not None]
         if values:
             by_method.setdefault(method_label(config, other), []).append((config["alpha0"], values, members))
-    for label, points in by_method.items():
-        grid = np.array([p[0] for p in points])
-        mean = np.array([np.mean(p[1]) for p in points])
-        std = np.array([np.std(p[1], ddof=1) if len(p[1]) > 1 else 0.0 for p in points])
-        ax_final.errorbar(grid, mean, yerr=std, label=label, marker="o", markersize=4, capsize=3)
-        finals["series"].append(_series_record(label, grid, mean, std, [r for p in points for r in p[2]]))
+    _add_alpha0_points(ax_final, finals, by_method)
     ax_curve.set(xlabel="epoch" if x == "epoch" else "iteration", ylabel=ylabel, title=curves["title"])
     ax_final.set(xscale="log", xlabel="α0 (initial step size)", ylabel=f"final {ylabel}", title=finals["title"])
     ax_step.set(yscale="log", xlabel="iteration", ylabel="step size", title=steps["title"])

@@ -14,20 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load("sweep")
+sweep = load_script("sweep")
 
 # ---- the paper's configurations -------------------------------------------------------------
 
@@ -142,9 +135,9 @@ def test_sweep_file_expands_to_the_papers_runs(name):
 
 # ---- scripts/paper.py and the figures, from run folders generated for every sweep ---------------
 
-paper = _load("paper")
-summarize = _load("summarize")
-plot = _load("plot")
+paper = load_script("paper")
+summarize = load_script("summarize")
+plot = load_script("plot")
 
 BLOCK_COUNT = {"resnet18_blocks": 6, "last_layer_and_others": 2}
 

@@ -7,7 +7,6 @@ on generated data: a 2x2 sweep to the end, its table and figures, a resubmit, si
 resume, a plain scancel, and a bad sweep file that never reaches sbatch.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -21,20 +20,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # slurm_cluster, cifar_fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # slurm_cluster, cifar_fixtures, script_modules
+from script_modules import load_script  # noqa: E402
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load("sweep")
-summarize = _load("summarize")
-plot = _load("plot")
+sweep = load_script("sweep")
+summarize = load_script("summarize")
+plot = load_script("plot")
 
 
 def write(path: Path, text: str) -> Path:
