@@ -626,13 +626,14 @@ def make_kind_figure(kind: str, runs: list[Run], name: str, metric: str | None =
         groups = best_configurations(groups, list(best_over), metric)
     keys = label_keys(groups)
     figures = KIND_MAKERS[kind](name, groups, keys, metric)
-    for fig, data in figures.values():
-        if title:
+    for key, (fig, data) in figures.items():
+        if title:  # several figures of one kind (step-sizes): each says its configuration
+            text = title if len(figures) == 1 else f"{title}: {data.get('config', key)}"
             if fig._suptitle is not None:
-                fig._suptitle.set_text(title)
+                fig._suptitle.set_text(text)
             else:
-                fig.axes[0].set_title(title, fontsize=10)
-            data["title"] = title
+                fig.axes[0].set_title(text, fontsize=10)
+            data["title"] = text
     return figures
 
 

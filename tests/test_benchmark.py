@@ -32,3 +32,14 @@ def test_write_results_records_date_command_machine_table_and_raw(tmp_path, monk
         assert data[key], key
     md2, _ = write_results(tmp_path / "out" / "bench_x", title="again", table=table, raw=[], argv=["--full"])
     assert md2 == md and "python3 scripts/bench_x.py --full" in md.read_text()
+
+
+def test_bench_baselines_records_its_table(tmp_path, capsys):
+    from script_modules import load_script
+
+    bench = load_script("bench_baselines")
+    rows = bench.main(["--sets", "transformer15m", "--rounds", "1", "--only", "Prodigy", "--threads", "1",
+                       "--record", str(tmp_path / "bb")])
+    assert [r["method"] for r in rows] == ["torch AdamW", "Prodigy"]
+    data = json.loads((tmp_path / "bb.json").read_text())
+    assert data["raw"] == rows and "| transformer15m | Prodigy |" in (tmp_path / "bb.md").read_text()

@@ -433,7 +433,10 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     proc = script(ROOT / "scripts" / "bench_tinystories.py", "--device", "cpu", "--batch-size", 2, "--seq-len", 16,
                   "--steps", 1, "--reps", 2, "--warmup", 1, "--dim", 32, "--n-layers", 1, "--n-heads", 2,
-                  "--vocab-size", 64, "--json", out, prefix=(sys.executable,))
+                  "--vocab-size", 64, "--json", out, "--record", tmp_path / "rec", prefix=(sys.executable,))
     assert "ratio MetaOptimize (AdamW, Lion) / torch AdamW" in proc.stdout
     result = json.loads(out.read_text())
     assert set(result["tokens_per_s"]) == {"torch AdamW", "MetaOptimize (AdamW, Lion)"} and result["ratio"] > 0
+    recorded = json.loads((tmp_path / "rec.json").read_text())  # --record: the same numbers, with the command
+    assert recorded["raw"]["tokens_per_s"] == result["tokens_per_s"] and "--record" in recorded["command"]
+    assert "| MetaOptimize (AdamW, Lion) |" in (tmp_path / "rec.md").read_text()
