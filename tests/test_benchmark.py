@@ -38,8 +38,12 @@ def test_bench_baselines_records_its_table(tmp_path, capsys):
     from script_modules import load_script
 
     bench = load_script("bench_baselines")
-    rows = bench.main(["--sets", "transformer15m", "--rounds", "1", "--only", "Prodigy", "--threads", "1",
-                       "--record", str(tmp_path / "bb")])
+    threads = torch.get_num_threads()
+    try:
+        rows = bench.main(["--sets", "transformer15m", "--rounds", "1", "--only", "Prodigy", "--threads", "1",
+                           "--record", str(tmp_path / "bb")])
+    finally:
+        torch.set_num_threads(threads)
     assert [r["method"] for r in rows] == ["torch AdamW", "Prodigy"]
     data = json.loads((tmp_path / "bb.json").read_text())
     assert data["raw"] == rows and "| transformer15m | Prodigy |" in (tmp_path / "bb.md").read_text()
