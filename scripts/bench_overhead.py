@@ -19,8 +19,9 @@ AdamW rows, which are torch.optim.AdamW with foreach=True and with fused=True.
 
 Time: the methods are timed in one process in interleaved rounds (common.benchmark.interleaved,
 order alternating), --steps iterations per round after --warmup untimed ones; the table gives the
-median and the minimum over rounds of the time per iteration and their ratios to AdamW (foreach).
-On a shared machine trust the minimum.
+median and the minimum over rounds of the time per iteration, and the ratio to AdamW (foreach, and
+fused) as the median over rounds of the ratio within a round (the methods of a round ran back to
+back, under the same load: the steadier number on a shared machine).
 
 Memory: the peak memory of training, measured for each method while its model copy, gradients,
 optimizer state and one iteration's activations are allocated: on CUDA the growth of
@@ -311,20 +312,24 @@ def bench_experiment(name: str, args, device: torch.device, child_memory=None, m
     per_iter = {m: [s / args.steps for s in t.wall] for m, t in timings.items()}
     median = {m: statistics.median(v) for m, v in per_iter.items()}
     best = {m: min(v) for m, v in per_iter.items()}
+
+    def paired(m, ref):  # the median over rounds of the ratio within a round (run back to back: same load)
+        return statistics.median(a / b for a, b in zip(per_iter[m], per_iter[ref]))
+
     ref_mem = memory.get(REFERENCE)
     rows, raw = [], {"model": exp.describe, "methods": {}}
     for m in runs:
         mem = memory[m]
         rows.append([
-            m, f"{1e3 * median[m]:.1f}", f"{median[m] / median[REFERENCE]:.2f}", f"{1e3 * best[m]:.1f}",
-            f"{best[m] / best[REFERENCE]:.2f}", f"{best[m] / best[FUSED]:.2f}" if FUSED in best else "",
+            m, f"{1e3 * median[m]:.1f}", f"{1e3 * best[m]:.1f}", f"{paired(m, REFERENCE):.2f}",
+            f"{paired(m, FUSED):.2f}" if FUSED in per_iter else "",
             "?" if mem is None else f"{mem / 2**20:,.0f}",
             "?" if mem is None or ref_mem is None else f"{(mem - ref_mem) / 2**20:+,.0f}",
             "?" if mem is None or not ref_mem else f"{mem / ref_mem:.2f}",
         ])
         raw["methods"][m] = {"flags": methods[m], "seconds_per_iteration": per_iter[m], "peak_memory_bytes": mem}
-    columns = ["method", "ms/iter (median)", "x AdamW", "ms/iter (min)", "x AdamW", "x fused AdamW",
-               "peak MB", "extra MB", "x AdamW"]
+    columns = ["method", "ms/iter (median)", "ms/iter (min)", "time x AdamW", "time x fused AdamW",
+               "peak MB", "extra MB", "memory x AdamW"]
     table = markdown_table(columns, rows)
     print(table, flush=True)
     return {"title": TITLES[name], "describe": exp.describe, "table": table, "raw": raw}
@@ -359,8 +364,9 @@ def main(argv=None) -> int:
         memory_how = ("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
                       else "growth of the process's peak resident set (VmHWM)")
         notes = [f"Time per whole training iteration (forward, backward, optimizer step), {args.steps} iterations "
-                 f"per round, {args.rounds} interleaved rounds after {args.warmup} warm-up iterations; x AdamW is "
-                 f"against torch AdamW with foreach=True, x fused AdamW against fused=True. Peak memory: "
+                 f"per round, {args.rounds} interleaved rounds after {args.warmup} warm-up iterations; time x AdamW "
+                 f"is the median over rounds of the ratio to torch AdamW with foreach=True in the same round (x "
+                 f"fused AdamW: to fused=True). Peak memory: "
                  f"{memory_how} while the method's model copy, gradients, optimizer state and one iteration's "
                  f"activations exist; extra = difference to AdamW (foreach). amp: {args.amp}."]
         if args.quick:
