@@ -118,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny models, one round of one iteration (a check that every row runs; its numbers mean "
                         "nothing); sizes given on the command line still apply")
+    p.add_argument("--memory-in-process", action="store_true",
+                   help="CPU: measure peak memory in this process (faster; its glibc setting then also applies to "
+                        "the timed iterations) instead of a child process")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # CPU: the memory phase
     p.add_argument("--record", default=None, metavar="STEM",
                    help="write STEM.md and STEM.json (default: results/bench_overhead_<device>; none with --quick)")
@@ -260,7 +263,7 @@ def bench_experiment(name: str, args, device: torch.device, child_memory=None, m
     """Peak memory and time per iteration of every method (memory_only: {method: peak bytes}).
     On the CPU, memory is measured in a child process (child_memory: its answer), so that the glibc
     setting it needs does not slow the timed iterations."""
-    memory_here = memory_only or device.type == "cuda"
+    memory_here = memory_only or device.type == "cuda" or args.memory_in_process
     exp = make_experiment(name, args, device)
     methods = {k: v for k, v in METHODS[name].items()
                if not args.methods or k in (REFERENCE, FUSED) or any(m in k.lower() for m in args.methods)}
@@ -356,7 +359,7 @@ def main(argv=None) -> int:
         print(json.dumps({name: bench_experiment(name, args, device, memory_only=True) for name in args.experiments}))
         return 0
     env = environment(device, args.argv)  # the date and commit of the start
-    child_memory = memory_in_child(args) if device.type == "cpu" else None
+    child_memory = memory_in_child(args) if device.type == "cpu" and not args.memory_in_process else None
     results = {name: bench_experiment(name, args, device, child_memory) for name in args.experiments}
     record = args.record or (None if args.quick else str(ROOT / "results" / f"bench_overhead_{device.type}"))
     if record:

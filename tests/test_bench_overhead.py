@@ -51,7 +51,7 @@ def test_quick_metaoptimize_rows_on_the_transformer(tmp_path):
 @pytest.mark.slow
 def test_quick_every_row_on_both_models(tmp_path):
     stem = tmp_path / "overhead"
-    proc = run("--quick", "--record", str(stem))
+    proc = run("--quick", "--memory-in-process", "--record", str(stem))  # the child path: the test above
     assert proc.returncode == 0, proc.stderr
     methods = ["AdamW (torch, foreach)", "AdamW (torch, fused)", "MetaOptimize (AdamW, Lion) scalar",
                "MetaOptimize (AdamW, Lion) blocks", "MetaOptimize (Lion, Lion) scalar", "DoG (+ averaging)", "Prodigy",

@@ -106,7 +106,8 @@ def test_bad_input_from_the_command_line_exits_2_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_full_grid_metaoptimize_is_robust_to_alpha0(tmp_path):
-    proc = run_script("--save-directory", str(tmp_path))  # the default grid: 5 alpha0 x 3 seeds x 8 methods
+    # the default grid (5 alpha0 x 3 seeds) of the two arms the paper's claim is about
+    proc = run_script("--methods", "fixed,metaoptimize", "--save-directory", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "quickstart.json").read_text())["summary"]
     fixed, meta = summary["fixed"], summary["metaoptimize"]
@@ -123,9 +124,17 @@ def test_full_grid_metaoptimize_is_robust_to_alpha0(tmp_path):
     assert meta["worst"] >= fixed["best"] - 0.04
     assert fixed["worst"] <= fixed["best"] - 0.50
     assert meta["worst"] >= fixed["worst"] + 0.50
-    # The learning-rate-free baselines learn from every initial value of the grid too (measured with
-    # seeds 0-2: worst over the grid 0.943 (D-Adaptation) .. 0.968 (DoG)); Schedule-Free AdamW, whose
-    # lr is not tuned, does not (0.087 at lr 1e-6). Far-off margins only: above 0.85 and below 0.3.
+
+
+@pytest.mark.slow
+def test_learning_rate_free_baselines_learn_from_both_ends_of_the_grid(tmp_path):
+    proc = run_script("--alphas", "1e-6,1e-2", "--seeds", "1", "--methods", "dog,prodigy,mechanic,gdtuo,dadapt,schedulefree",
+                      "--save-directory", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "quickstart.json").read_text())["summary"]
+    # Measured with the defaults (seed 0, results/quickstart.md has seeds 0-2): the learning-rate-free
+    # baselines reach 0.942 .. 0.978 from initial values 1e-6 and 1e-2 (any seed: >= 0.936);
+    # Schedule-Free AdamW, whose lr is not tuned, 0.051 at lr 1e-6. Far-off margins only.
     for method in ("dog", "prodigy", "mechanic", "gdtuo", "dadapt"):
         assert summary[method]["worst"] >= 0.85, method
-    assert summary["schedulefree"]["worst"] <= 0.3
+    assert summary["schedulefree"]["rows"][0]["mean"] <= 0.3
