@@ -582,14 +582,24 @@ KIND_MAKERS = {"curves": kind_curves, "base-panels": kind_base_panels, "block-pa
                "top1-top5": kind_top1_top5}
 
 
+def _matches(value, text: str) -> bool:
+    """A config value equals a command-line value: as text, or as numbers (1e-6 == 1e-06 == 0.000001)."""
+    if str(value) == text or _g(value) == text:
+        return True
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(text) == float(value)
+    except ValueError:
+        return False
+
+
 def select_runs(runs: list[Run], where: list[str]) -> list[Run]:
     """--where KEY=V1,V2 (config.json key, any of the values; repeat for several keys)."""
     for condition in where:
         key, sep, values = condition.partition("=")
         if not sep or not key:
             raise InputError(f"--where {condition!r}: expected KEY=VALUE[,VALUE...], e.g. stepsize_groups=scalar")
-        wanted = {v.strip() for v in values.split(",")}
-        runs = [r for r in runs if _g(r.config.get(key)) in wanted or str(r.config.get(key)) in wanted]
+        wanted = [v.strip() for v in values.split(",")]
+        runs = [r for r in runs if any(_matches(r.config.get(key), w) for w in wanted)]
         if not runs:
             raise InputError(f"--where {condition}: no run has it")
     return runs

@@ -309,6 +309,11 @@ def test_plot_kinds_auto_mode_and_clear_errors(paper_outputs, tmp_path, monkeypa
     out = str(tmp_path / "f")
     assert plot.main(["outputs/imagenet", "--out", out, "--formats", "png"]) == 0
     assert "imagenet_top1_top5" in json.loads((tmp_path / "f" / "plot_data.json").read_text())
+    # --where compares numbers as numbers: 1e-5 picks the runs whose alpha0 is 1e-05
+    assert plot.main(["outputs/imagenet", "--out", out, "--kind", "curves", "--where", "alpha0=1e-5",
+                      "--where", "optimizer=HF", "--name", "w"]) == 0
+    series = json.loads((tmp_path / "f" / "plot_data.json").read_text())["w"]["series"]
+    assert sorted(s["label"] for s in series) == ["AdamW fixed α=1e-05", "Lion fixed α=1e-05", "SGDm+Lion"]
     capsys.readouterr()
     bad = [
         (["outputs/tinystories", "--kind", "top1-top5"], "no run logged test/acc5"),
