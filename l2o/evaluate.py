@@ -145,7 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             check_optimizer_args(_project_namespace(args, args.lr if args.lr != "grid" else None))
         except ValueError as e:
-            parser.error(str(e))
+            own = f" (or one of this script's own: {', '.join(OWN.values())})" if "--optimizer" in str(e) else ""
+            parser.error(f"{e}{own}")
     return args
 
 
