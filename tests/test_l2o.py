@@ -127,7 +127,7 @@ def test_lion_sgd_ends_are_sgd_and_lion():
             torch.manual_seed(0)
             w = torch.nn.Parameter(torch.randn(7))
             opt = make([w])
-            for t in range(5):
+            for _ in range(5):
                 opt.zero_grad()
                 (w.sin() * torch.arange(7.0)).sum().backward()
                 opt.step()
