@@ -14,6 +14,8 @@ Per experiment (config.json "experiment"), one line per configuration (mean over
   one line per method that was run with several alpha0 (Figure 2, robustness);
 - <exp>_online_acc: the accumulated online accuracy of the continual task against steps, with the
   task switches marked.
+- l2o_*: the learned-optimizer figures (scripts/plot_l2o.py) for runs of l2o/evaluate.py and l2o/meta_train.py,
+  instead of the figures above (the paper of Sobotka et al., Figures 4, 5, 7, 8, 9).
 plot_data.json in the output folder holds the numbers behind every figure and the runs they come from.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
 from summarize import (  # noqa: E402  (scripts/ is not a package)
     ArgParser,
     InputError,
@@ -279,7 +282,7 @@ def make_figures(runs: list[Run], extra_ignored=()) -> dict:
         groups = group_runs([r for r in runs if r.experiment == exp], extra_ignored)
         keys = varying_keys([c for c, _ in groups])
         name = exp or "runs"
-        for make in (curve_figures, step_size_figures, robustness_figures, continual_figures):
+        for make in plot_l2o.MAKERS.get(exp, (curve_figures, step_size_figures, robustness_figures, continual_figures)):
             figures.update(make(name, groups, keys))
     return figures
 
