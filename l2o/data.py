@@ -28,13 +28,23 @@ def resolve_dataset(name: str, data_dir) -> str:
     return name
 
 
-def load_dataset(name: str, data_dir, download: bool = True) -> ImageData:
-    """An already resolved dataset name (see `resolve_dataset`) -> uint8 images [N, 1, H, W]."""
+def load_dataset(name: str, data_dir, download: bool = True, device=None, batch_size: int = 1) -> ImageData:
+    """An already resolved dataset name (see `resolve_dataset`) -> uint8 images [N, 1, H, W] on `device`.
+
+    Raises ValueError when the training split has fewer images than `batch_size`.
+    """
     if name == "mnist":
-        return load_mnist(data_dir, download=download)
-    if name in ("digits", "digits28"):
-        return load_digits(8 if name == "digits" else 28)
-    raise ValueError(f"--data: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+        data = load_mnist(data_dir, download=download)
+    elif name in ("digits", "digits28"):
+        data = load_digits(8 if name == "digits" else 28)
+    else:
+        raise ValueError(f"--data: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+    if len(data.train_x) < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {len(data.train_x)} training images of {name}")
+    if device is not None:
+        for split in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(data, split, getattr(data, split).to(device))
+    return data
 
 
 class StepBatches:

@@ -24,7 +24,11 @@ at --hist-steps. scripts/plot.py draws the paper's Figures 4, 5, 7, 8 and 9 from
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +59,12 @@ THREADS = 1
 # optimizers built here; any other --optimizer goes to common.optimizers.build_optimizer
 OWN = {"l2o": "L2O", "adam": "Adam", "sgd": "SGD", "lion": "Lion", "lionsgd": "LionSGD"}
 GRID_METHODS = {"Adam", "SGD", "Lion", "AdamW"}  # the ones with a learning rate to tune
+GRID_CACHE = ".lr_grid"  # in --save-directory: grid results shared by the seeds of a configuration
+# flags that do not change the grid's result
+NOT_IN_GRID_KEY = {"seed", "run_name", "save_directory", "resume", "max_time", "device", "log_every", "wandb",
+                   "wandb_project", "wandb_entity", "num_steps", "eval_every", "probe_every", "noise_every",
+                   "noise_samples", "hist_steps", "threads", "stop_after_steps", "network_weights", "lr", "data",
+                   "data_dir", "no_download", "compile", "amp"}
 
 
 def lr_value(text: str):
@@ -187,7 +197,20 @@ def train_loss_sum(args, data, lr, seed: int, num_steps: int, network, device) -
 
 
 def tune_lr(args, data, run, network, device) -> tuple[float, dict]:
-    """The paper's grid search: the lr with the lowest mean summed training loss."""
+    """The paper's grid search: the lr with the lowest mean summed training loss.
+
+    Its result depends on the configuration, not on --seed, so it is kept in
+    <save-directory>/.lr_grid/ and reused by the other seeds of a sweep.
+    """
+    key = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_GRID_KEY}, default=str))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(args.save_directory) / GRID_CACHE / f"{args.method}-{args.optimizee}-{digest}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["lr"], cached["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     scores = {}
     bar = run.progress(len(args.lr_grid) * args.grid_runs, desc=f"{args.method} lr grid", unit="run", leave=False)
     for lr in args.lr_grid:
@@ -200,6 +223,12 @@ def tune_lr(args, data, run, network, device) -> tuple[float, dict]:
     best = min(args.lr_grid, key=lambda lr: scores[f"{lr:g}"])
     if not math.isfinite(scores[f"{best:g}"]):
         raise harness.UsageError(f"--lr grid: {args.method} diverged at every learning rate of {args.lr_grid}")
+    if run.is_main:
+        with contextlib.suppress(OSError):  # a cache: not writing it costs only time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "lr": best, "scores": scores}, indent=1) + "\n")
+            os.replace(tmp, cache)
     return best, scores
 
 
@@ -217,13 +246,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run = harness.start_run(args, "l2o_eval")
     device = run.device
-    args.dataset = resolve_dataset(args.data, args.data_dir)
-    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    for split in ("train_x", "train_y", "test_x", "test_y"):
-        setattr(data, split, getattr(data, split).to(device))
-    if len(data.train_x) < args.batch_size:
-        raise harness.UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
-                                 f"images of {args.dataset}")
+    args.dataset = resolve_dataset(args.data, args.data_dir)  # recorded in config.json
+    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download, device=device,
+                        batch_size=args.batch_size)
     network = None
     if args.method == "L2O":
         network, meta = load_network(args.checkpoint, args.network_weights)

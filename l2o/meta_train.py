@@ -120,12 +120,8 @@ def main(argv=None) -> int:
         raise harness.UsageError("l2o/meta_train.py runs on one device; start it with python3, not torchrun")
     device = run.device
     args.dataset = resolve_dataset(args.data, args.data_dir)  # recorded in config.json
-    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    for split in ("train_x", "train_y", "test_x", "test_y"):
-        setattr(data, split, getattr(data, split).to(device))
-    if len(data.train_x) < args.batch_size:
-        raise harness.UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
-                                 f"images of {args.dataset}")
+    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download, device=device,
+                        batch_size=args.batch_size)
 
     network = build_network(args.network, {"hidden_size": args.hidden_size, "output_scale": args.output_scale,
                                            "preproc_p": args.preproc_p}).to(device)  # seeded by start_run

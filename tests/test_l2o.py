@@ -230,6 +230,7 @@ def test_evaluate_lr_grid_and_resume(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["lr_used"] == 0.1
+    assert len(list((tmp_path / ".lr_grid").glob("Adam-relu-*.json"))) == 1  # run b reused a's grid
 
 
 @pytest.mark.parametrize("argv, message", [
