@@ -89,6 +89,22 @@ def test_learned_optimizer_equals_the_functional_unroll():
         assert torch.equal(p.detach(), traj.params[name]), name
 
 
+def test_unroll_through_given_weights():
+    """What first-order MAML (M-L2O) builds on: an unroll through explicit (e.g. adapted) weights equals
+    the network's own, and the meta-gradient reaches those weights."""
+    torch.manual_seed(0)
+    net = LSTMOptimizer()
+    task = digits_task()
+    start = Trajectory.start(net, task)
+    _, own = unroll(net, task, start, 5)
+    weights = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    _, given = unroll(net, task, start, 5, weights=weights)
+    assert torch.equal(own.detach(), given.detach())
+    given.sum().log().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in weights.values())
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_learned_optimizer_state_round_trip(tmp_path):
     torch.manual_seed(0)
     net = LSTMOptimizer()
