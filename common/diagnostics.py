@@ -10,7 +10,8 @@ layer's weights and W2, b2 the next layer's, all taken before the update (spec l
 
 R holds for any positively homogeneous activation (ReLU, LeakyReLU, identity), also when the
 incoming layer is an affine BatchNorm (its weight and bias play W1 and b1). S is exact only with
-batch statistics and BN eps = 0. Several structures of one kind add up.
+batch statistics and BN eps -> 0 (torch needs eps > 0, so it holds
+to about eps / variance). Several structures of one kind add up.
 
     probe = SymmetryProbe(model, optimizer, every=10)   # hooks into optimizer.step()
     for step ...:

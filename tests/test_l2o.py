@@ -322,3 +322,40 @@ def test_network_record_round_trip():
     net = LSTMOptimizer(hidden_size=7, output_scale=0.05)
     record = network_record(net)
     assert record["name"] == "lstm" and record["config"]["hidden_size"] == 7
+
+
+# --------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------
+
+
+def test_plot_draws_the_learned_optimizer_figures(tmp_path, meta_run):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import plot
+
+    reg = tmp_path / "meta"
+    assert meta_train.main([*TINY_META, "--epochs", "1", "--runs-per-epoch", "1", "--reg", "all",
+                            "--save-directory", str(reg), "--run-name", "reg"]) == 0
+    evals = tmp_path / "eval"
+    common = ["--optimizee", "relu", "--data", "digits", "--num-steps", "30", "--probe-every", "5", "--noise-every",
+              "10", "--noise-samples", "3", "--hist-steps", "1,5", "--save-directory", str(evals)]
+    runs = {"l2o": ["--optimizer", "L2O", "--checkpoint", str(meta_run)],
+            "l2o-reg": ["--optimizer", "L2O", "--checkpoint", str(reg / "reg")],
+            "adam": ["--optimizer", "Adam", "--lr", "0.01"], "sgd": ["--optimizer", "SGD", "--lr", "0.1"],
+            "mo": ["--optimizer", "HF", "--alg-base", "SGD", "--alg-meta", "Adam", "--alpha0", "0.01",
+                   "--normalizer-param-meta", "0.999", "--weight-decay-base", "0"],
+            "ls1": ["--optimizer", "LionSGD", "--lion-fraction", "0.25"],
+            "ls2": ["--optimizer", "LionSGD", "--lion-fraction", "0.75"]}
+    for name, argv in runs.items():
+        for seed in ("0", "1"):
+            assert evaluate.main([*argv, *common, "--run-name", f"{name}-{seed}", "--seed", seed]) == 0
+    out = tmp_path / "figs"
+    assert plot.main([str(evals), str(reg), str(meta_run.parent), "--out", str(out), "--formats", "png"]) == 0
+    data = json.loads((out / "plot_data.json").read_text())
+    assert set(data) == {"l2o_sym_relu", "l2o_noise_relu", "l2o_hist_relu", "l2o_reg_relu", "l2o_lion_sgd_relu",
+                         "l2o_meta_test"}
+    labels = {s["label"] for s in data["l2o_sym_relu"]["series"]}
+    assert {"L2O", "Adam lr=0.01", "SGD m=0.9 lr=0.1", "MetaOptimize SGD+Adam", "gradient"} <= labels
+    assert [p["lion_fraction"] for p in data["l2o_lion_sgd_relu"]["points"][:2]] == [0.25, 0.75]
+    assert "L2O reg=all β=0.1" in {s["label"] for s in data["l2o_reg_relu"]["series"]}
+    assert data["l2o_hist_relu"]["steps"] == [1, 5]
