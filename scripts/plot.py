@@ -28,6 +28,8 @@ With --kind, it draws one figure, named --name, from the runs chosen by --where 
   fixed-step runs as references (Figure 2);
 - task-end: accumulated online accuracy and the test accuracy at the end of each task (Figure 7);
 - top1-top5: top-1 and top-5 accuracy, test solid and training dashed (Figure 9).
+- l2o_*: the learned-optimizer figures (scripts/plot_l2o.py) for runs of l2o/evaluate.py and l2o/meta_train.py,
+  instead of the figures above (the paper of Sobotka et al., Figures 4, 5, 7, 8, 9).
 plot_data.json in the output folder holds the numbers behind every figure and the runs they come from.
 Diverged runs (as summarize.py tells them) are left out of the means: each is drawn on its own as a
 dashed line up to its divergence, ending in an x, and the legend says how many diverged.
@@ -45,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
 from summarize import (  # noqa: E402  (scripts/ is not a package)
     ArgParser,
     InputError,
@@ -683,7 +686,8 @@ def make_figures(runs: list[Run], extra_ignored=()) -> dict:
         groups = group_runs([r for r in runs if r.experiment == exp], extra_ignored)
         keys = varying_keys([c for c, _ in groups])
         name = exp or "runs"
-        for make in (curve_figures, step_size_figures, robustness_figures, continual_figures, task_end_figures):
+        for make in plot_l2o.MAKERS.get(exp, (curve_figures, step_size_figures, robustness_figures, continual_figures,
+                                                task_end_figures)):
             figures.update(make(name, groups, keys))
         if any(run.series("test/acc5")[0] for _, members in groups for run in members):
             figures.update(kind_top1_top5(f"{name}_top1_top5", groups, keys))
