@@ -201,7 +201,10 @@ def test_short_run_metaoptimize_blockwise_logs_every_metric_with_wandb(data_dir,
     proc = run_cli(*small(data_dir, tmp_path, "blocks", "--stepsize-groups", "last_layer_and_others", "--wandb"))
     assert "average online accuracy" in proc.stdout and "average end-of-task test accuracy" in proc.stdout
     _, sizes = check_run(tmp_path / "blocks", blocks=2)
-    assert sizes[-1]["step_size/block_0"] != 1e-4 and sizes[-1]["step_size/block_1"] != 1e-4  # tuned online
+    # tuned online: alpha0 1e-4 in float32 reads 1.0000000000000e-4 to ~3e-9 relative; (AdamW, Adam) with eta
+    # 1e-3 moved the blocks to 0.9908e-4 and 0.9840e-4 by step 15 (|log ratio| 0.0093 and 0.0161, measured)
+    for block in ("step_size/block_0", "step_size/block_1"):
+        assert abs(math.log(sizes[-1][block] / 1e-4)) > 2e-3, sizes[-1]
     config = json.loads((tmp_path / "blocks" / "config.json").read_text())
     assert (config["alg_base"], config["alg_meta"], config["gamma"]) == ("AdamW", "Adam", 0.999)
     assert (tmp_path / "blocks" / "wandb").is_dir()

@@ -248,8 +248,51 @@ def test_resume_truncates_metrics_and_restores_rng(tmp_path, capsys):
     assert [r["step"] for r in lines(run.dir / "metrics.jsonl")] == [0, 1, 2]
     run.log({"train/loss": 3.0}, step=3)
     assert [r["step"] for r in lines(run.dir / "metrics.jsonl")] == [0, 1, 2, 3]
-    assert run.elapsed() >= state.get("elapsed", 0)
     run.close()
+
+
+class FakeClock:
+    """time.monotonic for the harness only: moves when the test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def monotonic(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def test_elapsed_time_adds_up_over_resumes_with_a_fake_clock(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(harness, "time", clock)  # the harness's clock; pytest keeps the real one
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r"), "x")
+    clock.advance(7.0)
+    run.log({"train/loss": 1.0}, step=1)
+    run.save_checkpoint({"step": 1})  # 7 s of training kept
+    clock.advance(5.0)  # trained after the checkpoint: lost with the interruption
+    run.log({"train/loss": 2.0}, step=2)
+    run.close()
+    saved = torch.load(run.dir / "checkpoint.pt", weights_only=True)["harness"]["elapsed"]
+    assert saved == 7.0
+
+    clock.advance(600.0)  # waiting in the queue is not training time
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
+    assert run.load_checkpoint()["step"] == 1 and run.elapsed() == 7.0
+    clock.advance(3.0)
+    run.log({"train/loss": 2.5}, step=2)
+    run.save_checkpoint({"step": 2})
+    run.close()
+    assert torch.load(run.dir / "checkpoint.pt", weights_only=True)["harness"]["elapsed"] == 10.0
+
+    clock.advance(50.0)
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
+    run.load_checkpoint()
+    clock.advance(2.5)
+    run.finish({"final": {}})
+    assert [(r["step"], r["time"]) for r in lines(run.dir / "metrics.jsonl")] == [(1, 7.0), (2, 10.0)]
+    assert json.loads((run.dir / "summary.json").read_text())["wall_time"] == 12.5
 
 
 def test_resume_without_checkpoint_never_destroys_results(tmp_path):
