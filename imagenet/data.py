@@ -11,14 +11,17 @@ data to the GPU and keeps the workers' CPU for decoding.
 
 Mid-epoch resume: the training order is a seeded permutation per epoch (DistributedSampler,
 also with one process), and `set_train_position(loader, epoch, start_batch)` skips the
-batches already trained on, so a resumed run sees exactly the remaining images of that epoch
-in the same order (only the random crops/flips differ).
+batches already trained on. Each training image's crop and flip are drawn from a random
+state seeded by (--seed, epoch, image index), in whichever worker decodes it, so a resumed run
+sees exactly the remaining images of that epoch, augmented exactly as an uninterrupted run
+augments them, whatever --workers is; the loaders draw nothing from torch's global RNG.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -51,9 +54,16 @@ class CheckedImageFolder(torchvision.datasets.ImageFolder):
     """ImageFolder whose layout problems are one ValueError naming the folder and what is missing,
     and whose unreadable images are an UnreadableImage naming the file."""
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """`key`: an index, or (index, seed, epoch) from ResumableSampler: the transform's random draws
+        then come from a state seeded by (seed, epoch, index), and torch's global RNG is left alone."""
+        index, *seed = key if isinstance(key, tuple) else (key,)
         try:
-            return super().__getitem__(index)
+            if not seed:
+                return super().__getitem__(index)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence((*seed, index)).generate_state(1, np.uint64)[0]))
+                return super().__getitem__(index)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated file, unknown format, ...
             raise UnreadableImage(f"--data-dir: cannot read image {self.samples[index][0]} "
                                   f"({type(e).__name__}: {e}); remove or replace it") from None
@@ -121,7 +131,8 @@ def image_folders(data_dir: str, image_size: int):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle per epoch) that can start part-way through an epoch."""
+    """DistributedSampler (seeded shuffle per epoch) that can start part-way through an epoch. It
+    yields (index, seed, epoch) keys: CheckedImageFolder seeds each image's augmentation with them."""
 
     def __init__(self, dataset, num_replicas, rank, seed, batch_size):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
@@ -134,7 +145,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        return iter([(i, self.seed, self.epoch) for i in indices[self.start:]])
 
     def __len__(self):
         return max(0, self.num_samples - self.start)
@@ -187,7 +198,9 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
                          f"in {args.data_dir}/train")
     pin = device.type == "cuda"
-    common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
+    # a generator of their own: the loaders' worker seeds are not drawn from torch's global RNG
+    common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0,
+                  generator=torch.Generator().manual_seed(args.seed))
     if args.workers > 0:
         common["prefetch_factor"] = 4
     sampler = ResumableSampler(train_set, world_size, rank, args.seed, per_rank)

@@ -15,7 +15,8 @@ every epoch, summary.json at the end). Every --log-every steps: train/loss, trai
 images_per_s, lr, step_size/block_i; every epoch: test/loss, test/acc (top-1, %), test/acc5
 (top-5, %) on val/. SIGTERM/SIGUSR1/Ctrl-C or --max-time save a checkpoint at the current batch
 and exit 0; rerun with --resume: a run stopped mid-epoch continues that epoch in the same sample
-order, skipping the batches it has trained on (only random crops and flips are drawn anew).
+order, skipping the batches it has trained on, with the same random crops and flips (each image's
+are seeded by --seed, the epoch and its index): it ends with the weights of an uninterrupted run.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from cifar_fixtures import write_fake_cifar100
+from wandb_records import assert_wandb_matches_metrics
 
 from common import harness
 from common.data import split_classes
@@ -207,7 +208,7 @@ def test_short_run_metaoptimize_blockwise_logs_every_metric_with_wandb(data_dir,
         assert abs(math.log(sizes[-1][block] / 1e-4)) > 2e-3, sizes[-1]
     config = json.loads((tmp_path / "blocks" / "config.json").read_text())
     assert (config["alg_base"], config["alg_meta"], config["gamma"]) == ("AdamW", "Adam", 0.999)
-    assert (tmp_path / "blocks" / "wandb").is_dir()
+    assert_wandb_matches_metrics(tmp_path / "blocks", runs=1)  # every line, value by value, and the summary
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path):

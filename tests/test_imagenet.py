@@ -20,6 +20,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from wandb_records import assert_wandb_matches_metrics
 
 from common.optimizers import NAMED_STEPSIZE_GROUPS
 
@@ -169,6 +170,7 @@ def test_one_epoch_metaoptimize_logs_top1_top5_and_step_sizes(image_folder, tmp_
     assert summary["finished"] and "test/acc5" in summary["final"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["experiment"] == "imagenet" and config["batch_size"] == 8
+    assert_wandb_matches_metrics(tmp_path / "hf", runs=1)  # every line, value by value, and the summary
 
 
 def test_cosine_adamw_epoch_sigterm_and_resume(image_folder, tmp_path):
