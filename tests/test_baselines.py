@@ -28,7 +28,9 @@ from common.optim_flags import add_optimizer_args, build_optimizer, current_step
 
 # flags for the tiny problem. The defaults start some methods too slowly for 50 steps of it:
 # DoG's reps_rel 1e-6 (the package suggests 1e-4 with batch norm) barely moves the weights in
-# 50 steps, and DAdaptAdam without bias correction overshoots and oscillates here.
+# 50 steps, and DAdaptAdam without bias correction overshoots and oscillates here. Measured held-out
+# loss after / before 50 steps with the defaults: DoG 0.990, LDoG 0.989, DAdaptAdam 1.376. The
+# CIFAR-10 end-to-end tests at the bottom use the README's settings instead.
 CHOICES = {
     "DoG": ["--dog-reps-rel", "1e-4"],
     "LDoG": ["--dog-reps-rel", "1e-4"],
@@ -57,8 +59,11 @@ RESUME_CASES = {
     "ScheduleFree-warmup-wd": ["ScheduleFree", "--sf-warmup-steps", "5", "--sf-weight-decay", "0.01"],
     "DAdaptAdam-defaults": ["DAdaptAdam"],
 }
-# gdtuo's resumed graph is rebuilt from saved Jacobians: same gradients up to float rounding
-APPROX = ("gdtuo",)
+# gdtuo's pending hypergradient graph is rebuilt from saved Jacobians. Measured: the resumed run's
+# weights and losses are bit for bit the uninterrupted run's (here and in the CIFAR-10 run), but its
+# hyper level's Adam state for beta1 and beta2 differs by float rounding (up to 2.4e-7 relative, 7.5e-9
+# absolute, after the CIFAR-10 run): that state is compared to this relative tolerance
+STATE_RTOL = {"gdtuo": 1e-5}
 
 TEACHER = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
 
@@ -124,6 +129,8 @@ def test_trains_and_reports_step_sizes(name):
     before = heldout_loss(model, opt)
     losses = train(model, opt, 50)
     after = heldout_loss(model, opt)
+    # measured after / before (1.300 at the start): DAdaptAdam 0.263, Prodigy 0.318, Mechanic 0.332,
+    # LDoG 0.500, DoG 0.565, gdtuo 0.718, ScheduleFree 0.809 (its lr 0.0025 is not tuned)
     assert after < 0.85 * before, (before, after)
     assert sum(losses[-10:]) < sum(losses[:10]), losses
     sizes = current_step_sizes(opt)
@@ -186,7 +193,8 @@ def test_step_sizes_follow_each_method():
 def test_gdtuo_learns_its_lr():
     model, opt = model_and_optimizer("gdtuo", "--gdtuo-base", "SGD", "--gdtuo-alpha", "0.01", "--gdtuo-kappa", "1e-2")
     train(model, opt, 30)
-    assert current_step_sizes(opt).item() > 0.011  # the hypergradient pushes a too-small lr up
+    # the hypergradient pushes a too-small lr up: measured 0.0693 after 30 steps from 0.01
+    assert current_step_sizes(opt).item() > 0.03
 
 
 # ---- gdtuo: the adapter computes what the package's own loop computes ------------------------
@@ -310,11 +318,10 @@ def test_resume_matches_uninterrupted(case):
     with eval_weights(opt):
         part_eval = [p.detach().clone() for p in model.parameters()]
 
-    exact = name not in APPROX
     # with a fresh object, not just the one that wrote it: the checkpoint holds all the state
     for a, b in zip(full_eval, part_eval, strict=True):
-        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert (full_losses == part_losses) if exact else full_losses == pytest.approx(part_losses, rel=1e-5)
+        assert torch.equal(a, b)
+    assert full_losses == part_losses
 
     # a second round trip of the resumed optimizer gives an identical state_dict
     again = through_checkpoint(opt.state_dict())
@@ -324,17 +331,21 @@ def test_resume_matches_uninterrupted(case):
     _assert_same(through_checkpoint(opt2.state_dict()), again)
 
 
-def _assert_same(a, b, path="optimizer"):
+def _assert_same(a, b, path="optimizer", rtol=0.0):
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+        assert isinstance(b, torch.Tensor), path
+        if rtol and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=rtol, atol=0, msg=path)
+        else:
+            assert torch.equal(a, b), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
-            _assert_same(a[key], b[key], f"{path}[{key!r}]")
+            _assert_same(a[key], b[key], f"{path}[{key!r}]", rtol)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]")
+            _assert_same(x, y, f"{path}[{i}]", rtol)
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), path
     else:
@@ -473,12 +484,11 @@ def test_every_baseline_flag_is_prefixed_and_has_the_packages_default():
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "cifar10" / "train.py"
-# a tiny run: 20 images, batches of 10, 2 epochs = 4 steps; flags as above (DoG: the package's
-# batch-norm suggestion). gdtuo: the README's Adam/SGD(1e-5) stack turns alpha negative in one
-# step on ResNet-18 (the hypergradient sums over 11M weights); an Adam hyper level bounds each
-# change of alpha by about kappa.
-E2E = {**CHOICES,
-       "gdtuo": ["--gdtuo-hyper", "Adam", "--gdtuo-kappa", "1e-4"]}
+# a tiny run: 20 images, batches of 10, 2 epochs = 4 steps, each method as the README runs it: its
+# package's defaults, and gdtuo with Adam at both levels ("--gdtuo-base Adam --gdtuo-hyper Adam, the
+# paper's setting"; the package's default SGD hyper level with kappa 1e-5 turns alpha negative in one
+# step on ResNet-18, whose hypergradient sums over 11M weights).
+E2E = {name: [] for name in CHOICES} | {"gdtuo": ["--gdtuo-base", "Adam", "--gdtuo-hyper", "Adam"]}
 
 
 @pytest.fixture(scope="module")
@@ -518,15 +528,9 @@ def test_cifar10_end_to_end(cifar, tmp_path, name):
 
     full, part = (torch.load(out / r / "checkpoint.pt", map_location="cpu", weights_only=True) for r in ("full", "part"))
     for key, a in full["model"].items():
-        b = part["model"][key]
-        if name in APPROX and a.is_floating_point():
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), key
-        else:
-            assert torch.equal(a, b), key
+        assert torch.equal(a, part["model"][key]), key
+    _assert_same(full["optimizer"], part["optimizer"], rtol=STATE_RTOL.get(name, 0.0))
     strip = [{k: v for k, v in line.items() if k not in ("time", "images_per_s")} for line in lines]
     part_lines = [json.loads(x) for x in (out / "part" / "metrics.jsonl").read_text().splitlines()]
     part_strip = [{k: v for k, v in line.items() if k not in ("time", "images_per_s")} for line in part_lines]
-    if name in APPROX:
-        assert [sorted(x) for x in strip] == [sorted(x) for x in part_strip]
-    else:
-        assert strip == part_strip
+    assert strip == part_strip
