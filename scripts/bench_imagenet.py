@@ -217,7 +217,7 @@ def real_data(args, device, runs, train_steps, median) -> dict:
     sync(device)
     e2e_rate = done * args.batch_size / (time.perf_counter() - t)
     compute = median[name]
-    bottleneck = "the data loader" if loader_rate < compute else "the model step (GPU)"
+    bottleneck = "the data loader" if loader_rate < compute else f"the model step ({device.type})"
     print(f"\nreal JPEGs from {args.data_dir} ({size} images), --workers {args.workers}, {n - 1} batches:")
     print(f"  loader alone (decode + crop + flip, to device)  {loader_rate:10,.1f} images/s")
     print(f"  {name} on synthetic data {compute:10,.1f} images/s")
