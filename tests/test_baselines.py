@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import io
 import json
 import math
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_same, through_checkpoint
 from gradient_descent_the_ultimate_optimizer import gdtuo
 
 from common import baselines
@@ -110,14 +110,6 @@ def heldout_loss(model, opt):
     x, y = batch(-1, 512)
     with eval_weights(opt):
         return F.cross_entropy(model(x), y).item()
-
-
-def through_checkpoint(obj):
-    """What the harness does: torch.save, then torch.load(weights_only=True) on the CPU."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, map_location="cpu", weights_only=True)
 
 
 # ---- build, train, step sizes ----------------------------------------------------------------
@@ -328,28 +320,7 @@ def test_resume_matches_uninterrupted(case):
     model2, opt2 = model_and_optimizer(name, *flags, seed=2)
     model2.load_state_dict(model.state_dict())
     opt2.load_state_dict(again)
-    _assert_same(through_checkpoint(opt2.state_dict()), again)
-
-
-def _assert_same(a, b, path="optimizer", rtol=0.0):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        if rtol and a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=rtol, atol=0, msg=path)
-        else:
-            assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}[{key!r}]", rtol)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]", rtol)
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), path
-    else:
-        assert a == b, path
+    assert_same(through_checkpoint(opt2.state_dict()), again, "optimizer")
 
 
 def test_state_outside_torch_state_dict_is_in_the_checkpoint():
@@ -529,7 +500,7 @@ def test_cifar10_end_to_end(cifar, tmp_path, name):
     full, part = (torch.load(out / r / "checkpoint.pt", map_location="cpu", weights_only=True) for r in ("full", "part"))
     for key, a in full["model"].items():
         assert torch.equal(a, part["model"][key]), key
-    _assert_same(full["optimizer"], part["optimizer"], rtol=STATE_RTOL.get(name, 0.0))
+    assert_same(full["optimizer"], part["optimizer"], "optimizer", rtol=STATE_RTOL.get(name, 0.0))
     strip = [{k: v for k, v in line.items() if k not in ("time", "images_per_s")} for line in lines]
     part_lines = [json.loads(x) for x in (out / "part" / "metrics.jsonl").read_text().splitlines()]
     part_strip = [{k: v for k, v in line.items() if k not in ("time", "images_per_s")} for line in part_lines]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import assert_same  # noqa: E402
 from cifar_fixtures import write_fake_cifar10  # noqa: E402
 from wandb_records import assert_wandb_matches_metrics  # noqa: E402
 
@@ -85,22 +86,6 @@ def read_jsonl(path):
 
 def load_ckpt(run_dir):
     return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-def assert_same(a, b, path="state"):
-    """Exact equality of nested checkpoint contents (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def subprocess_env(**extra):

@@ -18,7 +18,6 @@ test_cifar10_cuda_compile_fp16_resume runs that setting where CUDA is available.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_same, child_env
 from cifar_fixtures import write_fake_cifar10, write_fake_cifar100
 from test_imagenet import write_image_folder
 from test_tinystories import VOCAB, sha256, write_archive
@@ -36,23 +36,11 @@ PAUSED = REPO / "tests" / "paused_train.py"
 TIMING = ("time", "images_per_s", "tokens_per_s")  # wall-clock measurements: differ between any two runs
 
 
-def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
-             PYTHONPATH=str(REPO))
-    for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # no network: refuse at once
-        e[k] = "http://127.0.0.1:9"
-    e.pop("HARNESS_TRACEBACK", None)
-    for k in [k for k in e if k.startswith("SLURM_")]:
-        e.pop(k)
-    e.update(extra)
-    return e
-
-
 def start(script, argv, log, pause_at=None):
     """train.py in a process of its own (through paused_train.py when it is to pause at a step)."""
     prefix = [sys.executable] + ([str(PAUSED), str(pause_at)] if pause_at is not None else [])
     return subprocess.Popen([*prefix, str(script), *map(str, argv)], stdout=subprocess.PIPE, text=True,
-                            stderr=open(log, "w"), env=env(), cwd=REPO)  # noqa: SIM115 (the child holds it)
+                            stderr=open(log, "w"), env=child_env(WANDB_SILENT="true"), cwd=REPO)  # noqa: SIM115 (the child holds it)
 
 
 def finish(proc, log, timeout=600):
@@ -87,22 +75,6 @@ def strip(value):
     if isinstance(value, (list, tuple)):
         return [strip(v) for v in value]
     return value
-
-
-def assert_same(a, b, path):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path}: differs by up to {(a.double() - b.double()).abs().max().item():.3g}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, sorted(map(str, a)), sorted(map(str, b)))
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
 
 
 def read_jsonl(path):
@@ -210,7 +182,7 @@ def tinystories_data(tmp_path_factory):
     for args in (["download", "--url", archive.as_uri(), "--sha256", sha256(archive), "--size", archive.stat().st_size],
                  ["train_vocab", "--vocab-size", VOCAB], ["pretokenize", "--vocab-size", VOCAB, "--workers", 1]):
         subprocess.run([sys.executable, str(prepare), *map(str, args), "--data-dir", str(data)], check=True,
-                       capture_output=True, env=env(), timeout=300)
+                       capture_output=True, env=child_env(), timeout=300)
     return data
 
 

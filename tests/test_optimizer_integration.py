@@ -7,7 +7,6 @@ tests/test_experiments_resume.py.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import socket
@@ -15,6 +14,7 @@ import socket
 import pytest
 import torch
 import torch.nn as nn
+from checks import assert_same, through_checkpoint
 
 from common import harness
 from common.optimizers import MetaOptimize
@@ -34,25 +34,7 @@ def _one_thread():
 
 def snapshot(opt):
     """The optimizer's state_dict as a checkpoint holds it (copied: later steps do not change it)."""
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
+    return through_checkpoint(opt.state_dict())
 
 
 def leaves(state):

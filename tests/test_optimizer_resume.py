@@ -10,12 +10,10 @@ tensor gets no gradient on odd steps, so the blocks a step leaves out are resume
 
 from __future__ import annotations
 
-import io
-import math
-
 import pytest
 import torch
 import torch.nn as nn
+from checks import assert_same, through_checkpoint
 
 from common.optimizers import BASE_ALGS, META_ALGS, MetaOptimize, MetaOptimize_AdamW_Lion_hg
 
@@ -73,32 +71,6 @@ def train(model, opt, steps, start):
         if i % 2:
             model[0].bias.grad = None
         opt.step()
-
-
-def through_checkpoint(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, map_location="cpu", weights_only=True)
-
-
-def assert_same(a, b, path):
-    """Equal nested state: tensors bit for bit (dtype included), numbers and strings exactly."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path}: differs by up to {(a.double() - b.double()).abs().max().item():.3g}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, sorted(map(str, a)), sorted(map(str, b)))
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
 
 
 def check_resume(build):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checks import child_env as env  # noqa: E402
 from cifar_fixtures import load_cifar10_train, write_fake_cifar10  # noqa: E402
 
 from common import cli, harness, runfolder  # noqa: E402
@@ -30,17 +31,6 @@ from common import cli, harness, runfolder  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "toy_train.py"
 CIFAR = REPO / "cifar10" / "train.py"
-
-
-def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # no network: refuse at once
-        e[k] = "http://127.0.0.1:9"
-    e.pop("HARNESS_TRACEBACK", None)
-    for k in [k for k in e if k.startswith("SLURM_")]:
-        e.pop(k)
-    e.update(extra)
-    return e
 
 
 def toy(out, name, *args, wait=True, **env_extra):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checks import assert_same
 
 from common.optimizers import NAMED_STEPSIZE_GROUPS, MetaOptimize, resolve_stepsize_groups
 
@@ -364,21 +365,6 @@ def test_sampling_produces_text(trained):
         assert len(s.split()) > 5
 
 
-def _state_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _state_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _state_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--alg-base", "Lion", "--Lion-beta2-base", ".9", "--alg-meta", "Lion",
                                     "--stepsize-groups", "layerwise", "--grad-accum", 2, "--dropout", 0.1],
@@ -393,7 +379,7 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, extra):
     py("train", *common, "--run-name", "parts", "--resume")
     a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("whole", "parts"))
     for key in ("model", "optimizer", "scheduler", "step", "last", "best"):
-        _state_equal(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     strip = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_s")} for m in ms]  # noqa: E731
     assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "parts"))
 
