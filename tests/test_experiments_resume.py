@@ -10,9 +10,10 @@ gradient clipping (the scaler's unscale path), ImageNet with --amp bf16 --channe
 real JPEG augmentation in 2 loader workers (each image's crop is seeded by seed, epoch and index).
 
 A segment stopped by a signal runs through tests/paused_train.py, which holds the loop at a
-known step until the test has sent the signal from outside. Not here: ResNet-18 with --compile
-(84 s for a 4-step CIFAR-10 run on this 2-core CPU) or --amp fp16 (284 s: CPU fp16 convolutions);
-test_cifar10_cuda_compile_fp16_resume runs that setting where CUDA is available.
+known step until the test has sent the signal from outside. Not here: ResNet-18 (CIFAR-10,
+ImageNet) with --compile (84 s for one 4-step CIFAR-10 process on this 2-core CPU) or --amp fp16
+(284 s: CPU fp16 convolutions); on a GPU a bit-exact twin would also need deterministic cuDNN
+algorithms, which the experiments do not ask for (ImageNet sets cudnn.benchmark).
 """
 
 from __future__ import annotations
@@ -82,10 +83,9 @@ def read_jsonl(path):
 
 
 def resume_chain(tmp_path, script, argv, sigterm_at, sigusr1_at, stop_kind=None):
-    """The twin (uninterrupted, in parallel) and the run cut by SIGTERM at `sigterm_at`, then
-    --max-time 1 (its first check after a resume: this process is older than a second by then),
-    then SIGUSR1 at `sigusr1_at`, then resumed to the end. Returns (twin folder, cut folder, the
-    checkpoint step after each stop)."""
+    """The twin (uninterrupted, in parallel) and the run cut by SIGTERM at `sigterm_at`, then by
+    --max-time 0.001 (used up by the first check after the resume), then by SIGUSR1 at `sigusr1_at`,
+    then resumed to the end. Returns (twin folder, cut folder, the checkpoint step after each stop)."""
     out = tmp_path / "out"
     twin = start(script, [*argv, "--save-directory", out, "--run-name", "twin"], tmp_path / "twin.log")
     cut = [*argv, "--save-directory", out, "--run-name", "cut"]
@@ -94,10 +94,10 @@ def resume_chain(tmp_path, script, argv, sigterm_at, sigusr1_at, stop_kind=None)
     assert "stopped (SIGTERM)" in err and not (out / "cut" / "summary.json").exists(), err[-2000:]
     steps.append(checkpoint(out / "cut")["step"])
     assert steps[-1] == sigterm_at
-    _, err = finish(start(script, [*cut, "--resume", "--max-time", "1"], tmp_path / "2.log"), tmp_path / "2.log")
-    assert "stopped (--max-time 1)" in err and not (out / "cut" / "summary.json").exists(), err[-2000:]
+    _, err = finish(start(script, [*cut, "--resume", "--max-time", "0.001"], tmp_path / "2.log"), tmp_path / "2.log")
+    assert "stopped (--max-time 0.001)" in err and not (out / "cut" / "summary.json").exists(), err[-2000:]
     steps.append(checkpoint(out / "cut")["step"])
-    assert sigterm_at < steps[-1] < sigusr1_at
+    assert steps[-1] == sigterm_at + 1  # its first step after the resume
     _, err = signalled(script, [*cut, "--resume"], tmp_path / "3.log", sigusr1_at, signal.SIGUSR1)
     assert "stopped (SIGUSR1)" in err and not (out / "cut" / "summary.json").exists(), err[-2000:]
     steps.append(checkpoint(out / "cut")["step"])
@@ -143,14 +143,6 @@ def test_cifar10_augment_bf16_wandb(tmp_path):
         rows, summary = assert_wandb_matches_metrics(run_dir, runs)
         assert [r["step"] for r in rows if "step_size/block_5" in r] == list(range(1, 9))
         assert summary["best/test/acc"] == json.loads((run_dir / "summary.json").read_text())["best"]["test/acc"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (ResNet-18 compiled, fp16: minutes on a CPU)")
-def test_cifar10_cuda_compile_fp16_resume(tmp_path):
-    data = write_fake_cifar10(tmp_path / "data", n_train=20, n_test=10)
-    argv = ["--data-dir", data, "--batch-size", 5, "--eval-batch-size", 10, "--num-epochs", 2, "--device", "cuda",
-            "--log-every", 1, "--augment", "--amp", "fp16", "--compile"]
-    resume_chain(tmp_path, REPO / "cifar10" / "train.py", argv, sigterm_at=2, sigusr1_at=6)
 
 
 # ---- continual CIFAR-100 ---------------------------------------------------------------------
@@ -209,3 +201,4 @@ def test_imagenet_bf16_channels_last_jpeg_augmentation(tmp_path):
     _, cut, _ = resume_chain(tmp_path, REPO / "imagenet" / "train.py", argv, sigterm_at=1, sigusr1_at=5)
     state = checkpoint(cut)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 6)
+
