@@ -1,4 +1,5 @@
-"""Learning-rate-free baselines of the paper (DoG, LDoG, Prodigy, Mechanic, gdtuo) and more.
+"""Learning-rate-free baselines: the paper's (DoG, Prodigy, Mechanic, gdtuo) and more (LDoG,
+ScheduleFree, DAdaptAdam).
 
 Every `--optimizer` value other than HF and AdamW is built here, from the authors' own PyPI
 packages (pins in requirements.txt). This file only adds what the experiments need around them:
@@ -12,7 +13,8 @@ switching, and checkpoints that hold everything (some packages keep state outsid
 | Prodigy      | prodigyopt (Prodigy)                             | flags only                                   |
 | DAdaptAdam   | dadaptation (DAdaptAdam)                         | flags only                                   |
 | ScheduleFree | schedulefree (AdamWScheduleFree)                 | starts in train mode                         |
-| Mechanic     | mechanic-pytorch (mechanize(<torch base>))       | checkpoints of its per-parameter state       |
+| Mechanic     | mechanic-pytorch (mechanize(<base>)); Lion base: | checkpoints of its per-parameter state       |
+|              | lion-pytorch (Lion)                              |                                              |
 | gdtuo        | gradient-descent-the-ultimate-optimizer          | `GDTUO`: a torch optimizer driving its stack |
 
 Extension points used by common/optimizers.py:
@@ -48,6 +50,7 @@ from collections.abc import Callable
 
 import dadaptation
 import dog
+import lion_pytorch
 import mechanic_pytorch
 import prodigyopt
 import schedulefree
@@ -325,13 +328,17 @@ def _build_schedulefree(params, args):
 # Mechanic
 # --------------------------------------------------------------------------------------
 
-MECHANIC_BASES = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adam": "Adam", "adamw": "AdamW"}
+MECHANIC_BASES = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adam": "Adam", "adamw": "AdamW",
+                  "lion": "Lion"}
 _MECHANIC_BASE_CLASSES = {
     "SGD": (torch.optim.SGD, {}),
     "SGDm": (torch.optim.SGD, {"momentum": 0.9}),
     "RMSProp": (torch.optim.RMSprop, {}),
     "Adam": (torch.optim.Adam, {}),
     "AdamW": (torch.optim.AdamW, {}),
+    # the paper also runs Mechanic on a Lion base; torch has none: lion-pytorch's (betas (c, rho) = (.9, .99),
+    # the paper's Lion base; decoupled weight decay p <- p (1 - lr wd))
+    "Lion": (lion_pytorch.Lion, {}),
 }
 
 
@@ -376,7 +383,7 @@ def _mechanic_step_sizes(self) -> torch.Tensor:
 def mechanic_optimizer(base: str, params, *, base_kwargs: dict | None = None, **mechanic_kwargs):
     """mechanic_pytorch.mechanize(<torch base class>)(params, **base_kwargs), with checkpoints fixed.
 
-    base: SGD, SGDm (momentum 0.9), RMSProp, Adam or AdamW (torch.optim classes).
+    base: SGD, SGDm (momentum 0.9), RMSProp, Adam, AdamW (torch.optim classes) or Lion (lion-pytorch).
     mechanic_kwargs: s_decay, betas, s_init, eps, store_delta (mechanize's arguments).
     """
     base_cls, extra = _MECHANIC_BASE_CLASSES[MECHANIC_BASES[base.lower()]]
@@ -684,7 +691,8 @@ def add_baseline_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
     g = parser.add_argument_group("--optimizer Mechanic (mechanic-pytorch)")
     g.add_argument("--mechanic-base", default="AdamW",
-                   help="torch optimizer Mechanic scales: SGD, SGDm (momentum 0.9), RMSProp, Adam, AdamW")
+                   help="optimizer Mechanic scales: SGD, SGDm (momentum 0.9), RMSProp, Adam, AdamW (torch.optim), "
+                        "Lion (lion-pytorch, betas 0.9,0.99)")
     g.add_argument("--mechanic-base-lr", type=float, default=1.0, help="lr of the base (the package suggests 1)")
     g.add_argument("--mechanic-base-weight-decay", type=float, default=-1,
                    help="weight decay of the base (unset: torch's default of the base class)")

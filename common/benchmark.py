@@ -3,13 +3,26 @@
 Every benchmark times its variants in one process, in interleaved rounds, so that slow drifts of
 a shared machine (clock changes, other jobs) hit every variant alike; device work is synchronised
 around each timed call, so the times include it.
+
+`write_results` records what a benchmark measured (date, command line, machine, software, the
+table and every raw measurement) as `<stem>.md` + `<stem>.json`, e.g. under results/, so that
+every number a README quotes can be traced to the run that produced it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -54,3 +67,109 @@ def interleaved(
         if r >= warmup_rounds and on_round is not None:
             on_round(r - warmup_rounds, timings)
     return timings
+
+
+# --------------------------------------------------------------------------------------
+# Results files: every number a README quotes comes from one of these
+# --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout the script runs from, with "+changes" when the work tree differs."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + (" +changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str = "cpu", argv: Sequence[str] | None = None) -> dict:
+    """Where and how a measurement was taken: date (UTC), command line, machine, software."""
+    device = torch.device(device)
+    script = Path(sys.argv[0])
+    with contextlib.suppress(ValueError):  # a path inside the repository is shown relative to it
+        script = script.resolve().relative_to(REPO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python3", str(script), *argv]),
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "git": _git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; numbers are written as given (format them before)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(stem: str | Path, *, title: str, table: str, raw, device: torch.device | str = "cpu",
+                  argv: Sequence[str] | None = None, notes: Sequence[str] = (), env: dict | None = None
+                  ) -> tuple[Path, Path]:
+    """Record a benchmark's output: `<stem>.md` (title, date, command, machine, the table, notes) and
+    `<stem>.json` (the same header and `raw`, every measurement behind the table). Returns both paths.
+
+    `argv` is the script's arguments (default sys.argv[1:]); `raw` must be JSON-serialisable
+    (numbers, text, lists, dicts; other objects are written with str()). `env`: `environment()` taken
+    when the measurement started (its date and git commit); default: taken now."""
+    stem = Path(stem)
+    if stem.suffix in (".md", ".json"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    env = env or environment(device, argv)
+    machine = f"{env['host']}: {env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads"
+    if "gpu" in env:
+        machine += f"; {env['gpu']} ({env['gpu_memory_gb']} GB), CUDA {env['cuda']}"
+    header = [
+        f"- date: {env['date']}",
+        f"- command: `{env['command']}`",
+        f"- machine: {machine}",
+        f"- software: Python {env['python']}, torch {env['torch']}, {env['os']}"
+        + (f", git {env['git']}" if env["git"] else ""),
+        f"- device: {env['device']}",
+    ]
+    text = "\n".join([f"# {title}", "", *header, "", table.rstrip(), ""]
+                     + ([*(n.rstrip() for n in notes), ""] if notes else [])
+                     + [f"Raw measurements: `{stem.name}.json`.", ""])
+    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+    _atomic_write(md, text)
+    _atomic_write(js, json.dumps({"title": title, **env, "table": table, "notes": list(notes), "raw": raw},
+                                 indent=1, default=str) + "\n")
+    return md, js
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -62,8 +62,10 @@ class DatasetError(RuntimeError):
 
 
 @dataclass
-class CifarData:
-    train_x: Tensor  # uint8 [N, 3, 32, 32]
+class ImageData:
+    """A labelled image set split in train and test (CIFAR, MNIST, scikit-learn's digits)."""
+
+    train_x: Tensor  # uint8 [N, C, H, W], e.g. [N, 3, 32, 32] for CIFAR
     train_y: Tensor  # int64 [N]
     test_x: Tensor
     test_y: Tensor
@@ -72,6 +74,9 @@ class CifarData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+CifarData = ImageData  # the name the CIFAR experiments use
 
 
 # --------------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ def _fetch_cifar(info: dict, data_dir: Path) -> None:
                 shutil.move(str(f), str(dst / f.name))
 
 
-def load_cifar(name, data_dir, *, download=True) -> CifarData:
+def load_cifar(name, data_dir, *, download=True) -> ImageData:
     """Load CIFAR-10 or CIFAR-100 ("cifar10" / "cifar100") from `data_dir`.
 
     Expects the official python-version folder (`cifar-10-batches-py/` or `cifar-100-python/`)
@@ -195,7 +200,7 @@ def load_cifar(name, data_dir, *, download=True) -> CifarData:
     if info["classes_key"] not in meta:
         raise DatasetError(f"{folder / info['meta_file']} has no {info['classes_key']!r} entry")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[info["classes_key"]]]
-    return CifarData(train_x, train_y, test_x, test_y, classes)
+    return ImageData(train_x, train_y, test_x, test_y, classes)
 
 
 # --------------------------------------------------------------------------------------
@@ -363,3 +368,89 @@ def split_classes(num_classes: int, classes_per_task: int, seed: int) -> list[li
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     perm = torch.randperm(num_classes, generator=g).tolist()
     return [perm[i : i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
+
+
+# --------------------------------------------------------------------------------------
+# Grey-scale digits: MNIST and scikit-learn's bundled 8x8 digits
+# --------------------------------------------------------------------------------------
+
+# torchvision's layout: <data_dir>/MNIST/raw/<file> (the .gz archives are extracted beside them)
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's first mirror
+DIGITS_TEST_FRACTION = 0.25  # scikit-learn's digits have no official split: a fixed, stratified one
+DIGITS_SPLIT_SEED = 0
+
+
+def mnist_folder(data_dir) -> Path:
+    return Path(data_dir).expanduser() / "MNIST" / "raw"
+
+
+def mnist_present(data_dir) -> bool:
+    """True when the four uncompressed MNIST idx files are in torchvision's layout under `data_dir`."""
+    return all((mnist_folder(data_dir) / f).is_file() for f in MNIST_FILES)
+
+
+def load_mnist(data_dir, *, download=True) -> ImageData:
+    """MNIST as uint8 [N, 1, 28, 28] images (60,000 train, 10,000 test) from `data_dir`.
+
+    Reads torchvision's layout, `<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`,
+    with torchvision's reader; when files are missing and `download` is true, torchvision downloads
+    the md5-checked archives from its mirrors and extracts them there. Raises DatasetError saying
+    what is missing or malformed and how to fetch the files by hand.
+    """
+    from torchvision.datasets import MNIST
+
+    folder = mnist_folder(data_dir)
+    by_hand = (f"download {', '.join(f + '.gz' for f in MNIST_FILES)} from {MNIST_URL} and gunzip them "
+               f"into {folder}")
+    missing = [f for f in MNIST_FILES if not (folder / f).is_file()]
+    if missing:
+        if not download:
+            raise DatasetError(f"mnist: {folder / missing[0]} is missing and downloading is off; {by_hand}")
+        try:
+            with file_lock(folder):
+                MNIST(str(Path(data_dir).expanduser()), train=True, download=True)
+        except (RuntimeError, OSError) as e:
+            raise DatasetError(f"mnist: {folder / missing[0]} is missing and the download failed "
+                               f"({' '.join(str(e).split())[:200]}); {by_hand}") from None
+    splits = []
+    for train in (True, False):
+        prefix = "train" if train else "t10k"
+        try:
+            ds = MNIST(str(Path(data_dir).expanduser()), train=train, download=False)
+            x, y = ds.data, ds.targets
+        except Exception as e:  # torchvision raises bare errors for a truncated or foreign file
+            raise DatasetError(f"mnist: cannot read {folder}/{prefix}-images-idx3-ubyte / {prefix}-labels-idx1-ubyte "
+                               f"({type(e).__name__}: {e}); delete them and download again") from None
+        if x.dtype != torch.uint8 or x.dim() != 3 or len(x) != len(y):
+            raise DatasetError(f"mnist: {folder}/{prefix}-images-idx3-ubyte holds {tuple(x.shape)} {x.dtype} "
+                               f"images for {len(y)} labels, expected N x H x W uint8 and N labels")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
+            raise DatasetError(f"mnist: {folder}/{prefix}-labels-idx1-ubyte has labels outside 0-9")
+        splits += [x.unsqueeze(1).contiguous(), y.long()]
+    return ImageData(*splits, classes=[str(i) for i in range(10)])
+
+
+def load_digits(size: int = 8) -> ImageData:
+    """scikit-learn's bundled handwritten digits (1,797 images, no download) as uint8 [N, 1, size, size].
+
+    `size` 8 keeps the original 8x8 images; any other size upsamples them bilinearly (28 gives
+    MNIST's shape). Pixel values 0-16 map to 0-255, so `normalize(x, 0.0, 1.0)` gives [0, 1] as
+    for MNIST. The split is fixed: 25% test, stratified, seed 0.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    if int(size) < 1:
+        raise ValueError(f"load_digits: size must be a positive integer, got {size}")
+    bunch = sklearn_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_FRACTION,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=bunch.target)
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return ImageData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes=[str(i) for i in range(10)])

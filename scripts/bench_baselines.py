@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without
 
 import torch
 
-from common.benchmark import interleaved
+from common.benchmark import environment, interleaved, markdown_table, write_results
 from common.optim_flags import add_optimizer_args, build_optimizer
 
 METHODS = {  # row name -> argv for add_optimizer_args
@@ -185,12 +185,15 @@ def bench_set(key: str, args, device) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method (after 2 warm-up rounds)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="parameter sets")
     parser.add_argument("--only", nargs="*", default=None,
                         help="only methods whose row name contains one of these (AdamW is always kept)")
+    parser.add_argument("--record", default=None, metavar="STEM",
+                        help="record the tables and every measurement as STEM.md + STEM.json, with date, command "
+                             "and machine (e.g. results/bench_baselines_cpu)")
     args = parser.parse_args(argv)
     if args.only is not None:
         args.only = [*args.only, "torch AdamW"]
@@ -199,10 +202,22 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    env = environment(device, argv)  # the date and commit of the start, for --record
     print(f"torch {torch.__version__}")
     rows = []
     for key in args.sets:
         rows += bench_set(key, args, device)
+    if args.record:
+        columns = ["set", "method", "step ms", "x AdamW", "min ms", "x AdamW", "state MB", "x weights", "x AdamW"]
+        keys = ["set", "method", "step_ms", "time_x_adamw", "min_step_ms", "min_x_adamw", "state_mb",
+                "state_x_weights", "state_x_adamw"]
+        table = markdown_table(columns, [[r[k] if isinstance(r[k], str) else f"{r[k]:.2f}" for k in keys]
+                                         for r in rows])
+        paths = write_results(args.record, title="Optimizer step time and state memory (scripts/bench_baselines.py)",
+                              table=table, raw=rows, device=device, env=env, notes=[
+                                  f"optimizer.step() alone, median and min of {args.rounds} interleaved rounds; state: "
+                                  "bytes reachable from the optimizer besides the weights and their gradients."])
+        print(f"recorded {paths[0]} and {paths[1]}")
     return rows
 
 

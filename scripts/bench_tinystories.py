@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tinystories"))
 from model import ModelArgs, Transformer, describe  # noqa: E402
 
 from common import harness  # noqa: E402
-from common.benchmark import interleaved  # noqa: E402
+from common.benchmark import environment, interleaved, markdown_table, write_results  # noqa: E402
 from common.optimizers import MetaOptimize  # noqa: E402
 
 PAPER_ITERS, PAPER_TOKENS_PER_STEP = 30_000, 128 * 256
@@ -37,20 +37,24 @@ PAPER_ITERS, PAPER_TOKENS_PER_STEP = 30_000, 128 * 256
 
 def parse_args(argv=None):
     p = harness.ArgParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=128, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per repetition")
     p.add_argument("--reps", type=int, default=5, help="repetitions per optimizer, interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autocast dtype (float16 adds a gradient scaler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--stepsize-groups", default="scalar", help="MetaOptimize blocks (e.g. transformer_blocks_15m)")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--dim", type=int, default=288)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=6)
+    p.add_argument("--vocab-size", type=int, default=32000, help="model vocabulary")
+    p.add_argument("--dim", type=int, default=288, help="model width")
+    p.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
+    p.add_argument("--n-heads", type=int, default=6, help="attention heads")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--record", default=None, metavar="STEM",
+                   help="record the table and every measurement as STEM.md + STEM.json, with date, command and "
+                        "machine (e.g. results/bench_tinystories_cpu)")
     return p.parse_args(argv)
 
 
@@ -71,6 +75,7 @@ def make_optimizers(model: Transformer, device, stepsize_groups) -> dict:
 def main():
     args = parse_args()
     device = harness.resolve_device(args.device)
+    env = environment(device)  # the date and commit of the start, for --record
     for name in ("batch_size", "seq_len", "steps", "reps"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -135,10 +140,19 @@ def main():
     print(f"ratio MetaOptimize (AdamW, Lion) / torch AdamW tokens/s: {ratio:.3f} (median of the per-repetition "
           f"ratios; ratio of the medians {median[meta] / median[base]:.3f}); MetaOptimize takes "
           f"{100 * (1 / ratio - 1):+.1f}% time per training step")
+    result = {"device": str(device), "args": vars(args), "tokens_per_s": median, "all": rates, "ratio": ratio,
+              "optimizer_step_ms": opt_ms, "all_optimizer_step_ms": step_ms}
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": str(device), "args": vars(args), "tokens_per_s": median, "all": rates, "ratio": ratio,
-            "optimizer_step_ms": opt_ms, "all_optimizer_step_ms": step_ms}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        table = markdown_table(["optimizer", "tokens/s (median)", "optimizer step ms (median)"],
+                               [[n, f"{v:,.0f}", f"{opt_ms[n]:.2f}"] for n, v in median.items()])
+        paths = write_results(args.record, title="TinyStories training throughput (scripts/bench_tinystories.py)",
+                              table=table, raw=result, device=device, env=env, notes=[
+                                  f"batch {args.batch_size} x {args.seq_len} tokens, dtype {args.dtype}, {args.steps} "
+                                  f"steps x {args.reps} interleaved repetitions; MetaOptimize (AdamW, Lion) / torch "
+                                  f"AdamW tokens/s: {ratio:.3f} (median of the per-repetition ratios)."])
+        print(f"recorded {paths[0]} and {paths[1]}")
     return 0
 
 

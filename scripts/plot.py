@@ -1,19 +1,35 @@
 #!/usr/bin/env python3
-"""The paper's figures from run folders (PNG and PDF); it draws the figures the runs support.
+"""The paper's figures from run folders (PNG and PDF).
 
     python scripts/plot.py outputs/cifar10_combinations outputs/cifar10_baselines --out figures/
     python scripts/plot.py outputs/continual_cifar100 --out figures/ --formats png
+    python scripts/plot.py outputs/cifar10_combinations --kind base-panels --name figure1_cifar10 --out figures/
+    python scripts/paper.py                  # which command rebuilds which figure of the paper
 
-Per experiment (config.json "experiment"), one line per configuration (mean over its seeds, shaded
-+- std; configurations as in summarize.py):
+Without --kind (auto), it draws every figure the runs support. Per experiment (config.json
+"experiment"), one line per configuration (mean over its seeds, shaded +- std; configurations as in
+summarize.py):
 - <exp>_test_acc, <exp>_val_loss, <exp>_train_loss: the metric against epochs (iterations when the
-  runs log no epoch), one line per method (the paper's Figures 1, 4, 5);
+  runs log no epoch), one line per method;
 - <exp>_step_sizes_<method>: the step size of every block against steps, log scale, for each
-  configuration whose step sizes move (Figure 3);
+  configuration whose step sizes move;
 - <exp>_alpha0_<metric>: the final test accuracy (or validation loss) against alpha0, log scale,
-  one line per method that was run with several alpha0 (Figure 2, robustness);
+  one line per method that was run with several alpha0;
 - <exp>_online_acc: the accumulated online accuracy of the continual task against steps, with the
-  task switches marked.
+  task switches marked; <exp>_task_test_acc: its test accuracy at the end of each task;
+- <exp>_top1_top5: top-1 and top-5 accuracy, test and training (runs that log test/acc5: ImageNet).
+
+With --kind, it draws one figure, named --name, from the runs chosen by --where (and --best-over):
+- curves: the metric against epochs/iterations, one line per configuration (Figures 4, 5, 6, 11);
+- base-panels: one panel per base update, each with its fixed step and MetaOptimize variants (Figure 1);
+- block-panels: one panel per step-size block, one line per configuration (Figure 8);
+- step-sizes: every block's step size on one axis, per configuration (Figure 3);
+- alpha0: the metric per alpha0, the final metric against alpha0 and the step-size trajectories,
+  fixed-step runs as references (Figure 2);
+- task-end: accumulated online accuracy and the test accuracy at the end of each task (Figure 7);
+- top1-top5: top-1 and top-5 accuracy, test solid and training dashed (Figure 9).
+- l2o_*: the learned-optimizer figures (scripts/plot_l2o.py) for runs of l2o/evaluate.py and l2o/meta_train.py,
+  instead of the figures above (the paper of Sobotka et al., Figures 4, 5, 7, 8, 9).
 plot_data.json in the output folder holds the numbers behind every figure and the runs they come from.
 Diverged runs (as summarize.py tells them) are left out of the means: each is drawn on its own as a
 dashed line up to its divergence, ending in an x, and the legend says how many diverged.
@@ -31,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
 from summarize import (  # noqa: E402  (scripts/ is not a package)
     ArgParser,
     InputError,
@@ -48,6 +65,7 @@ CURVE_METRICS = {"test/acc": "test accuracy (%)", "val/loss": "validation loss",
 # the metric of the alpha0 robustness figure: the first of these the runs have
 ROBUSTNESS_METRICS = ["test/acc", "val/loss", "online/acc", "train/loss"]
 FORMATS = ("png", "pdf")
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 DPI = 150
 FIGSIZE = (6.4, 4.2)
 
@@ -61,11 +79,47 @@ def _g(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# each --optimizer's own flags (config keys) start with its prefix; a label shows only its own
+BASELINE_PREFIXES = {"dog": "dog_", "ldog": "dog_", "prodigy": "prodigy_", "mechanic": "mechanic_",
+                     "gdtuo": "gdtuo_", "schedulefree": "sf_", "dadaptadam": "dadapt_"}
+
+
+# the flags of torch AdamW with its cosine schedule (--optimizer AdamW)
+ADAMW_KEYS = ("lr", "warmup_steps", "momentum_param_base", "normalizer_param_base", "weight_decay_base")
+
+
+def _relevant(key: str, optimizer: str) -> bool:
+    """Whether a config key means something for this --optimizer (config.json holds every flag)."""
+    if key.startswith(tuple(BASELINE_PREFIXES.values())):
+        own = BASELINE_PREFIXES.get(optimizer)
+        return bool(own) and key.startswith(own)
+    if optimizer in ("hf", "metaoptimize", ""):
+        return key not in ("lr", "warmup_steps")
+    return optimizer == "adamw" and key in ADAMW_KEYS
+
+
+def label_keys(groups) -> list[str]:
+    """The keys that tell configurations apart beyond their method: varying keys, less those that
+    one (optimizer, base, meta) always has the same value of (e.g. the base's rho)."""
+    configs = [c for c, _ in groups]
+    keys = varying_keys(configs)
+    method = ("optimizer", "alg_base", "alg_meta")
+    out = []
+    for k in keys:
+        values: dict[str, set] = {}
+        for c in configs:
+            values.setdefault(json.dumps([c.get(m) for m in method], default=str), set()).add(
+                json.dumps(c.get(k), default=str))
+        if k in method or any(len(v) > 1 for v in values.values()):
+            out.append(k)
+    return out
+
+
 def method_label(config: dict, keys: list[str]) -> str:
     """A short name for a configuration, e.g. "AdamW+Adam resnet18_blocks" or "Lion fixed α=1e-4"."""
-    keys = list(keys)
-    parts = []
     optimizer = str(config.get("optimizer", "")).lower()
+    keys = [k for k in keys if _relevant(k, optimizer)]
+    parts = []
     covered = {"optimizer"}
     if optimizer in ("hf", "metaoptimize") and "alg_base" in config:
         base, meta = config.get("alg_base"), config.get("alg_meta")
@@ -134,10 +188,11 @@ def _series_record(label, grid, mean, std, runs) -> dict:
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
-def _add_curve(ax, data: dict, label: str, curve) -> None:
-    """Draw a mean_curve result (mean line, +-1 std band) and record it in the figure's data."""
+def _add_curve(ax, data: dict, label: str, curve, **style) -> None:
+    """Draw a mean_curve result (mean line, +-1 std band) and record it in the figure's data.
+    `style`: matplotlib line properties (color, linestyle)."""
     grid, mean, std, _ = curve
-    (line,) = ax.plot(grid, mean, label=label, marker="o" if len(grid) <= 20 else None, markersize=3)
+    (line,) = ax.plot(grid, mean, label=label, marker="o" if len(grid) <= 20 else None, markersize=3, **style)
     if np.any(std > 0):
         ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     data["series"].append(_series_record(label, *curve))
@@ -252,6 +307,14 @@ def robustness_figures(exp: str, groups, keys) -> dict:
     ylabel = CURVE_METRICS.get(metric, metric)
     fig, ax = _figure(f"{exp}: final {ylabel} against initial step size", "α0 (initial step size)", f"final {ylabel}")
     data = {"kind": "alpha0", "metric": metric, "x": "alpha0", "series": []}
+    _add_alpha0_points(ax, data, lines)
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    return {f"{exp}_alpha0_{metric.replace('/', '_')}": (fig, data)}
+
+
+def _add_alpha0_points(ax, data: dict, lines: dict) -> None:
+    """Final metric against alpha0, one line per method: {label: [(alpha0, final values, runs)]}."""
     for label, points in lines.items():
         grid = np.array([p[0] for p in points])
         mean = np.array([np.mean(p[1]) for p in points])
@@ -264,9 +327,6 @@ def robustness_figures(exp: str, groups, keys) -> dict:
             if note := _diverged_note(p[2]):
                 ax.annotate(note.strip(" ()"), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6,
                             ha="center")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    return {f"{exp}_alpha0_{metric.replace('/', '_')}": (fig, data)}
 
 
 def task_switches(runs: list[Run]) -> list[float]:
@@ -293,6 +353,328 @@ def continual_figures(exp: str, groups, keys) -> dict:
     return {f"{exp}_online_acc": (fig, data)}
 
 
+def _has_task_end(groups) -> bool:
+    return any(run.series("task/test_acc", "task")[0] for _, members in groups for run in members)
+
+
+def _add_task_end_curves(ax, data: dict, groups, keys) -> None:
+    """Test accuracy on the current task's classes at the end of each task, per configuration (tasks 1..N)."""
+    for config, members in groups:
+        curve = mean_curve(members, "task/test_acc", "task")
+        if curve is not None:
+            grid, mean, std, used = curve
+            _add_curve(ax, data, method_label(config, keys), (grid + 1, mean, std, used))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def task_end_figures(exp: str, groups, keys) -> dict:
+    if not _has_task_end(groups):
+        return {}
+    fig, ax = _figure(f"{exp}: test accuracy at the end of each task", "task", "test accuracy (%)")
+    data = {"kind": "task_end", "metric": "task/test_acc", "x": "task", "series": []}
+    _add_task_end_curves(ax, data, groups, keys)
+    ax.legend(fontsize=7)
+    return {f"{exp}_task_test_acc": (fig, data)}
+
+
+# --------------------------------------------------------------------------------------
+# The paper's figures (--kind): one named figure from chosen runs, often several panels
+# --------------------------------------------------------------------------------------
+
+KINDS = ("auto", "curves", "base-panels", "block-panels", "step-sizes", "alpha0", "task-end", "top1-top5")
+# the metric a figure shows when --metric is not given: the first of these the runs logged
+DEFAULT_METRICS = ["test/acc", "val/loss", "online/acc", "train/loss"]
+
+
+def _panels(n: int, title: str, ncols: int | None = None, sharey: bool = True):
+    import matplotlib.pyplot as plt
+
+    ncols = ncols or min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 3.1 * nrows + 0.5), sharey=sharey, squeeze=False)
+    for ax in axes.flat[n:]:
+        fig.delaxes(ax)
+    fig.suptitle(title, fontsize=10)
+    axes = list(axes.flat[:n])
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
+
+
+def _metric(runs: list[Run], metric: str | None) -> str:
+    if metric:
+        if not any(run.series(metric)[0] for run in runs):
+            raise InputError(f"--metric {metric}: none of the {len(runs)} runs logged it")
+        return metric
+    for m in DEFAULT_METRICS:
+        if any(run.series(m)[0] for run in runs):
+            return m
+    raise InputError(f"the runs logged none of {', '.join(DEFAULT_METRICS)}; choose one with --metric")
+
+
+def _is_fixed(config: dict) -> bool:
+    return str(config.get("alg_meta", "")).lower() == "fixed" or str(config.get("optimizer", "hf")).lower() != "hf"
+
+
+def _block_keys(groups) -> list[str]:
+    return sorted({k for _, members in groups for run in members for r in run.metrics for k in r
+                   if k.startswith("step_size/")}, key=_block_order)
+
+
+def _moves(members: list[Run], key: str) -> bool:
+    return len({r[key] for run in members for r in run.metrics if key in r}) > 1
+
+
+def kind_curves(name, groups, keys, metric) -> dict:
+    """One axis: the metric against epochs/iterations, one line per configuration (Figures 4, 5, 6)."""
+    runs = [r for _, members in groups for r in members]
+    x = x_key(runs, metric)
+    ylabel = CURVE_METRICS.get(metric, metric)
+    fig, ax = _figure(name, "epoch" if x == "epoch" else "iteration", ylabel)
+    if len(groups) > 10:  # the default cycle has 10 colors
+        import matplotlib.pyplot as plt
+
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    data = {"kind": "curves", "metric": metric, "x": x, "series": []}
+    _add_config_curves(ax, data, groups, keys, metric, x)
+    ax.legend(fontsize=7)
+    return {name: (fig, data)}
+
+
+def kind_base_panels(name, groups, keys, metric) -> dict:
+    """One panel per base update (Figure 1): in each, its fixed step and its MetaOptimize variants.
+    Runs of other optimizers (no base update) get a panel of their own."""
+    panels: dict[str, list] = {}
+    for config, members in groups:
+        hf = str(config.get("optimizer", "HF")).lower() == "hf"
+        panels.setdefault(str(config.get("alg_base")) if hf else "other optimizers", []).append((config, members))
+    runs = [r for _, members in groups for r in members]
+    x = x_key(runs, metric)
+    ylabel = CURVE_METRICS.get(metric, metric)
+    fig, axes = _panels(len(panels), name)
+    data = {"kind": "base_panels", "metric": metric, "x": x, "panels": []}
+    for ax, (base, members) in zip(axes, panels.items()):
+        panel = {"title": base, "series": []}
+        ax.set_title(base if base == "other optimizers" else f"{base} base", fontsize=9)
+        ax.set_xlabel("epoch" if x == "epoch" else "iteration")
+        _add_config_curves(ax, panel, members, [k for k in keys if k != "alg_base"], metric, x)
+        ax.legend(fontsize=6)
+        data["panels"].append(panel)
+    axes[0].set_ylabel(ylabel)
+    return {name: (fig, data)}
+
+
+def kind_block_panels(name, groups, keys, metric=None) -> dict:
+    """One panel per step-size block (Figure 8), one line per configuration whose blocks move."""
+    blocks = [b for b in _block_keys(groups) if b.startswith("step_size/block_")]
+    chosen = [(c, m) for c, m in groups if sum(any(b in r for run in m for r in run.metrics) for b in blocks) > 1
+              and any(_moves(m, b) for b in blocks)]
+    if not chosen:
+        raise InputError("--kind block-panels: no configuration logged moving step sizes of several blocks")
+    blocks = [b for b in blocks if any(b in r for _, m in chosen for run in m for r in run.metrics)]
+    fig, axes = _panels(len(blocks), name, ncols=min(len(blocks), 3))
+    data = {"kind": "block_panels", "x": "step", "panels": []}
+    for ax, block in zip(axes, blocks):
+        panel = {"title": block.removeprefix("step_size/").replace("_", " "), "series": []}
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel("iteration")
+        for config, members in chosen:
+            curve = mean_curve(members, block, "step")
+            if curve is not None and np.all(curve[1] > 0):
+                _add_curve(ax, panel, method_label(config, keys), curve)
+        ax.set_yscale("log")
+        data["panels"].append(panel)
+    axes[0].set_ylabel("step size")
+    axes[0].legend(fontsize=6)
+    return {name: (fig, data)}
+
+
+def kind_step_sizes(name, groups, keys, metric=None) -> dict:
+    """Every block's step size of each configuration on one axis (Figure 3), one figure per configuration."""
+    figures = step_size_figures(name, groups, keys)
+    if not figures:
+        raise InputError("--kind step-sizes: no configuration logged moving step sizes")
+    if len(figures) == 1:
+        return {name: next(iter(figures.values()))}
+    return {f"{name}_{k.removeprefix(name + '_step_sizes_')}": v for k, v in figures.items()}
+
+
+def kind_alpha0(name, groups, keys, metric) -> dict:
+    """Robustness to the initial step size (Figure 2): the metric against epochs per alpha0, the final
+    metric against alpha0, and the learned step size against steps per alpha0. Fixed-step runs are
+    drawn as references (dashed, and a horizontal line in the middle panel)."""
+    moving = [(c, m) for c, m in groups if not _is_fixed(c) and isinstance(c.get("alpha0"), (int, float))]
+    if len({c["alpha0"] for c, _ in moving}) < 2:
+        raise InputError("--kind alpha0: needs MetaOptimize runs with at least two alpha0 values")
+    moving.sort(key=lambda g: g[0]["alpha0"])
+    references = [(c, m) for c, m in groups if _is_fixed(c)]
+    runs = [r for _, members in groups for r in members]
+    x = x_key(runs, metric)
+    ylabel = CURVE_METRICS.get(metric, metric)
+    fig, (ax_curve, ax_final, ax_step) = _panels(3, name, ncols=3, sharey=False)
+    data = {"kind": "alpha0", "metric": metric, "x": x, "panels": []}
+    import matplotlib.pyplot as plt
+
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(moving)))
+    other = [k for k in keys if k != "alpha0"]
+    curves = {"title": f"{ylabel} per α0", "series": []}
+    steps = {"title": "step size per α0", "series": []}
+    finals = {"title": f"final {ylabel} against α0", "series": []}
+    for (config, members), color in zip(moving, colors):
+        label = f"α0={_g(config['alpha0'])}"
+        if len(other) and len({method_label(c, other) for c, _ in moving}) > 1:
+            label = f"{method_label(config, other)} {label}"
+        curve = mean_curve(members, metric, x)
+        if curve is not None:
+            _add_curve(ax_curve, curves, label, curve, color=color)
+        block = next((b for b in _block_keys([(config, members)]) if _moves(members, b)), None)
+        if block is not None:
+            curve = mean_curve(members, block, "step")
+            if curve is not None and np.all(curve[1] > 0):
+                _add_curve(ax_step, steps, label, curve, color=color)
+    for config, members in references:
+        label = method_label(config, other + ["alpha0"] if "alpha0" not in other else other)
+        curve = mean_curve(members, metric, x)
+        if curve is not None:
+            _add_curve(ax_curve, curves, label, curve, color="black", linestyle="--")
+        values = [v for r in members if (v := final_value(r, metric)) is not None]
+        if values:
+            ax_final.axhline(np.mean(values), color="black", linestyle="--", linewidth=1, label=label)
+            finals.setdefault("references", []).append({"label": label, "mean": float(np.mean(values))})
+    by_method: dict[str, list] = {}
+    for config, members in moving:
+        values = [v for r in members if (v := final_value(r, metric)) is not None]
+        if values:
+            by_method.setdefault(method_label(config, other), []).append((config["alpha0"], values, members))
+    _add_alpha0_points(ax_final, finals, by_method)
+    ax_curve.set(xlabel="epoch" if x == "epoch" else "iteration", ylabel=ylabel, title=curves["title"])
+    ax_final.set(xscale="log", xlabel="α0 (initial step size)", ylabel=f"final {ylabel}", title=finals["title"])
+    ax_step.set(yscale="log", xlabel="iteration", ylabel="step size", title=steps["title"])
+    for ax in (ax_curve, ax_final, ax_step):
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    data["panels"] = [curves, finals, steps]
+    return {name: (fig, data)}
+
+
+def kind_task_end(name, groups, keys, metric=None) -> dict:
+    """The continual task (Figure 7): accumulated online accuracy against steps with the task switches
+    marked, and the test accuracy on each task's classes at the end of the task."""
+    if not _has_task_end(groups):
+        raise InputError("--kind task-end: no run logged task/test_acc (the continual experiment's metric)")
+    runs = [r for _, members in groups for r in members]
+    fig, (ax_online, ax_task) = _panels(2, name, ncols=2, sharey=False)
+    online = {"title": "accumulated online accuracy", "metric": "online/acc", "x": "step",
+              "task_switches": task_switches(runs), "series": []}
+    for i, s in enumerate(online["task_switches"]):
+        ax_online.axvline(s, color="gray", linestyle="--", linewidth=0.8, alpha=0.6,
+                          label="task switch" if i == 0 else None)
+    _add_config_curves(ax_online, online, groups, keys, "online/acc", "step")
+    task = {"title": "test accuracy at the end of each task", "metric": "task/test_acc", "x": "task", "series": []}
+    _add_task_end_curves(ax_task, task, groups, keys)
+    ax_online.set(xlabel="step", ylabel="online accuracy (%)", title=online["title"])
+    ax_task.set(xlabel="task", ylabel="test accuracy (%)", title=task["title"])
+    for ax in (ax_online, ax_task):
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    return {name: (fig, {"kind": "task_end", "panels": [online, task]})}
+
+
+def kind_top1_top5(name, groups, keys, metric=None) -> dict:
+    """Top-1 and top-5 accuracy against epochs (Figure 9): test solid, training dashed (same color)."""
+    runs = [r for _, members in groups for r in members]
+    if not any(run.series("test/acc5")[0] for run in runs):
+        raise InputError("--kind top1-top5: no run logged test/acc5 (top-5 accuracy: the ImageNet experiment)")
+    fig, axes = _panels(2, name, ncols=2, sharey=False)
+    data = {"kind": "top1_top5", "x": "epoch", "panels": []}
+    for ax, (title, metrics) in zip(axes, (("top-1 accuracy", ("test/acc", "train/acc")),
+                                           ("top-5 accuracy", ("test/acc5", "train/acc5")))):
+        panel = {"title": title, "series": []}
+        for i, (config, members) in enumerate(groups):
+            for metric_key, style in zip(metrics, ("-", "--")):
+                curve = mean_curve(members, metric_key, x_key(members, metric_key))
+                if curve is None:
+                    continue
+                split = "test" if metric_key.startswith("test") else "train"
+                _add_curve(ax, panel, f"{method_label(config, keys)} ({split})", curve, color=f"C{i % 10}",
+                           linestyle=style)
+        ax.set(xlabel="epoch", ylabel=f"{title} (%)", title=title)
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+        data["panels"].append(panel)
+    return {name: (fig, data)}
+
+
+KIND_MAKERS = {"curves": kind_curves, "base-panels": kind_base_panels, "block-panels": kind_block_panels,
+               "step-sizes": kind_step_sizes, "alpha0": kind_alpha0, "task-end": kind_task_end,
+               "top1-top5": kind_top1_top5}
+
+
+def _matches(value, text: str) -> bool:
+    """A config value equals a command-line value: as text, or as numbers (1e-6 == 1e-06 == 0.000001)."""
+    if str(value) == text or _g(value) == text:
+        return True
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and float(text) == float(value)
+    except ValueError:
+        return False
+
+
+def select_runs(runs: list[Run], where: list[str]) -> list[Run]:
+    """--where KEY=V1,V2 (config.json key, any of the values; repeat for several keys)."""
+    for condition in where:
+        key, sep, values = condition.partition("=")
+        if not sep or not key:
+            raise InputError(f"--where {condition!r}: expected KEY=VALUE[,VALUE...], e.g. stepsize_groups=scalar")
+        wanted = [v.strip() for v in values.split(",")]
+        runs = [r for r in runs if any(_matches(r.config.get(key), w) for w in wanted)]
+        if not runs:
+            raise InputError(f"--where {condition}: no run has it")
+    return runs
+
+
+def best_configurations(groups, over: list[str], metric: str):
+    """Of the configurations that differ only in the keys `over` (a grid searched for one method), keep
+    the one with the best mean final metric (highest accuracy, lowest loss)."""
+    from summarize import higher_is_better
+
+    best: dict[str, tuple] = {}
+    sign = 1 if higher_is_better(metric) else -1
+    for config, members in groups:
+        key = json.dumps({k: v for k, v in config.items() if k not in over}, sort_keys=True, default=str)
+        values = [v for r in members if (v := final_value(r, metric)) is not None]
+        score = sign * float(np.mean(values)) if values else -math.inf
+        if key not in best or score > best[key][0]:
+            best[key] = (score, config, members)
+    return [(config, members) for _, config, members in best.values()]
+
+
+def make_kind_figure(kind: str, runs: list[Run], name: str, metric: str | None = None, where=(),
+                     best_over=(), extra_ignored=(), title: str | None = None) -> dict:
+    """{name: (figure, data)}: one figure of the given kind (KINDS) from the selected runs, titled
+    `title` (default: its name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = select_runs(runs, list(where))
+    groups = group_runs(runs, extra_ignored)
+    needs_metric = kind in ("curves", "base-panels", "alpha0")
+    metric = _metric(runs, metric) if needs_metric or best_over else metric
+    if best_over:
+        groups = best_configurations(groups, list(best_over), metric)
+    keys = label_keys(groups)
+    figures = KIND_MAKERS[kind](name, groups, keys, metric)
+    for key, (fig, data) in figures.items():
+        if title:  # several figures of one kind (step-sizes): each says its configuration
+            text = title if len(figures) == 1 else f"{title}: {data.get('config', key)}"
+            if fig._suptitle is not None:
+                fig._suptitle.set_text(text)
+            else:
+                fig.axes[0].set_title(text, fontsize=10)
+            data["title"] = text
+    return figures
+
+
 def make_figures(runs: list[Run], extra_ignored=()) -> dict:
     """{figure name: (matplotlib figure, data)} for every figure the runs support."""
     import matplotlib
@@ -304,8 +686,11 @@ def make_figures(runs: list[Run], extra_ignored=()) -> dict:
         groups = group_runs([r for r in runs if r.experiment == exp], extra_ignored)
         keys = varying_keys([c for c, _ in groups])
         name = exp or "runs"
-        for make in (curve_figures, step_size_figures, robustness_figures, continual_figures):
+        for make in plot_l2o.MAKERS.get(exp, (curve_figures, step_size_figures, robustness_figures, continual_figures,
+                                                task_end_figures)):
             figures.update(make(name, groups, keys))
+        if any(run.series("test/acc5")[0] for _, members in groups for run in members):
+            figures.update(kind_top1_top5(f"{name}_top1_top5", groups, keys))
     return figures
 
 
@@ -323,7 +708,14 @@ def save_figures(figures: dict, out_dir: Path, formats=FORMATS) -> list[Path]:
             written.append(path)
         plt.close(fig)
         index[name] = data
-    (out_dir / "plot_data.json").write_text(json.dumps(index, indent=1) + "\n")
+    # one index per folder: figures drawn by earlier commands into the same folder keep their entries
+    index_path = out_dir / "plot_data.json"
+    try:
+        previous = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    index = {**(previous if isinstance(previous, dict) else {}), **index}
+    index_path.write_text(json.dumps(index, indent=1) + "\n")
     return written
 
 
@@ -335,6 +727,17 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: png, pdf, svg")
     parser.add_argument("--ignore", default="", help="comma-separated config keys to leave out of the configuration")
     parser.add_argument("--wandb-project", help="also read the runs of this wandb project (entity/project)")
+    g = parser.add_argument_group("one figure of a given kind (the paper's figures: scripts/paper.py)")
+    g.add_argument("--kind", default="auto", choices=KINDS,
+                   help="auto: every figure the runs support; otherwise one figure of this kind")
+    g.add_argument("--name", help="file name of the figure, without extension (default: <experiment>_<kind>)")
+    g.add_argument("--title", help="the figure's title (default: its name)")
+    g.add_argument("--metric", help=f"metric to draw (default: the first of {', '.join(DEFAULT_METRICS)} logged)")
+    g.add_argument("--where", action="append", default=[], metavar="KEY=V1[,V2]",
+                   help="only runs whose config.json KEY has one of these values (repeat for more keys)")
+    g.add_argument("--best-over", default="", metavar="KEY[,KEY]",
+                   help="of configurations differing only in these config keys (a searched grid), draw the "
+                        "one with the best final metric")
     args = parser.parse_args(argv)
     formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
     try:
@@ -349,7 +752,18 @@ def main(argv=None) -> int:
         runs = [load_run(d) for d in tqdm(dirs, desc="runs", unit="run", disable=len(dirs) < 20)]
         if args.wandb_project:
             runs += load_wandb_runs(args.wandb_project)
-        figures = make_figures(runs, {k.strip() for k in args.ignore.split(",") if k.strip()})
+        ignore = {k.strip() for k in args.ignore.split(",") if k.strip()}
+        if args.kind == "auto":
+            if args.where or args.best_over or args.name or args.metric or args.title:
+                raise InputError("--where, --best-over, --name, --title and --metric draw one figure: give --kind too")
+            figures = make_figures(runs, ignore)
+        else:
+            name = args.name or f"{runs[0].experiment or 'runs'}_{args.kind.replace('-', '_')}"
+            if _UNSAFE_NAME.search(name):
+                raise InputError(f"--name {name!r}: use letters, digits, '.', '_', '-' only")
+            figures = make_kind_figure(args.kind, runs, name, args.metric, args.where,
+                                       [k.strip() for k in args.best_over.split(",") if k.strip()], ignore,
+                                       args.title)
         if not figures:
             raise InputError("the runs logged nothing to plot (no test/acc, val/loss, train/loss, step sizes or "
                              "online/acc in metrics.jsonl)")

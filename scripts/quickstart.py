@@ -1,23 +1,31 @@
-"""Offline quick start: MetaOptimize's robustness to the initial step size alpha0 (issue 9).
+"""Offline quick start: MetaOptimize's robustness to the initial step size alpha0, beside the
+learning-rate-free baselines.
 
 A small MLP learns scikit-learn's 8x8 handwritten digits (1,797 real images shipped with
-scikit-learn, so nothing is downloaded). For every alpha0 in the grid and every seed it
-trains twice:
-  - fixed-step AdamW: the base update with its step held at alpha0 (--alg-meta fixed), and
-  - MetaOptimize: the same base update whose step size starts at alpha0 and is tuned online
-    by the meta update (AdamW base, Adam meta, eta 1e-3, gamma 1, one scalar step size).
-It prints a table of test accuracy per alpha0 (mean +- std over seeds) and writes, to
---save-directory, a figure (quickstart.png and .pdf: accuracy against alpha0, and the
-learned step size against steps) and the numbers (quickstart.csv, quickstart.json,
-table.txt).
+scikit-learn, so nothing is downloaded). For every initial step size in the grid and every seed it
+trains one network per method (--methods):
+  - fixed: the base update (AdamW) with its step held at alpha0 (--alg-meta fixed);
+  - metaoptimize: the same base update whose step size starts at alpha0 and is tuned online by
+    the meta update (AdamW base, Adam meta, eta 1e-3, gamma 1, one scalar step size);
+  - the paper's learning-rate-free baselines, each from its authors' package, with the grid value
+    as its own initial step size: dog (DoG, r_eps relative to 1 + |x0|, with its polynomial-decay
+    averaging, evaluated on the averaged weights), prodigy (d0), mechanic (s_init, Adam base),
+    gdtuo (the Adam base's initial alpha, Adam hyper-optimizer as in the paper);
+  - two more: dadapt (D-Adaptation Adam, d0) and schedulefree (Schedule-Free AdamW: its learning
+    rate, which it does not tune; its "schedule-free" is the averaging).
+It prints a table of test accuracy per method and initial step size (mean +- std over seeds) and
+writes, to --save-directory, a figure (quickstart.png and .pdf: accuracy against the initial step
+size; the step size each method ends with against the one it started from; MetaOptimize's step
+size against steps) and the numbers (quickstart.csv, quickstart.json, table.txt).
 
-The paper's claim to see: fixed-step AdamW is good only near the right alpha, while
-MetaOptimize reaches about the best fixed-step accuracy from every alpha0, even 1e-6.
+The paper's claim to see: fixed-step AdamW is good only near the right alpha, while MetaOptimize
+reaches about the best fixed-step accuracy from every alpha0, even 1e-6. The baselines' rows show
+how much each depends on its own initial value on this task.
 Note: this project's AdamW momentum is a sum (spec section 3), so a fixed alpha here is
 comparable to torch.optim.AdamW with lr ~ alpha / (1 - rho) = 10 alpha.
 
-    python3 scripts/quickstart.py                       # the full default grid
-    python3 scripts/quickstart.py --alphas 1e-6,1e-3 --seeds 1 --num-epochs 5
+    python3 scripts/quickstart.py                       # the full default grid, every method
+    python3 scripts/quickstart.py --alphas 1e-6,1e-3 --seeds 1 --num-epochs 5 --methods fixed,metaoptimize,dog
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -34,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.optim_flags import as_flags
+from common.optim_flags import add_optimizer_args, as_flags, build_optimizer, current_step_sizes, eval_weights
 from common.optimizers import MetaOptimize
 
 # ---- defaults (every one is a flag below) ----------------------------------------------
@@ -53,7 +62,19 @@ META_STEPSIZE, GAMMA, STEPSIZE_GROUPS = 1e-3, 1.0, "scalar"
 WEIGHT_DECAY_BASE, NORMALIZER_PARAM_BASE, MOMENTUM_PARAM_BASE, LION_BETA2_BASE = 0.1, 0.999, 0.9, -1.0
 WEIGHT_DECAY_META, NORMALIZER_PARAM_META, MOMENTUM_PARAM_META, LION_BETA2_META = 0.0, 0.999, 0.9, -1.0
 
-METHODS = ("fixed", "metaoptimize")  # the two arms; "fixed" is the base update with alpha0 held
+# method -> (label, what the grid value sets, the --optimizer flags of a baseline ({a}: the grid value))
+METHODS = {
+    "fixed": ("fixed-step {base}", "alpha", None),
+    "metaoptimize": ("MetaOptimize ({base}, {meta})", "alpha0", None),
+    "dog": ("DoG", "r_eps (relative)", ["--optimizer", "DoG", "--dog-reps-rel", "{a}"]),
+    "prodigy": ("Prodigy", "d0", ["--optimizer", "Prodigy", "--prodigy-d0", "{a}"]),
+    "mechanic": ("Mechanic (Adam)", "s_init", ["--optimizer", "Mechanic", "--mechanic-base", "Adam",
+                                               "--mechanic-s-init", "{a}"]),
+    "gdtuo": ("gdtuo (Adam, Adam)", "alpha of Adam", ["--optimizer", "gdtuo", "--gdtuo-base", "Adam",
+                                                      "--gdtuo-hyper", "Adam", "--gdtuo-alpha", "{a}"]),
+    "dadapt": ("D-Adaptation Adam", "d0", ["--optimizer", "DAdaptAdam", "--dadapt-d0", "{a}"]),
+    "schedulefree": ("Schedule-Free AdamW", "lr", ["--optimizer", "ScheduleFree", "--sf-lr", "{a}"]),
+}
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -83,6 +104,15 @@ def seed_list(text: str) -> list[int]:
     return values
 
 
+def method_list(text: str) -> list[str]:
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none)'}; "
+                                         f"accepted: {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
 def at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -101,11 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--alphas", type=alpha_list, default=ALPHAS, help="comma list of initial step sizes alpha0")
     p.add_argument("--seeds", type=seed_list, default=SEEDS, help="seed count (0..n-1) or comma list of seeds")
+    p.add_argument("--methods", type=method_list, default=",".join(METHODS),
+                   help="comma list of the methods to train (each over every initial step size)")
     p.add_argument("--num-epochs", type=at_least(1), default=NUM_EPOCHS, help="passes over the training set")
     p.add_argument("--batch-size", type=at_least(0), default=BATCH_SIZE, help="mini-batch size (split into near-equal batches of at most this); 0 = full batch")
     p.add_argument("--hidden-size", type=at_least(1), default=HIDDEN_SIZE, help="width of the MLP's hidden layer")
     p.add_argument("--save-directory", default=SAVE_DIRECTORY, help="folder for the figure, CSV, JSON and table")
     p.add_argument("--threads", type=at_least(1), default=THREADS, help="torch CPU threads")
+    p.add_argument("--record", default=None, metavar="STEM",
+                   help="also record the table and timings as STEM.md + STEM.json, with date, command and machine "
+                        "(e.g. results/quickstart)")
     # the same names, meanings and -1 = unset convention as common.optimizers.add_optimizer_args
     g = p.add_argument_group("optimizer (the MetaOptimize arm; the fixed arm uses the same base with --alg-meta fixed)")
     g.add_argument("--alg-base", default=ALG_BASE, help="base update: SGD, SGDm, RMSProp, AdamW, Lion")
@@ -128,8 +163,13 @@ def _unset(value):
     return None if value == -1 else value
 
 
-def make_optimizer(params, args, method: str, alpha0: float) -> MetaOptimize:
-    """The optimizer of one arm: MetaOptimize as configured, or its base with alpha fixed at alpha0."""
+def make_optimizer(params, args, method: str, alpha0: float) -> torch.optim.Optimizer:
+    """The optimizer of one arm: MetaOptimize as configured, its base with alpha fixed at alpha0, or a
+    baseline (built as every train.py builds it) whose own initial step size is alpha0."""
+    flags = METHODS[method][2]
+    if flags is not None:
+        argv = [f.format(a=repr(alpha0)) for f in flags]
+        return build_optimizer(params, add_optimizer_args(argparse.ArgumentParser()).parse_args(argv))
     return MetaOptimize(
         params, alg_base=args.alg_base, alg_meta="fixed" if method == "fixed" else args.alg_meta,
         alpha0=alpha0, meta_stepsize=args.meta_stepsize, gamma=args.gamma, stepsize_groups=args.stepsize_groups,
@@ -146,7 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in quickstart.json
     # check the optimizer flags now, so bad input fails before any training, naming its flag
     probe = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
-    for method in METHODS:
+    for method in args.methods:
         try:
             make_optimizer(probe, args, method, args.alphas[0])
         except ValueError as e:
@@ -190,8 +230,8 @@ def train_one(data, args, method: str, alpha0: float, seed: int) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step_sizes.append(opt.step_sizes())
-    with torch.no_grad():
+            step_sizes.append(current_step_sizes(opt).float().cpu())
+    with torch.no_grad(), eval_weights(opt):  # DoG: its averaged weights; Schedule-Free: its x
         test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
         train_loss = F.cross_entropy(model(x_train), y_train).item()
     curve = torch.stack(step_sizes)  # steps x blocks; with more than one block, the largest is kept
@@ -202,10 +242,10 @@ def train_one(data, args, method: str, alpha0: float, seed: int) -> dict:
 # ---- summary, table, outputs ---------------------------------------------------------------
 
 
-def summarize(runs: list[dict], alphas: list[float]) -> dict:
-    """Mean and std (over seeds) of test accuracy per method and alpha0, plus worst/best over alpha0."""
+def summarize(runs: list[dict], alphas: list[float], methods: list[str]) -> dict:
+    """Mean and std (over seeds) of test accuracy per method and initial step size, plus worst/best."""
     table = {}
-    for method in METHODS:
+    for method in methods:
         rows = []
         for a in alphas:
             accs = torch.tensor([r["test_acc"] for r in runs if r["method"] == method and r["alpha0"] == a])
@@ -216,15 +256,24 @@ def summarize(runs: list[dict], alphas: list[float]) -> dict:
     return table
 
 
+def method_label(method: str, args) -> str:
+    return METHODS[method][0].format(base=args.alg_base, meta=args.alg_meta)
+
+
 def format_table(table: dict, args) -> str:
-    head = f"{'alpha0':>17} | {'fixed-step ' + args.alg_base:>22} | {f'MetaOptimize ({args.alg_base}, {args.alg_meta})':>24}"
-    lines = ["test accuracy, mean +- std over seeds", head, "-" * len(head)]
-    for fixed, meta in zip(table["fixed"]["rows"], table["metaoptimize"]["rows"]):
-        lines.append(f"{fixed['alpha0']:>17.0e} | {fixed['mean']:>14.3f} +- {fixed['std']:.3f} "
-                     f"| {meta['mean']:>16.3f} +- {meta['std']:.3f}")
+    methods = list(table)
+    label_width = max(len(method_label(m, args)) for m in methods)
+    knob_width = max(len("initial"), *(len(METHODS[m][1]) for m in methods))
+    cell = 13
+    head = (f"{'method':<{label_width}} | {'initial':<{knob_width}} | "
+            + " | ".join(f"{a:>{cell}.0e}" for a in args.alphas) + f" | {'worst':>6} | {'best':>6}")
+    lines = ["test accuracy, mean +- std over seeds, per initial step size (the column)", head, "-" * len(head)]
+    for m in methods:
+        cells = " | ".join(f"{r['mean']:>6.3f}+-{r['std']:.3f}".rjust(cell) for r in table[m]["rows"])
+        lines.append(f"{method_label(m, args):<{label_width}} | {METHODS[m][1]:<{knob_width}} | {cells} | "
+                     f"{table[m]['worst']:>6.3f} | {table[m]['best']:>6.3f}")
     lines.append("-" * len(head))
-    for key in ("worst", "best"):
-        lines.append(f"{key + ' over alpha0':>17} | {table['fixed'][key]:>22.3f} | {table['metaoptimize'][key]:>24.3f}")
+    lines.append("worst, best: over the initial step sizes, of the mean over seeds")
     return "\n".join(lines)
 
 
@@ -249,32 +298,45 @@ def plot(runs: list[dict], table: dict, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_step) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = {"fixed": f"fixed-step {args.alg_base}", "metaoptimize": f"MetaOptimize ({args.alg_base}, {args.alg_meta})"}
-    for method, marker in zip(METHODS, ("s", "o")):
+    fig, (ax_acc, ax_final, ax_step) = plt.subplots(1, 3, figsize=(16, 4.6))
+    markers = "so^vDP*Xh"
+    for i, method in enumerate(table):
         rows = table[method]["rows"]
+        style = {"lw": 2.2} if method in ("fixed", "metaoptimize") else {"lw": 1, "alpha": 0.85, "ls": "--"}
         ax_acc.errorbar([r["alpha0"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
-                        marker=marker, capsize=3, label=labels[method])
+                        marker=markers[i % len(markers)], capsize=3, label=method_label(method, args), **style)
+        finals = [statistics.fmean(r["final_step_size"] for r in runs if r["method"] == method and r["alpha0"] == a)
+                  for a in args.alphas]
+        ax_final.plot(args.alphas, finals, marker=markers[i % len(markers)], label=method_label(method, args), **style)
     ax_acc.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance")
-    ax_acc.set(xscale="log", xlabel=r"initial step size $\alpha_0$", ylabel="test accuracy", ylim=(0, 1.02),
-               title=f"digits, MLP 64-{args.hidden_size}-10, {args.num_epochs} epochs")
-    ax_acc.legend(loc="lower center")
+    ax_acc.set(xscale="log", xlabel="initial step size (alpha0, r_eps, d0, s_init, lr)", ylabel="test accuracy",
+               ylim=(0, 1.02), title=f"digits, MLP 64-{args.hidden_size}-10, {args.num_epochs} epochs")
+    ax_acc.legend(fontsize=7, loc="lower right")
+    ax_final.plot(args.alphas, args.alphas, color="grey", lw=0.8, ls=":", label="unchanged")
+    ax_final.set(xscale="log", yscale="log", xlabel="initial step size", ylabel="step size at the end (mean)",
+                 title="the step size each method ends with (its own units)")
+    ax_final.legend(fontsize=7)
 
-    colors = plt.cm.viridis([i / max(1, len(args.alphas) - 1) for i in range(len(args.alphas))])
-    for a, color in zip(args.alphas, colors):
-        curves = [r["step_sizes"] for r in runs if r["method"] == "metaoptimize" and r["alpha0"] == a]
-        steps = range(1, len(curves[0]) + 1)
-        for k, curve in enumerate(curves):  # one thin line per seed
-            ax_step.plot(steps, curve, color=color, lw=1, alpha=0.8, label=rf"$\alpha_0$={a:.0e}" if k == 0 else None)
-        ax_step.axhline(a, color=color, lw=0.8, ls=":")
-    best_fixed = max(table["fixed"]["rows"], key=lambda r: r["mean"])["alpha0"]
-    ax_step.axhline(best_fixed, color="black", lw=1, ls="--", label=f"best fixed ({best_fixed:.0e})")
-    low = min(min(r["step_sizes"]) for r in runs if r["method"] == "metaoptimize")
-    high = max(max(r["step_sizes"]) for r in runs if r["method"] == "metaoptimize")
-    ax_step.set_ylim(min(low, min(args.alphas)) / 30, max(high, max(args.alphas)) * 3)  # room for the legend
-    ax_step.set(yscale="log", xlabel="optimizer step", ylabel=r"step size $\alpha$",
-                title="MetaOptimize's learned step size (dotted: start)")
-    ax_step.legend(fontsize=8, loc="lower right")
+    if "metaoptimize" in table:
+        colors = plt.cm.viridis([i / max(1, len(args.alphas) - 1) for i in range(len(args.alphas))])
+        for a, color in zip(args.alphas, colors):
+            curves = [r["step_sizes"] for r in runs if r["method"] == "metaoptimize" and r["alpha0"] == a]
+            steps = range(1, len(curves[0]) + 1)
+            for k, curve in enumerate(curves):  # one thin line per seed
+                ax_step.plot(steps, curve, color=color, lw=1, alpha=0.8,
+                             label=rf"$\alpha_0$={a:.0e}" if k == 0 else None)
+            ax_step.axhline(a, color=color, lw=0.8, ls=":")
+        if "fixed" in table:
+            best_fixed = max(table["fixed"]["rows"], key=lambda r: r["mean"])["alpha0"]
+            ax_step.axhline(best_fixed, color="black", lw=1, ls="--", label=f"best fixed ({best_fixed:.0e})")
+        low = min(min(r["step_sizes"]) for r in runs if r["method"] == "metaoptimize")
+        high = max(max(r["step_sizes"]) for r in runs if r["method"] == "metaoptimize")
+        ax_step.set_ylim(min(low, min(args.alphas)) / 30, max(high, max(args.alphas)) * 3)  # room for the legend
+        ax_step.set(yscale="log", xlabel="optimizer step", ylabel=r"step size $\alpha$",
+                    title="MetaOptimize's learned step size (dotted: start)")
+        ax_step.legend(fontsize=8, loc="lower right")
+    else:
+        ax_step.set_visible(False)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(os.path.join(args.save_directory, f"quickstart.{ext}"), dpi=120)
@@ -288,17 +350,31 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.save_directory, exist_ok=True)
-    start = time.time()
+    from common.benchmark import environment, write_results
+
+    env = environment("cpu", args.argv)  # the date and commit of the start, for --record
+    start, cpu_start = time.time(), time.process_time()
     data = load_data()
-    grid = [(m, a, s) for m in METHODS for a in args.alphas for s in args.seeds]
+    grid = [(m, a, s) for m in args.methods for a in args.alphas for s in args.seeds]
     runs = [train_one(data, args, m, a, s) for m, a, s in tqdm(grid, desc="runs", unit="run")]
-    table = summarize(runs, args.alphas)
+    table = summarize(runs, args.alphas, args.methods)
     text = format_table(table, args)
     print(text)
-    wall_time = time.time() - start
+    wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
     write_numbers(runs, table, text, args, wall_time)
     plot(runs, table, args)
-    print(f"wrote {args.save_directory}/quickstart.{{png,pdf,csv,json}} and table.txt ({wall_time:.1f} s for data and training)")
+    print(f"wrote {args.save_directory}/quickstart.{{png,pdf,csv,json}} and table.txt ({wall_time:.1f} s for data and "
+          f"training, {cpu_time:.1f} s of CPU)")
+    if args.record:
+        paths = write_results(
+            args.record, title="Offline quick start (scripts/quickstart.py)", table=f"```\n{text}\n```",
+            raw={"summary": table, "wall_time_s": wall_time, "cpu_time_s": cpu_time, "runs": len(runs)},
+            argv=args.argv,
+            notes=[f"{len(runs)} runs ({len(args.methods)} methods x {len(args.alphas)} initial step sizes x "
+                   f"{len(args.seeds)} seeds, {args.num_epochs} epochs each) in {wall_time:.1f} s of wall time and "
+                   f"{cpu_time:.1f} s of CPU time ({args.threads} torch thread(s)), data loading and training."],
+            env=env)
+        print(f"recorded {paths[0]} and {paths[1]}")
     return table
 
 

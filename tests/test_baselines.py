@@ -49,6 +49,7 @@ RESUME_CASES = {
     "Mechanic-SGDm-store-delta": ["Mechanic", "--mechanic-base", "SGDm", "--mechanic-base-lr", "0.1",
                                   "--mechanic-store-delta"],
     "Mechanic-RMSProp": ["Mechanic", "--mechanic-base", "rmsprop", "--mechanic-base-weight-decay", "0.01"],
+    "Mechanic-Lion": ["Mechanic", "--mechanic-base", "Lion", "--mechanic-s-init", "1e-6"],
     "gdtuo-SGD-momentum": ["gdtuo", "--gdtuo-base", "SGD", "--gdtuo-mu", "0.5", "--gdtuo-kappa", "1e-3"],
     "gdtuo-RMSProp-Adam": ["gdtuo", "--gdtuo-base", "RMSProp", "--gdtuo-hyper", "Adam", "--gdtuo-kappa", "1e-3"],
     "gdtuo-SGDPerParam": ["gdtuo", "--gdtuo-base", "SGDPerParam", "--gdtuo-kappa", "1e-3"],
@@ -146,6 +147,10 @@ def test_names_are_case_insensitive_and_builders_are_the_packages():
         assert isinstance(opt, cls), name
     _, opt = model_and_optimizer("Mechanic", "--mechanic-base", "SGD")
     assert mechanic_pytorch.is_mechanized(opt) and isinstance(opt, torch.optim.SGD)
+    import lion_pytorch
+
+    _, opt = model_and_optimizer("Mechanic", "--mechanic-base", "lion")
+    assert mechanic_pytorch.is_mechanized(opt) and isinstance(opt, lion_pytorch.Lion)
     _, opt = model_and_optimizer("gdtuo")
     assert isinstance(opt, baselines.GDTUO) and isinstance(opt.hyperopt, gdtuo.Adam)
     assert isinstance(opt.hyperopt.optimizer, gdtuo.SGD)
@@ -389,7 +394,7 @@ BAD = [
     ("ScheduleFree", ["--sf-warmup-steps", "-3"], "--sf-warmup-steps"),
     ("ScheduleFree", ["--sf-betas", "0.9,0.999,0.5"], "--sf-betas"),
     ("ScheduleFree", ["--sf-weight-decay", "-1"], "--sf-weight-decay"),
-    ("Mechanic", ["--mechanic-base", "Lion"], "--mechanic-base"),
+    ("Mechanic", ["--mechanic-base", "Lamb"], "--mechanic-base"),
     ("Mechanic", ["--mechanic-betas", "0.9,1.2"], "--mechanic-betas"),
     ("Mechanic", ["--mechanic-s-init", "0"], "--mechanic-s-init"),
     ("Mechanic", ["--mechanic-base-lr", "-1"], "--mechanic-base-lr"),

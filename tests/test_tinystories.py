@@ -308,6 +308,21 @@ def test_failed_pretokenize_leaves_nothing_train_py_accepts(data_dir, tmp_path):
     assert len(prep.TokenShards(d, VOCAB, "train").files) == NUM_SHARDS - 1
 
 
+def test_download_tokenizer_checks_and_installs_it(data_dir, tmp_path):
+    """download_tokenizer: by default Llama 2's tokenizer (pinned URL, size and sha256); here a file:// URL."""
+    model = data_dir / f"tok{VOCAB}.model"
+    d = tmp_path / "data"
+    out = py("prepare", "download_tokenizer", "--data-dir", d, "--url", model.as_uri(), "--sha256", sha256(model),
+             "--size", model.stat().st_size).stdout
+    assert (d / f"tok{VOCAB}.model").read_bytes() == model.read_bytes()  # where pretokenize/train look for it
+    assert f"pretokenize --vocab-size {VOCAB}" in out
+    # by default the size and checksum are Llama 2's: another file is refused, and nothing is installed
+    bad = py("prepare", "download_tokenizer", "--data-dir", tmp_path / "bad", "--url", model.as_uri(), check=False)
+    lines = error_lines(bad.stderr)
+    assert bad.returncode == 1 and len(lines) == 1 and "expected 499723" in lines[0], bad.stderr
+    assert not list((tmp_path / "bad").glob("tok*.model"))
+
+
 def test_prepare_bad_input_is_one_error_line(tmp_path):
     for args in (["train_vocab", "--vocab-size", 100], ["pretokenize", "--vocab-size", 100],
                  ["train_vocab", "--vocab-size", 70000]):
@@ -465,7 +480,10 @@ def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     proc = script(ROOT / "scripts" / "bench_tinystories.py", "--device", "cpu", "--batch-size", 2, "--seq-len", 16,
                   "--steps", 1, "--reps", 2, "--warmup", 1, "--dim", 32, "--n-layers", 1, "--n-heads", 2,
-                  "--vocab-size", 64, "--json", out, prefix=(sys.executable,))
+                  "--vocab-size", 64, "--json", out, "--record", tmp_path / "rec", prefix=(sys.executable,))
     assert "ratio MetaOptimize (AdamW, Lion) / torch AdamW" in proc.stdout
     result = json.loads(out.read_text())
     assert set(result["tokens_per_s"]) == {"torch AdamW", "MetaOptimize (AdamW, Lion)"} and result["ratio"] > 0
+    recorded = json.loads((tmp_path / "rec.json").read_text())  # --record: the same numbers, with the command
+    assert recorded["raw"]["tokens_per_s"] == result["tokens_per_s"] and "--record" in recorded["command"]
+    assert "| MetaOptimize (AdamW, Lion) |" in (tmp_path / "rec.md").read_text()

@@ -3,7 +3,9 @@
     python tinystories/prepare.py download                      # ~1.6 GB archive -> 50 JSON shards
     python tinystories/prepare.py train_vocab --vocab-size 4096  # sentencepiece BPE -> data/tinystories/tok4096.model
     python tinystories/prepare.py pretokenize --vocab-size 4096  # shards -> data/tinystories/tok4096/dataNN.bin
-    python tinystories/prepare.py pretokenize --tokenizer llama2/tokenizer.model   # the paper's 32000 vocabulary
+    python tinystories/prepare.py download_tokenizer             # Llama 2's tokenizer -> data/tinystories/tok32000.model
+    python tinystories/prepare.py pretokenize --vocab-size 32000 # with it: the paper's 32000 vocabulary
+    python tinystories/prepare.py pretokenize --tokenizer PATH   # any sentencepiece .model you have
 
 Layout under --data-dir (default data/tinystories):
   TinyStories_all_data.tar.gz, TinyStories_all_data/data00.json .. data49.json (lists of {"story": ...}),
@@ -37,6 +39,12 @@ ARCHIVE = "TinyStories_all_data.tar.gz"
 ARCHIVE_SIZE = 1_608_001_638  # bytes of the archive at the URL above
 ARCHIVE_SHA256 = "26cf7605aca15bc4ea6fa637256400d9d01317b28ed296172b2d1dd160cd7699"
 SHARDS_DIR = "TinyStories_all_data"
+# Llama 2's sentencepiece tokenizer (32000 tokens), as llama2.c ships it (the paper's TinyStories runs use
+# llama2.c's data pipeline); pinned to a commit, checked by size and sha256
+TOKENIZER_URL = ("https://raw.githubusercontent.com/karpathy/llama2.c/"
+                 "350e04fe35433e6d2941dce5a1f53308f87058eb/tokenizer.model")
+TOKENIZER_SIZE = 499_723
+TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 VOCAB_SHARDS = 10  # training shards whose stories the tokenizer is trained on
 VOCAB_SENTENCES = 200_000  # lines sentencepiece samples from them
 MANIFEST = "manifest.json"  # written last into tok<V>/: {"tokens": {"data00.bin": count, ...}, ...}
@@ -108,6 +116,19 @@ def cmd_download(args) -> None:
 
 # -----------------------------------------------------------------------------
 # tokenizer
+
+
+def cmd_download_tokenizer(args) -> None:
+    """Llama 2's tokenizer (or the .model at --url) -> <data-dir>/tok<vocab>.model, where pretokenize,
+    train.py and sample.py look for it."""
+    data_dir = Path(args.data_dir)
+    fetched = download(args.url, data_dir / "downloaded_tokenizer.model", sha256=args.sha256 or None,
+                       size=args.size or None, desc="tokenizer.model")
+    vocab = load_tokenizer(fetched).vocab_size()
+    dest = tokenizer_path(data_dir, vocab)
+    shutil.copyfile(fetched, dest)
+    print(f"{dest}: sentencepiece tokenizer of {vocab} tokens; next: "
+          f"python tinystories/prepare.py pretokenize --vocab-size {vocab} --data-dir {data_dir}")
 
 
 def cmd_train_vocab(args) -> None:
@@ -272,24 +293,32 @@ class TokenShards:
 
 def main(argv=None) -> int:
     parser = ArgParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{download,train_vocab,pretokenize}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{download,download_tokenizer,train_vocab,pretokenize}")
     p = sub.add_parser("download", help="download and unpack the TinyStories_all_data archive")
-    p.add_argument("--url", default=URL)
+    p.add_argument("--url", default=URL, help="where the archive is (http, https or file URL)")
     p.add_argument("--sha256", default=ARCHIVE_SHA256, help="expected sha256 of the archive ('' to skip)")
     p.add_argument("--size", type=int, default=ARCHIVE_SIZE, help="expected size in bytes (0 to skip)")
+    p = sub.add_parser("download_tokenizer",
+                       help="download Llama 2's tokenizer (32000 tokens, from llama2.c) to <data-dir>/tok32000.model")
+    p.add_argument("--url", default=TOKENIZER_URL, help="where the sentencepiece .model is")
+    p.add_argument("--sha256", default=TOKENIZER_SHA256, help="expected sha256 ('' to skip)")
+    p.add_argument("--size", type=int, default=TOKENIZER_SIZE, help="expected size in bytes (0 to skip)")
     p = sub.add_parser("train_vocab", help="train a sentencepiece BPE tokenizer on a sample of the stories")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens of the vocabulary to train")
     p.add_argument("--num-shards", type=int, default=VOCAB_SHARDS, help="training shards to sample stories from")
     p = sub.add_parser("pretokenize", help="tokenize every shard to uint16 .bin files, in parallel")
     p.add_argument("--vocab-size", type=int, default=None, help="use <data-dir>/tok<N>.model from train_vocab")
     p.add_argument("--tokenizer", default=None, help="an existing sentencepiece .model (e.g. Llama 2's, 32000)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
     for p in sub.choices.values():
-        p.add_argument("--data-dir", default=DATA_DIR)
+        p.add_argument("--data-dir", default=DATA_DIR, help=f"the data folder (default: {DATA_DIR})")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             cmd_download(args)
+        elif args.command == "download_tokenizer":
+            cmd_download_tokenizer(args)
         elif args.command == "train_vocab":
             cmd_train_vocab(args)
         else:

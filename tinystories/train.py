@@ -2,14 +2,14 @@
 
     # data (once): download, then pretokenize with Llama 2's tokenizer (the paper) or your own vocabulary
     python tinystories/prepare.py download
-    python tinystories/prepare.py pretokenize --tokenizer /path/to/llama2/tokenizer.model   # -> tok32000/
+    python tinystories/prepare.py download_tokenizer && python tinystories/prepare.py pretokenize --vocab-size 32000
     # MetaOptimize (AdamW base, Lion meta), as in the paper
     python tinystories/train.py --alg-base AdamW --alg-meta Lion --alpha0 1e-6 --run-name adamw_lion
     # Lion base and meta; fixed-step baselines use --alg-meta fixed --alpha0 <step>
     python tinystories/train.py --alg-base Lion --Lion-beta2-base .9 --momentum-param-base .99 \\
         --alg-meta Lion --alpha0 1e-6 --run-name lion_lion
-    # the AdamW baseline with 1k warm-up steps and cosine decay
-    python tinystories/train.py --optimizer AdamW --lr 5e-4 --run-name adamw_cosine
+    # the AdamW baseline with 1k warm-up steps and cosine decay (the paper picks the peak from 1e-5, 1e-4, 1e-3)
+    python tinystories/train.py --optimizer AdamW --lr 1e-3 --run-name adamw_cosine
     # 4 GPUs: the --grad-accum micro-batches of a step are divided over the ranks
     torchrun --nproc_per_node 4 tinystories/train.py --batch-size 32 --grad-accum 4 --dtype bfloat16 --compile
 
@@ -86,12 +86,13 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="autocast dtype (float16 adds a gradient scaler); same as --amp none/bf16/fp16")
     m = parser.add_argument_group("model (llama2.c 15M by default)")
-    m.add_argument("--dim", type=int)
-    m.add_argument("--n-layers", type=int)
-    m.add_argument("--n-heads", type=int)
-    m.add_argument("--n-kv-heads", type=int)
+    m.add_argument("--dim", type=int, help="model width (embedding and residual stream)")
+    m.add_argument("--n-layers", type=int, help="transformer blocks")
+    m.add_argument("--n-heads", type=int, help="attention heads (--dim must split into heads of even size)")
+    m.add_argument("--n-kv-heads", type=int, help="key/value heads (grouped-query attention; --n-heads must be a "
+                                                   "multiple)")
     m.add_argument("--multiple-of", type=int, help="SwiGLU hidden width rounds up to a multiple of this")
-    m.add_argument("--dropout", type=float)
+    m.add_argument("--dropout", type=float, help="dropout probability (0: none, as in the paper)")
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)  # tests: print per rank
     harness.add_run_args(parser)
     add_optimizer_args(parser)
