@@ -87,7 +87,9 @@ class MetaOptimize(torch.optim.Optimizer):
         model: the module whose parameter order block lists follow.
         hessian: None (the Hessian-free trace), "hvp" (one Hessian-vector product per step; call
             `loss.backward(create_graph=True)`), or "block_diagonal" (H_bb h_b per block; for
-            weight-wise blocks the exact Hessian diagonal, one product per weight).
+            weight-wise blocks the exact Hessian diagonal, one product per weight). With several
+            ranks, run the forward through the module itself (DDP's reducer cannot take a double
+            backward): the optimizer averages the gradients and the products across ranks.
         rectify: with hessian="block_diagonal" and weight-wise blocks, IDBD's (1 - alpha H_ii)^+.
         impl: "auto" (default: "fused" where it runs, else "foreach"), "fused" (one pass per tensor:
             a compiled C loop on CPU, torch.compile on CUDA), or "foreach" (torch._foreach_* passes).
@@ -508,8 +510,22 @@ class MetaOptimize(torch.optim.Optimizer):
                 for k, h in enumerate(hvp(masked)):
                     if blocks[k] == b:
                         products[k] = h
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            _average_across_ranks(grads + products)  # DDP's reducer cannot take a double backward
         for it, product in zip(items, products):
             it[3]["curvature"] = product
+
+
+def _average_across_ranks(tensors):
+    """Average the tensors over all ranks in one all-reduce (gloo has no AVG)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors([t.detach() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for t, avg in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.detach().copy_(avg)
 
 
 def _starts(sizes):

@@ -40,8 +40,9 @@ class Sharding:
                 raise ValueError("params: mixes sharded (DTensor) and plain parameters")
             local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             for dim, placement in enumerate(p.placements):
-                if isinstance(placement, Shard):
-                    groups[(id(p.device_mesh), dim)] = p.device_mesh.get_group(dim)
+                if isinstance(placement, Shard):  # one all-reduce per set of ranks (each fully_shard call
+                    group = p.device_mesh.get_group(dim)  # may make its own mesh over the same ranks)
+                    groups[tuple(torch.distributed.get_process_group_ranks(group))] = group
                     if global_layout.kind != "tensor" and placement.dim != 0:
                         raise ValueError(f"stepsize_groups={global_layout.kind!r} needs parameters sharded along "
                                          f"their first dimension (FSDP2's default); got {placement}")
