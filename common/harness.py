@@ -675,7 +675,10 @@ class Run:
         if step % self.log_every:
             return False
         metrics = self._check_state(optimizer, step)
+        # the lr of optimizers whose step size it is (MetaOptimize's lr only scales its step sizes)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        if hasattr(optimizer, "step_sizes"):
+            lr = None
         if isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
             metrics["lr"] = _to_python(lr)
         if extra:

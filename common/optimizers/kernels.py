@@ -63,10 +63,11 @@ class Sym:
     def __rpow__(self, o): return self.prog.emit("pow", (o, self))
     def sqrt(self): return self.prog.emit("sqrt", (self,))
     def sign(self): return self.prog.emit("sign", (self,))
+    def relu(self): return self.prog.emit("relu", (self,))
 
 
 _FLOAT_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-              "neg": operator.neg, "pow": operator.pow, "sqrt": math.sqrt, "sign": rules.sign}
+              "neg": operator.neg, "pow": operator.pow, "sqrt": math.sqrt, "sign": rules.sign, "relu": rules.relu}
 
 
 class Ref(int):
@@ -78,21 +79,23 @@ class Program:
     operand is a `Ref` or a float constant. Elementwise values are `full` when they have the
     tensor's shape (alpha and what is made from it alone may be a 0-d tensor or broadcast)."""
 
-    STREAM_ORDER = ("w", "g", "momentum", "normalizer", "trace")
+    STREAM_ORDER = ("w", "g", "momentum", "normalizer", "trace", "curvature")
 
-    def __init__(self, base, track: bool):
-        self.base, self.track = base, track
+    def __init__(self, base, track: bool, curvature_kind: str | None = None):
+        self.base, self.track, self.curvature_kind = base, track, curvature_kind
         self.scalar_code, self.elem_code = [], []
         self.values: list[Sym] = []
-        scalar_names = ["gamma", "t", *base.hyperparameters]
-        self.streams = [s for s in self.STREAM_ORDER if s in ("w", "g", *base.state) or (s == "trace" and track)]
+        scalar_names = ["gamma", "t", "lr", *base.hyperparameters]
+        inputs = ("w", "g", *base.state, *(("trace",) if track else ()), *(("curvature",) if curvature_kind else ()))
+        self.streams = [s for s in self.STREAM_ORDER if s in inputs]
         sym = {name: self._new(False, False) for name in scalar_names}
         sym.update({name: self._new(True, True) for name in self.streams})
         sym["alpha"] = self._new(True, False)
         self.inputs = {name: Ref(v.id) for name, v in sym.items()}
         w, state, trace, meta_grad = tensor_step(
             base, sym["w"], sym["g"], {k: sym[k] for k in base.state}, sym["trace"] if track else None, sym["alpha"],
-            {k: sym[k] for k in base.hyperparameters}, sym["t"], sym["gamma"])
+            {k: sym[k] for k in ("lr", *base.hyperparameters)}, sym["t"], sym["gamma"], sym.get("curvature"),
+            curvature_kind)
         self.outputs = {"w": Ref(w.id), **{k: Ref(v.id) for k, v in state.items()}}  # stored into that stream
         if track:
             self.outputs["trace"] = Ref(trace.id)
@@ -133,18 +136,18 @@ class Program:
 _PROGRAMS: dict = {}
 
 
-def program(base, track: bool) -> Program:
-    """The traced step of a base rule (one per rule and trace/no trace, made on first use)."""
-    key = (base.name, track)
+def program(base, track: bool, curvature_kind: str | None = None) -> Program:
+    """The traced step of a base rule (one per rule, trace or not, and Hessian term; made on first use)."""
+    key = (base.name, track, curvature_kind)
     if key not in _PROGRAMS:
-        _PROGRAMS[key] = Program(base, track)
+        _PROGRAMS[key] = Program(base, track, curvature_kind)
     return _PROGRAMS[key]
 
 
 # ---- plain torch (under torch.compile) ---------------------------------------------------------
 
 _TORCH_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-              "neg": operator.neg, "sqrt": torch.sqrt, "sign": torch.sign}
+              "neg": operator.neg, "sqrt": torch.sqrt, "sign": torch.sign, "relu": torch.relu}
 
 
 def run_program(prog: Program, tensors: dict, alpha, scalars: list):
@@ -234,6 +237,10 @@ class ForeachStep:
 
 def _foreach(op, vals, dead):
     """One elementwise op over tensor lists (or a list and a number), written into a dead operand."""
+    if op == "relu":
+        out = vals[0] if dead[0] else [t.clone() for t in vals[0]]
+        torch._foreach_clamp_min_(out, 0.0)
+        return out
     if op in ("sqrt", "sign", "neg"):
         if dead[0]:
             getattr(torch, f"_foreach_{op}_")(vals[0])
@@ -263,7 +270,8 @@ def _foreach(op, vals, dead):
 # ---- fused C (CPU) ---------------------------------------------------------------------------
 
 _C_OPS = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}", "neg": "-{0}",
-          "sqrt": "{sqrt}({0})", "sign": "({0} != {0}) ? {0} : ({T})(({0} > 0) - ({0} < 0))"}  # NaN stays NaN
+          "sqrt": "{sqrt}({0})", "sign": "({0} != {0}) ? {0} : ({T})(({0} > 0) - ({0} < 0))",  # NaN stays NaN
+          "relu": "({0} > 0 || {0} != {0}) ? {0} : ({T})0"}
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 CHUNK = 1 << 15  # elements per unit of work: the streams of a chunk stay in the core's cache
 
