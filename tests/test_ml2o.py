@@ -387,3 +387,26 @@ def test_plot_draws_the_ml2o_curves_and_table(tmp_path, ml2o_run):
     assert table["Adam lr=0.01"]["mean"] == pytest.approx(sum(finals) / 2)
     assert math.isfinite(table["M-L2O"]["std"])
     assert (out / "l2o_problem_lasso_ood.png").exists()
+
+
+@pytest.mark.parametrize("suffix", ["", "_cpu"])
+def test_sweep_files_chain_meta_training_adaptation_and_test(suffix):
+    """ml2o_eval's checkpoints are exactly the run folders of ml2o_meta and ml2o_adapt, which start from ml2o_meta's."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep
+
+    meta, adapted, test = (sweep.read_sweep(REPO / "scripts" / "sweeps" / f"ml2o_{kind}{suffix}.yaml")
+                           for kind in ("meta", "adapt", "eval"))
+    folders = lambda s: {str(s.save_dir / j.run_name) for j in s.jobs}  # noqa: E731
+    assert {j.flags["method"] for j in meta.jobs} == {"ml2o", "l2o"}
+    assert {j.flags["checkpoint"] for j in adapted.jobs} == {"none"} | folders(meta)
+    assert {j.flags["checkpoint"] for j in test.jobs if "checkpoint" in j.flags} == folders(meta) | folders(adapted)
+    adapted_on = {str(adapted.save_dir / j.run_name): j.flags["problem"] for j in adapted.jobs}
+    assert all(adapted_on[j.flags["checkpoint"]] == j.flags["problem"] for j in test.jobs
+               if j.flags.get("checkpoint") in adapted_on)  # each target tested with the networks adapted to it
+    assert test.seeds == list(range(1, 11)) and {j.flags["num-steps"] for j in test.jobs} == {1000}
+    per_problem = {}
+    for j in test.jobs:
+        per_problem.setdefault(j.flags["problem"], set()).add(j.flags.get("checkpoint", j.flags["optimizer"]))
+    assert set(per_problem) == {"lasso_ood", "quadratic_ood", "rosenbrock"}
+    assert all(len(methods) == 7 for methods in per_problem.values())  # 4 protocols, M-L2O unadapted, Adam, HF
