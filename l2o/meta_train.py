@@ -152,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     check_optimizee_args(parser, args)
+    if args.method == FirstOrderMAML.name and args.reg != "none":
+        parser.error(f"--reg {args.reg}: the symmetry regularisation is for --method l2o only")
     if args.problem is not None and args.reg != "none":
         parser.error(f"--reg {args.reg}: the synthetic problem {args.problem} has no network symmetries")
     args.network_config = network_config(parser, args)
