@@ -1,18 +1,16 @@
-"""The step implementations of MetaOptimize, all made from `rules.tensor_step`.
+"""The per-tensor step of MetaOptimize as code, made from `rules.tensor_step`.
 
-`Program` traces the per-tensor step once (base update, trace, the terms h g of z) into
-straight-line code: scalar code (hyperparameters, bias corrections; run on the host once per
-step) and elementwise code over the tensor's streams (w, g, state, trace, alpha). The
-implementations run that one program, or the rule itself:
+`Program` traces the step once (base update, trace, the terms h g of z) into straight-line code:
+scalar code (hyperparameters, bias corrections; run on the host once per step) and elementwise
+code over the tensor's streams (w, g, state, trace, alpha). The implementations of impl.py run it:
 
-- `ForeachStep` ("foreach", any device): the elementwise code as `torch._foreach_*` passes, each
-  written in place into a value that is dead by then, so a step allocates little.
-- `CStep` ("fused" on CPU): the elementwise code as one C loop, compiled once with the system's C
-  compiler (about a second; cached on disk), vectorised and threaded with OpenMP. Each weight is
-  read once and written once: w, g, state and trace in; w, state and trace out; z's partial sums
-  accumulated in the same loop.
-- `CompiledStep` ("fused" on CUDA): the rule under `torch.compile`, which generates the GPU kernels;
-  step counters enter as tensors, so it does not recompile as steps advance.
+- `ForeachStep` (impl "foreach", any device): the elementwise code as `torch._foreach_*` passes,
+  each written in place into a value that is dead by then, so a step allocates little;
+- `c_source` + `load_kernel` (impl "fused" on CPU): the elementwise code as one C loop, compiled
+  once with the system's C compiler (about a second; cached on disk), vectorised and threaded with
+  OpenMP: each weight is read and written once, and z's partial sums come out of the same loop;
+- `run_program` (impl "fused" on CUDA, under torch.compile): the elementwise code as plain torch
+  ops, which inductor fuses into GPU kernels.
 
 torch.compile is not used on CPU: inductor's C++ backend reads h and g twice (z's reduction is a
 separate loop) and takes tens of seconds to compile a ResNet's step.
@@ -270,8 +268,9 @@ def _foreach(op, vals, dead):
 # ---- fused C (CPU) ---------------------------------------------------------------------------
 
 _C_OPS = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}", "neg": "-{0}",
-          "sqrt": "{sqrt}({0})", "sign": "({0} != {0}) ? {0} : ({T})(({0} > 0) - ({0} < 0))",  # NaN stays NaN
-          "relu": "({0} > 0 || {0} != {0}) ? {0} : ({T})0"}
+          "sqrt": "{sqrt}({0})",
+          # selects that gcc vectorises; NaN falls through both tests and stays NaN, as in torch
+          "sign": "{0} > 0 ? ({T})1 : ({0} < 0 ? ({T})-1 : {0})", "relu": "{0} < 0 ? ({T})0 : {0}"}
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 CHUNK = 1 << 15  # elements per unit of work: the streams of a chunk stay in the core's cache
 
