@@ -115,10 +115,14 @@ class CImpl:
 
     name = "fused"
 
-    def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype, curvature_kind=None):
+    def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype, curvature_kind=None,
+                 meta=None):
         self.prog, self.layout, self.state_dtype = program(base, track, curvature_kind), layout, state_dtype
         self.fns = {dt: kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype))
                     for dt in set(param_dtypes)}
+        self.meta_prog = kernels.meta_program(meta) if meta is not None and meta.rule is not None else None
+        if self.meta_prog is not None:  # the meta update too, in one pass over the blocks
+            self.meta_fn = kernels.load_kernel(kernels.c_meta_source(self.meta_prog, meta_dtype), "mo_meta")
         self.fallback = ForeachImpl(base, track, layout, curvature_kind)
         # streams read anew every step (the others are our state tensors: their pointers are kept)
         self.fresh = [k for k, name in enumerate(self.prog.streams) if name in ("w", "g", "curvature")]
@@ -200,6 +204,17 @@ class CImpl:
         if prog.track and self.layout.kind == "tensor":
             z.index_add_(0, plan["chunk_block"], plan["partials"].to(z.dtype))
 
+    def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+        """Step 5 for every block in one C pass: beta and its state from z; blocks where `keep` (uint8)
+        is set keep theirs."""
+        prog = self.meta_prog
+        streams = {"beta": beta, "z": z, **meta_state}
+        ptrs = (ctypes.c_void_p * len(prog.streams))(*[streams[name].data_ptr() for name in prog.streams])
+        values = prog.scalars({**hp, "t": t}) or [0.0]
+        scalars = (ctypes.c_double * len(values))(*values)
+        self.meta_fn(beta.numel(), ctypes.addressof(ptrs), ctypes.addressof(scalars),
+                     keep.data_ptr() if keep is not None else None, torch.get_num_threads())
+
 
 class CompiledImpl:
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel. The
@@ -242,7 +257,7 @@ class CompiledImpl:
 
 
 def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
-              meta_dtype=torch.float32, curvature_kind=None):
+              meta_dtype=torch.float32, curvature_kind=None, meta=None):
     """The implementation `impl` asks for on this device: "auto" takes the fused step where it runs
     and otherwise falls back to foreach with one warning that says why."""
     if impl not in IMPLS:
@@ -255,7 +270,7 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
         why = f"dtypes {sorted(str(d) for d in dtypes - set(FUSED_DTYPES))} are not supported by the fused step"
     elif device.type == "cpu":
         try:
-            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind)
+            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta)
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:
             why = f"the fused CPU step could not be built: {err}"
     else:

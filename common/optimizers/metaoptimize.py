@@ -306,7 +306,8 @@ class MetaOptimize(torch.optim.Optimizer):
     def _make_impl(self):
         return make_impl(self.impl_name, BASE_RULES[self.alg_base], self.alg_meta != "fixed",
                          self._sharding.layout if self._sharding else self._layout, self._beta.device,
-                         [p.dtype for p in self._params], self.state_dtype, self._beta.dtype, self._curvature_kind)
+                         [p.dtype for p in self._params], self.state_dtype, self._beta.dtype, self._curvature_kind,
+                         META_RULES[self.alg_meta])
 
     @property
     def impl(self) -> str:
@@ -452,9 +453,14 @@ class MetaOptimize(torch.optim.Optimizer):
             if self._sharding:
                 self._sharding.sum_across_shards(z)
             self._meta_step += 1
+            active = tuple(it[0] for it in items)
+            if getattr(self._impl, "meta_fn", None) is not None:  # in one C pass
+                self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                                       self._mask(active, keep=True))
+                return loss
             beta, state = META_RULES[self.alg_meta].rule(self._beta, z, self._meta_state, self.meta_hp,
                                                          self._meta_step)
-            mask = self._mask(tuple(it[0] for it in items))
+            mask = self._mask(active)
             for buf, new in ((self._beta, beta), *((self._meta_state[k], v) for k, v in state.items())):
                 if mask is None:
                     buf.copy_(new)
@@ -462,18 +468,19 @@ class MetaOptimize(torch.optim.Optimizer):
                     torch.where(mask, new, buf, out=buf)
         return loss
 
-    def _mask(self, active: tuple):
-        """None when every parameter has a gradient, else the blocks that have one."""
+    def _mask(self, active: tuple, keep: bool = False):
+        """None when every parameter has a gradient, else the blocks that have one (keep: the uint8
+        complement, for the C meta update)."""
         if len(active) == len(self._params):
             return None
-        mask = self._masks.get(active)
-        if mask is None:
+        masks = self._masks.get(active)
+        if masks is None:
             mask = torch.zeros(self.num_blocks, dtype=torch.bool)
             lay = self._layout
             for i in active:
                 mask[lay.starts[i]:lay.starts[i] + lay.units[i]] = True
-            mask = self._masks[active] = mask.to(self._beta.device)
-        return mask
+            masks = self._masks[active] = (mask.to(self._beta.device), (~mask).to(torch.uint8))
+        return masks[1] if keep else masks[0]
 
     def _curvature(self, items):
         """The Hessian term of spec section 9, from the gradients' graph: H h (hvp), H_bb h_b per
