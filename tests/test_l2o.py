@@ -171,15 +171,13 @@ def test_meta_training_beats_the_untrained_network(meta_run):
 
 def test_meta_training_resume_equals_uninterrupted(tmp_path, meta_run):
     argv = [*TINY_META, "--save-directory", str(tmp_path), "--run-name", "r"]
-    assert meta_train.main([*argv, "--stop-after-steps", "3"]) == 0  # stops mid-run (run 2, step 20)
+    assert meta_train.main([*argv, "--stop-at-step", "3"]) == 0  # stops mid-run (run 2, step 20)
     assert not (tmp_path / "r" / "summary.json").exists()
     assert meta_train.main([*argv, "--resume"]) == 0
     a = torch.load(meta_run / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
-    for key in ("network", "best_network"):
-        weights_a = a[key]["state_dict"] if key == "network" else a[key]
-        weights_b = b[key]["state_dict"] if key == "network" else b[key]
-        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), key
+    for key in ("model", "best_network"):  # the network's last and best weights
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a["history"] == b["history"]
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "time"}  # noqa: E731
                           for line in path.read_text().splitlines()]
@@ -235,7 +233,7 @@ def test_evaluate_lr_grid_and_resume(tmp_path):
             "--data", "digits", "--num-steps", "30", "--noise-every", "10", "--noise-samples", "3",
             "--save-directory", str(tmp_path)]
     assert evaluate.main([*base, "--run-name", "a"]) == 0
-    assert evaluate.main([*base, "--run-name", "b", "--stop-after-steps", "13"]) == 0
+    assert evaluate.main([*base, "--run-name", "b", "--stop-at-step", "13"]) == 0
     assert evaluate.main([*base, "--run-name", "b", "--resume"]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["lr"] == 0.1 and set(summary["lr_grid"]) == {"0.001", "0.1", "3"}
