@@ -225,6 +225,13 @@ def train_loss_sum(args, data, lr, seed: int, num_steps: int, network, device) -
     return value if math.isfinite(value) else math.inf
 
 
+def grid_cache(args) -> tuple[dict, Path]:
+    """The --lr grid's cache entry for these flags: (the flags that decide its result, its file)."""
+    key = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_GRID_KEY}, default=str))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key, Path(args.save_directory) / GRID_CACHE / f"{args.method}-{args.problem or args.optimizee}-{digest}.json"
+
+
 def tune_lr(args, data, run, network, device) -> tuple[float, dict]:
     """The paper's grid search: the lr with the lowest mean summed training loss.
 
@@ -234,10 +241,8 @@ def tune_lr(args, data, run, network, device) -> tuple[float, dict]:
     computed once while concurrent runs of the same configuration wait for it (a lock per entry,
     which also makes removing a killed writer's temp file safe).
     """
-    key = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_GRID_KEY}, default=str))
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(args.save_directory) / GRID_CACHE
-    cache = folder / f"{args.method}-{args.problem or args.optimizee}-{digest}.json"
+    key, cache = grid_cache(args)
+    folder = cache.parent
     with contextlib.suppress(OSError):  # a cache: without it the grid only costs time
         folder.mkdir(exist_ok=True)
     with runfolder.waiting_lock(cache.with_suffix(".lock"), "the lr grid"):
