@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from l2o_fixtures import nan_weights_after, run_as_script
+from l2o_fixtures import assert_diverged, nan_weights_after, run_as_script
 from lion_pytorch import Lion
 
 from common import harness, runfolder
@@ -192,14 +192,7 @@ def test_meta_training_divergence_keeps_the_last_finite_checkpoint_and_says_so(t
     nan_weights_after(monkeypatch, TruncatedBPTT, 3)  # run 2's first unroll; its second gets a NaN objective
     run_dir = tmp_path / "nan"
     argv = [*TINY_META, "--save-directory", str(tmp_path), "--run-name", "nan"]
-    code, errors = run_as_script(meta_train.main, argv, capsys)
-    assert code == harness.EXIT_DIVERGED and errors == [
-        f"error: diverged at step 4: meta/objective is nan; the checkpoint of step 2 (the last finite state) is kept "
-        f"in {run_dir}"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["finished"] is False and summary["diverged"] is True
-    assert (summary["diverged_at_step"], summary["checkpoint_step"]) == (4, 2)
-    assert runfolder.run_state(run_dir) == "diverged"
+    assert_diverged(run_dir, *run_as_script(meta_train.main, argv, capsys), 4, "meta/objective is nan", kept=2)
     network, _ = load_network(run_dir, "last")  # the network after run 1, finite
     assert all(torch.isfinite(p).all() for p in network.parameters())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -302,12 +295,7 @@ def test_lr_grid_is_computed_once_by_concurrent_runs(tmp_path):
 def test_evaluate_divergence_is_reported_as_such(tmp_path, capsys):
     argv = ["--optimizer", "SGD", "--lr", "1e30", "--data", "digits", "--num-steps", "30", "--noise-every", "0",
             "--save-directory", str(tmp_path), "--run-name", "nan"]
-    code, errors = run_as_script(evaluate.main, argv, capsys)
-    assert code == harness.EXIT_DIVERGED and len(errors) == 1, errors
-    assert errors[0].startswith("error: diverged at step 2: train/loss is ")
-    assert errors[0].endswith(f"it diverged before its first checkpoint; see {tmp_path / 'nan' / 'summary.json'}")
-    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
-    assert summary["diverged"] is True and summary["finished"] is False and summary["diverged_at_step"] == 2
+    assert_diverged(tmp_path / "nan", *run_as_script(evaluate.main, argv, capsys), 2, "train/loss is nan", kept=None)
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
 

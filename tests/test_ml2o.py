@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from l2o_fixtures import nan_weights_after, run_as_script
+from l2o_fixtures import assert_diverged, nan_weights_after, run_as_script
 from torch import nn
 
-from common import harness
 from l2o import adapt, evaluate, meta_train
 from l2o.learned import LearnedOptimizer, load_network
 from l2o.meta import Curriculum, FirstOrderMAML, Trajectory, TruncatedBPTT, unroll
@@ -314,12 +313,7 @@ def test_adaptation_divergence_keeps_the_last_finite_checkpoint_and_says_so(tmp_
     nan_weights_after(monkeypatch, TruncatedBPTT, 3)  # epoch 2's first window; its second gets a NaN objective
     run_dir = tmp_path / "nan"
     argv = [*TINY_ADAPT, "--save-directory", str(tmp_path), "--run-name", "nan"]
-    code, errors = run_as_script(adapt.main, argv, capsys)
-    assert code == harness.EXIT_DIVERGED and errors == [
-        f"error: diverged at step 4: meta/objective is nan; the checkpoint of step 2 (the last finite state) is kept "
-        f"in {run_dir}"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["diverged"] is True and (summary["diverged_at_step"], summary["checkpoint_step"]) == (4, 2)
+    assert_diverged(run_dir, *run_as_script(adapt.main, argv, capsys), 4, "meta/objective is nan", kept=2)
     network, _ = load_network(run_dir)  # the network adapted for one epoch, finite
     assert all(torch.isfinite(p).all() for p in network.parameters())
 
