@@ -27,7 +27,8 @@ once, naming the holder). Nothing but the lock is written until the first `log`,
 `finish`; a run that fails on bad input before that leaves nothing behind.
 
 Divergence: when step sizes are logged, when a loss is logged and before every checkpoint, the
-harness checks that losses, weights and step sizes are finite (one host sync, never per step).
+harness checks that losses, weights and step sizes are finite (one host sync, never per step);
+`run.check_finite(values, step)` checks numbers a loop has read anyway (l2o's meta-objective).
 A non-finite value ends the run: the checkpoint of the last finite state is kept, summary.json
 says {"diverged": true, "diverged_at_step": N, ...}, and the process exits with code 3.
 
@@ -588,8 +589,14 @@ class Run:
         return {f"step_size/block_{i}": v for i, v in enumerate(values)}
 
     def _check_metrics(self, metrics: dict, step) -> None:
-        for k, v in metrics.items():
-            if any(w in k for w in _WATCHED) and isinstance(v, (int, float)) and not math.isfinite(v):
+        self.check_finite({k: v for k, v in metrics.items() if any(w in k for w in _WATCHED)}, step)
+
+    def check_finite(self, values: dict, step) -> None:
+        """A non-finite number among `values` ends the run as diverged at `step`, as a logged loss
+        does: for values the loop reads on the host anyway between logs (a meta-objective, a loss)."""
+        for k, v in values.items():
+            v = _to_python(v)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
                 self._diverge(step, f"{k} is {v}")
 
     def _diverge(self, step, reason: str):

@@ -3,7 +3,8 @@ sweep.py, summarize.py and plot.py read by them (without importing torch).
 
 - file names, and what `summary.json` says: `run_state(dir)` is "finished", "diverged",
   "checkpoint" (can resume) or "new";
-- one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder);
+- one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder); one
+  computation of a shared result: `waiting_lock`;
 - atomic writes with the user's umask (`atomic_write`), and removal of the temp files that a
   killed writer leaves (`remove_stale_temp_files`);
 - OS errors as one line that says what happened and where (`describe_os_error`).
@@ -174,13 +175,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def remove_stale_temp_files(run_dir) -> list[Path]:
-    """Delete the temp files of writes that never finished (a SIGKILL mid-checkpoint). Call it
-    only while holding the folder's lock: a live writer's temp file looks the same."""
+def remove_stale_temp_files(run_dir, of: str | None = None) -> list[Path]:
+    """Delete the temp files of writes that never finished (a SIGKILL mid-checkpoint); with `of`,
+    only those of the file of that name. Call it only while holding the lock its writers take (the
+    folder's, or the file's `waiting_lock`): a live writer's temp file looks the same."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(run_dir):
-            if entry.is_file(follow_symlinks=False) and _TEMP.match(entry.name):
+            if entry.is_file(follow_symlinks=False) and _TEMP.match(entry.name) \
+                    and (of is None or entry.name.startswith(f".{of}.")):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
@@ -252,10 +255,8 @@ class RunLock:
                 break
             os.close(fd)
         self.fd = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_task": _slurm_task(),
-                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
 
     def release(self) -> None:
         """Remove the lock file and let go (safe to call twice)."""
@@ -265,6 +266,42 @@ class RunLock:
             self.path.unlink()
         os.close(self.fd)
         self.fd = None
+
+
+@contextlib.contextmanager
+def waiting_lock(path, what: str = "it"):
+    """Hold an exclusive lock on the file `path` for the block, waiting (with a note on stderr)
+    while another process holds it: for a result that concurrent runs share and one computes
+    (evaluate.py's --lr grid). The file is created and kept (removing it would let a waiter and a
+    newcomer hold two different files). Where the file cannot be made or locked, the block runs
+    unlocked: callers write by `atomic_write`, so that costs only duplicated work."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(f"note: waiting for {describe_holder(_read_holder(fd))} to finish {what} ({path})",
+                      file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # who holds it, for the note of a waiter
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_task": _slurm_task(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def _read_holder(fd: int) -> dict | None:

@@ -15,8 +15,10 @@ adaptation) adapt/loss_sum and adapt/final_loss, the network (not trained) on th
 for --unrolls x --unroll steps. The run folder's checkpoint.pt holds the adapted network, so
 evaluate.py --checkpoint and `LearnedOptimizer.from_checkpoint` take the run folder; config.json
 records the pretraining's method, which names the protocol in figures (l2o.learned.protocol_of).
-Checkpoints after every epoch; SIGTERM/SIGUSR1/--max-time stop at the next unroll with a checkpoint,
-and --resume continues bit for bit.
+Run control as for every experiment (docs/CONTRACTS.md): checkpoints after every epoch;
+SIGTERM/SIGUSR1/Ctrl-C/--max-time stop at the next unroll with a checkpoint, and --resume continues
+bit for bit; a non-finite meta-objective, loss or network weight ends the run as diverged (exit
+code 3, the last finite checkpoint kept).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import torch
 
 from common import harness
 from l2o.flags import NETWORK_FLAGS, add_network_args, network_config
-from l2o.learned import load_network, protocol_of
+from l2o.learned import check_resumed_network, load_network, network_checkpoint, protocol_of
 from l2o.meta import META_LOSSES, Trajectory, TruncatedBPTT, meta_test
-from l2o.networks import build_network, network_record
+from l2o.networks import build_network
 from l2o.problems import PROBLEMS, problem_tasks
 
 # the authors' adaptation (Meta_Adapt/train_rnnprop.py); every one is a flag
@@ -62,7 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--meta-lr", type=float, default=META_LR, help="Adam's learning rate on the network's weights")
     g.add_argument("--meta-loss", default="sum", choices=sorted(META_LOSSES), help="objective of a window's losses")
     g.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests
     add_network_args(parser, default="rnnprop")
     harness.add_run_args(parser)
     parser.set_defaults(log_every=1)
@@ -108,61 +109,45 @@ def main(argv=None) -> int:
         return {"epoch": epoch, "adapt/loss_sum": result["meta_test/loss_sum"],
                 "adapt/final_loss": result["meta_test/final_loss"]}
 
-    epoch, meta_step, trajectories, history, initial = 0, 0, None, [], None
-    state = run.load_checkpoint()
+    epoch, step, trajectories, history, initial = 0, 0, None, [], None  # step: meta-updates done
+    state = run.resume(network, meta_optimizer)
     if state is not None:
-        network.load_state_dict(state["network"]["state_dict"])
-        meta_optimizer.load_state_dict(state["meta_optimizer"])
-        epoch, meta_step, history, initial = state["epoch"], state["meta_step"], state["history"], state["initial"]
+        check_resumed_network(state, network)
+        epoch, step, history, initial = state["epoch"], state["step"], state["history"], state["initial"]
         if state["trajectory"] is not None:
             trajectories = [Trajectory.from_state_dict(t, device) for t in state["trajectory"]]
-        print(f"resumed {run.dir} at epoch {epoch + 1} (meta-step {meta_step})", file=sys.stderr)
+        print(f"resumed {run.dir} at epoch {epoch + 1} (meta-step {step})", file=sys.stderr)
     else:
         initial = tested(0)
         run.log(initial, 0)
 
-    def checkpoint():
-        run.save_checkpoint({
-            "network": network_record(network), "best_network": None, "meta_optimizer": meta_optimizer.state_dict(),
-            "epoch": epoch, "meta_step": meta_step, "history": history, "initial": initial,
-            "trajectory": [t.state_dict() for t in trajectories] if trajectories is not None else None,
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
-        })
+    def progress():  # a checkpoint's entries besides the network's weights and the meta-optimizer
+        return {**network_checkpoint(network, None, args), "step": step, "epoch": epoch, "history": history,
+                "initial": initial,
+                "trajectory": [t.state_dict() for t in trajectories] if trajectories is not None else None}
 
     bar = run.progress(args.epochs * horizon, desc=f"adapting to {args.problem}", unit="step",
                        initial=epoch * horizon + (trajectories[0].step if trajectories is not None else 0))
-    steps_here = 0
     while epoch < args.epochs:
         if trajectories is None:  # the fixed optimizee, from its start
             trajectories = [Trajectory.start(network, task) for task in tasks]
         while trajectories[0].step < horizon:
             trajectories, metrics = method.meta_step(tasks, trajectories, args.unroll)
             metrics = {k: float(v) for k, v in metrics.items()}
-            meta_step, steps_here = meta_step + 1, steps_here + 1
+            step += 1
             bar.update(args.unroll)
-            if not math.isfinite(metrics["meta/objective"]):
-                bar.close()
-                run.close()
-                print(f"error: adaptation diverged at meta-step {meta_step} (epoch {epoch + 1}): meta-objective "
-                      f"{metrics['meta/objective']}; the last checkpoint is in {run.dir}", file=sys.stderr)
-                return 1
-            if meta_step % run.log_every == 0:
-                run.log({"epoch": epoch + trajectories[0].step / horizon, **metrics}, meta_step)
-            if run.should_stop() or steps_here == args.stop_after_steps:
-                bar.close()
-                checkpoint()
-                run.close()
-                why = run.stop_reason or f"--stop-after-steps {args.stop_after_steps}"
-                print(f"stopped ({why}) at epoch {epoch + 1}, step {trajectories[0].step}; checkpoint saved in "
-                      f"{run.dir}; continue with the same command plus --resume", file=sys.stderr)
-                return 0
+            run.check_finite(metrics, step)  # read anyway: a non-finite meta-objective ends the run at once
+            if step % run.log_every == 0:
+                run.log({"epoch": epoch + trajectories[0].step / horizon, **metrics}, step)
+            if run.should_stop(step):
+                return run.stop(progress(), f"at epoch {epoch + 1}, optimizee step {trajectories[0].step}")
         epoch, trajectories = epoch + 1, None
         history.append(tested(epoch))
-        run.log(history[-1], meta_step)
-        checkpoint()
+        run.log(history[-1], step)
+        run.checkpoint(progress())
     bar.close()
-    run.finish({"final": history[-1] if history else initial, "initial": initial, "meta_steps": meta_step})
     final = history[-1] if history else initial
+    run.finish({"final": final, "initial": initial, "meta_steps": step})
     print(f"{args.protocol} on {args.problem} (optimizee seed {args.optimizee_seed}): final loss of the fixed "
           f"optimizee {initial['adapt/final_loss']:.4g} -> {final['adapt/final_loss']:.4g} after {epoch} epochs; "
           f"network in {run.dir / 'checkpoint.pt'}")

@@ -26,6 +26,10 @@ test/loss and test/acc every --eval-every steps, and from `common.diagnostics.Sy
 the deviations sym/<kind>/grad and sym/<kind>/update every --probe-every steps, the tail index and
 covariance of gradients and updates (noise/...) every --noise-every steps, and histograms of |u|
 at --hist-steps. scripts/plot.py draws the paper's Figures 4, 5, 7, 8 and 9 from these runs.
+
+Run control as for every experiment (docs/CONTRACTS.md): SIGTERM/SIGUSR1/Ctrl-C/--max-time stop
+with a checkpoint and --resume continues bit for bit; a non-finite training loss, weight or step
+size ends the run as diverged (exit code 3).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -44,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common`, `l2o` 
 import torch
 import torch.nn.functional as F
 
-from common import harness
+from common import harness, runfolder
 from common.diagnostics import HIST_STEPS, SymmetryProbe
-from common.optim_flags import add_optimizer_args, build_optimizer, check_optimizer_args, current_step_sizes
-from l2o.data import DATASETS, StepBatches, as_float, load_dataset, resolve_dataset
-from l2o.flags import add_optimizee_args, check_optimizee_args
+from common.optim_flags import add_optimizer_args, build_optimizer, check_optimizer_args
+from l2o.data import DATASETS, StepBatches, as_float
+from l2o.flags import add_optimizee_args, check_optimizee_args, load_optimizee_data
 from l2o.learned import LearnedOptimizer, load_network, protocol_of
 from l2o.lion_sgd import LionSGD
 from l2o.problems import ProblemModel, problem_families, problem_tasks
@@ -72,8 +75,8 @@ GRID_CACHE = ".lr_grid"  # in --save-directory: grid results shared by the seeds
 # flags that do not change the grid's result
 NOT_IN_GRID_KEY = {"seed", "run_name", "save_directory", "resume", "max_time", "device", "log_every", "wandb",
                    "wandb_project", "wandb_entity", "num_steps", "eval_every", "probe_every", "noise_every",
-                   "noise_samples", "hist_steps", "threads", "stop_after_steps", "network_weights", "lr", "data",
-                   "data_dir", "no_download", "compile", "amp"}
+                   "noise_samples", "hist_steps", "threads", "stop_at_step", "start_over", "network_weights", "lr",
+                   "data", "data_dir", "no_download", "compile", "amp"}
 
 
 def lr_value(text: str):
@@ -146,7 +149,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--noise-samples", type=int, default=NOISE_SAMPLES, help="mini-batches per noise measurement")
     d.add_argument("--hist-steps", type=lambda t: number_list(t, int), default=",".join(map(str, HIST_STEPS)),
                    help="steps with a histogram of |u|")
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests
     harness.add_run_args(parser)
     args = parser.parse_args(argv)
     harness.require_positive(parser, args, "batch_size", "num_steps", "eval_every", "probe_every", "grid_runs",
@@ -223,39 +225,50 @@ def train_loss_sum(args, data, lr, seed: int, num_steps: int, network, device) -
     return value if math.isfinite(value) else math.inf
 
 
+def grid_cache(args) -> tuple[dict, Path]:
+    """The --lr grid's cache entry for these flags: (the flags that decide its result, its file)."""
+    key = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_GRID_KEY}, default=str))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key, Path(args.save_directory) / GRID_CACHE / f"{args.method}-{args.problem or args.optimizee}-{digest}.json"
+
+
 def tune_lr(args, data, run, network, device) -> tuple[float, dict]:
     """The paper's grid search: the lr with the lowest mean summed training loss.
 
     Its result depends on the configuration, not on --seed, so it is kept in
-    <save-directory>/.lr_grid/ and reused by the other seeds of a sweep.
+    <save-directory>/.lr_grid/ and reused by the other seeds of a sweep, and by a resumed run. By
+    the run-folder rules (common/runfolder.py): written atomically (never a partial file), and
+    computed once while concurrent runs of the same configuration wait for it (a lock per entry,
+    which also makes removing a killed writer's temp file safe).
     """
-    key = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_IN_GRID_KEY}, default=str))
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(args.save_directory) / GRID_CACHE / f"{args.method}-{args.problem or args.optimizee}-{digest}.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached["key"] == key:
-            return cached["lr"], cached["scores"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    scores = {}
-    bar = run.progress(len(args.lr_grid) * args.grid_runs, desc=f"{args.method} lr grid", unit="run", leave=False)
-    for lr in args.lr_grid:
-        sums = []
-        for r in range(args.grid_runs):
-            sums.append(train_loss_sum(args, data, lr, derived_seed(GRID_SEED, r), args.grid_steps, network, device))
-            bar.update()
-        scores[f"{lr:g}"] = sum(sums) / len(sums)
-    bar.close()
-    best = min(args.lr_grid, key=lambda lr: scores[f"{lr:g}"])
-    if not math.isfinite(scores[f"{best:g}"]):
-        raise harness.UsageError(f"--lr grid: {args.method} diverged at every learning rate of {args.lr_grid}")
-    if run.is_main:
-        with contextlib.suppress(OSError):  # a cache: not writing it costs only time
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "lr": best, "scores": scores}, indent=1) + "\n")
-            os.replace(tmp, cache)
+    key, cache = grid_cache(args)
+    folder = cache.parent
+    with contextlib.suppress(OSError):  # a cache: without it the grid only costs time
+        folder.mkdir(exist_ok=True)
+    with runfolder.waiting_lock(cache.with_suffix(".lock"), "the lr grid"):
+        runfolder.remove_stale_temp_files(folder, of=cache.name)
+        try:
+            cached = json.loads(cache.read_text())
+            if cached["key"] == key:
+                return cached["lr"], cached["scores"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        scores = {}
+        bar = run.progress(len(args.lr_grid) * args.grid_runs, desc=f"{args.method} lr grid", unit="run", leave=False)
+        for lr in args.lr_grid:
+            sums = []
+            for r in range(args.grid_runs):
+                sums.append(train_loss_sum(args, data, lr, derived_seed(GRID_SEED, r), args.grid_steps, network, device))
+                bar.update()
+            scores[f"{lr:g}"] = sum(sums) / len(sums)
+        bar.close()
+        best = min(args.lr_grid, key=lambda lr: scores[f"{lr:g}"])
+        if not math.isfinite(scores[f"{best:g}"]):
+            raise harness.UsageError(f"--lr grid: {args.method} diverged at every learning rate of {args.lr_grid}")
+        try:
+            runfolder.write_json(cache, {"key": key, "lr": best, "scores": scores})
+        except runfolder.RunFolderError as e:
+            print(f"note: --lr grid: result not kept for other runs ({e})", file=sys.stderr)
     return best, scores
 
 
@@ -273,11 +286,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run = harness.start_run(args, "l2o_eval")
     device = run.device
-    data = None
-    if args.problem is None:
-        args.dataset = resolve_dataset(args.data, args.data_dir)  # recorded in config.json
-        data = load_dataset(args.dataset, args.data_dir, download=not args.no_download, device=device,
-                            batch_size=args.batch_size)
+    data = load_optimizee_data(args, device)
     network = None
     if args.method == "L2O":
         network, meta = load_network(args.checkpoint, args.network_weights)
@@ -290,11 +299,8 @@ def main(argv=None) -> int:
             args.l2o_network, args.l2o_protocol = network.name, protocol_of(meta)
             args.l2o_problem = meta.get("problem") if not meta.get("adapted") else meta.get("pretrained_problem")
 
-    state = run.load_checkpoint()
     lr, grid = (args.lr if args.lr != "grid" else None), None
-    if state is not None:
-        lr, grid = state["lr"], state["lr_grid"]
-    elif args.method in GRID_METHODS and args.lr == "grid":
+    if args.method in GRID_METHODS and args.lr == "grid":
         lr, grid = tune_lr(args, data, run, network, device)
         print(f"{args.method}: lr {lr:g} from the grid (mean summed training loss of {args.grid_runs} x "
               f"{args.grid_steps} steps: " + ", ".join(f"{k}: {v:.1f}" for k, v in grid.items()) + ")",
@@ -324,9 +330,11 @@ def main(argv=None) -> int:
         return test_metrics(model, test_x, test_y)
 
     step, loss_sum, last = 0, 0.0, {}
+    state = run.resume(model, optimizer)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state["lr"] != lr:
+            raise harness.UsageError(f"--resume: the run trained with lr {state['lr']}, these flags give {lr}; resume "
+                                     f"with the flags the run started with (see {run.dir / 'config.json'})")
         if probe is not None:
             probe.load_state_dict(state["probe"])
         step, loss_sum, last = state["step"], state["loss_sum"], state["last"]
@@ -335,47 +343,33 @@ def main(argv=None) -> int:
         last = evaluation()
         run.log(last, 0)
 
-    def checkpoint():
-        run.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "probe": probe.state_dict() if probe is not None else None, "step": step,
-                             "loss_sum": loss_sum, "last": last, "lr": lr, "lr_grid": grid})
+    def progress():  # a checkpoint's entries besides the optimizee's weights and the optimizer
+        return {"step": step, "probe": probe.state_dict() if probe is not None else None, "loss_sum": loss_sum,
+                "last": last, "lr": lr, "lr_grid": grid}
 
     model.train()
     bar = run.progress(args.num_steps, desc=f"{args.method} on {optimizee}", initial=step, unit="step")
-    steps_here = 0
     while step < args.num_steps:
         loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step, steps_here, value = step + 1, steps_here + 1, loss.item()
+        step, value = step + 1, loss.item()
         bar.update()
-        if not math.isfinite(value):
-            bar.close()
-            run.close()
-            print(f"error: {args.method} diverged at step {step} on {optimizee} (training loss {value}); "
-                  f"nothing was written as finished", file=sys.stderr)
-            return 1
+        run.check_finite({"train/loss": value}, step)  # before the probe and the test look at the weights
         loss_sum += value
         record = {"train/loss": value, **(probe.pop() if probe is not None else {})}
         if step == args.num_steps or (probe is not None and step % args.eval_every == 0):
             last = evaluation()
             record.update(last)
-        if args.method not in OWN.values() and step % run.log_every == 0:
-            record.update({f"step_size/block_{i}": v for i, v in enumerate(current_step_sizes(optimizer).tolist())})
-        run.log(record, step)
-        if step < args.num_steps and (run.should_stop() or steps_here == args.stop_after_steps):
-            bar.close()
-            checkpoint()
-            run.close()
-            why = run.stop_reason or f"--stop-after-steps {args.stop_after_steps}"
-            print(f"stopped ({why}) at step {step}; checkpoint saved in {run.dir}; continue with the same command "
-                  f"plus --resume", file=sys.stderr)
-            return 0
+        # the paper's optimizers: their step sizes every --log-every steps
+        if args.method in OWN.values() or not run.log_step_sizes(optimizer, step, extra=record):
+            run.log(record, step)
+        if step < args.num_steps and run.should_stop(step):
+            return run.stop(progress(), f"at step {step}")
     bar.close()
-    checkpoint()
-    final = {"train/loss_sum": loss_sum, **last}
-    run.finish({"final": final, "lr": lr, "lr_grid": grid})
+    run.checkpoint(progress())
+    run.finish({"final": {"train/loss_sum": loss_sum, **last}, "lr": lr, "lr_grid": grid})
     if probe is None:
         print(f"{args.method} on {optimizee} (seed {args.seed}): summed training loss {loss_sum:.4g}, final loss "
               f"{last['train/final_loss']:.4g}")

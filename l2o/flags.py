@@ -1,4 +1,4 @@
-"""Command-line glue shared by the l2o scripts: the network flags and the optimizee choice."""
+"""Command-line glue shared by the l2o scripts: the network flags, the optimizee choice and its data."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import inspect
 import math
 
+from l2o.data import load_dataset, resolve_dataset
 from l2o.networks import NETWORKS
 from l2o.problems import PROBLEMS
 from l2o.tasks import OPTIMIZEES
@@ -57,3 +58,12 @@ def check_optimizee_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--problem {args.problem} and --optimizee {args.optimizee}: choose one")
     if args.problem is None and args.optimizee is None:
         args.optimizee = DEFAULT_OPTIMIZEE
+
+
+def load_optimizee_data(args, device):
+    """The data set of the MLP optimizees (--data, recorded in config.json as `dataset`); None with --problem."""
+    if args.problem is not None:
+        return None
+    args.dataset = resolve_dataset(args.data, args.data_dir)
+    return load_dataset(args.dataset, args.data_dir, download=not args.no_download, device=device,
+                        batch_size=args.batch_size)

@@ -19,9 +19,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2o.networks import apply_network, network_from_record, network_record
+from l2o.networks import apply_network, network_from_record, network_record, network_spec
 
 CHECKPOINT = "checkpoint.pt"  # the harness's checkpoint file inside a meta-training run folder
+
+
+def network_checkpoint(network: nn.Module, best_network: dict | None, args) -> dict:
+    """What meta_train.py and adapt.py add to their checkpoints (`Run.checkpoint`'s progress) for
+    `load_network`: the network's name and config (its weights are the checkpoint's "model", saved
+    by the harness with the meta-optimizer), the best weights so far, and the run's flags."""
+    return {"network": network_spec(network), "best_network": best_network,
+            "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+
+
+def check_resumed_network(state: dict, network: nn.Module) -> None:
+    """After `Run.resume(network, ...)`: the checkpoint's network must be the one the flags built."""
+    if state["network"] != network_spec(network):
+        raise ValueError(f"--resume: the checkpoint's network is {state['network']['name']} "
+                         f"{state['network']['config']}, the flags give {network.name} {network.config()}; resume "
+                         f"with the same network flags")
 
 
 def load_network(path, which: str = "best") -> tuple[nn.Module, dict]:
@@ -45,8 +61,12 @@ def load_network(path, which: str = "best") -> tuple[nn.Module, dict]:
         raise ValueError(f"{file} holds no learned-optimizer network (not written by l2o/meta_train.py or "
                          f"l2o/adapt.py)")
     if which == "best" and ckpt.get("best_network") is not None:
-        record = {**record, "state_dict": ckpt["best_network"]}
-    return network_from_record(record), dict(ckpt.get("config") or {})
+        weights = ckpt["best_network"]
+    else:  # the harness's training state (a record with its own weights: checkpoints before run control moved)
+        weights = record.get("state_dict", ckpt.get("model"))
+    if not isinstance(weights, dict):
+        raise ValueError(f"{file} holds no weights of its {record['name']} network")
+    return network_from_record({**record, "state_dict": weights}), dict(ckpt.get("config") or {})
 
 
 def protocol_of(config: dict) -> str:

@@ -23,9 +23,11 @@ a meta-test fails to improve after at least --curriculum-min-evals of them, and 
 stage has none that improves; --steps-per-run and --meta-test-steps are then unused, "best" is the
 best network of the last stage, and --epochs caps the length.
 
-Run folder as for every experiment (config.json, metrics.jsonl, checkpoint.pt, summary.json);
-checkpoints after every optimizee run; SIGTERM/SIGUSR1/--max-time stop at the next unroll
-boundary with a checkpoint, and --resume continues bit for bit.
+Run folder and run control as for every experiment (config.json, metrics.jsonl, checkpoint.pt,
+summary.json; docs/CONTRACTS.md): checkpoints after every optimizee run (the network's weights as
+the harness's "model", Adam as its "optimizer"); SIGTERM/SIGUSR1/Ctrl-C/--max-time stop at the next
+unroll boundary with a checkpoint, and --resume continues bit for bit; a non-finite meta-objective,
+loss or network weight ends the run as diverged (exit code 3, the last finite checkpoint kept).
 """
 
 from __future__ import annotations
@@ -41,8 +43,15 @@ import torch
 
 from common import harness
 from common.diagnostics import find_symmetries
-from l2o.data import DATASETS, StepBatches, load_dataset, resolve_dataset
-from l2o.flags import add_network_args, add_optimizee_args, check_optimizee_args, network_config
+from l2o.data import DATASETS, StepBatches
+from l2o.flags import (
+    add_network_args,
+    add_optimizee_args,
+    check_optimizee_args,
+    load_optimizee_data,
+    network_config,
+)
+from l2o.learned import check_resumed_network, network_checkpoint
 from l2o.meta import (
     META_LOSSES,
     METHODS,
@@ -54,7 +63,7 @@ from l2o.meta import (
     TruncatedBPTT,
     meta_test,
 )
-from l2o.networks import build_network, network_record
+from l2o.networks import build_network
 from l2o.problems import problem_tasks
 from l2o.tasks import MLPTask, derived_seed, seeded_optimizee
 
@@ -135,8 +144,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing MNIST")
     o.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="optimizee mini-batch size")
     o.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (0: torch's default)")
-    # for tests: stop as if SIGTERM arrived after this many meta-updates of this process
-    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     harness.add_run_args(parser)
     parser.set_defaults(log_every=10)
     known, _ = parser.parse_known_args(argv)
@@ -188,11 +195,7 @@ def main(argv=None) -> int:
     if run.world_size > 1:
         raise harness.UsageError("l2o/meta_train.py runs on one device; start it with python3, not torchrun")
     device = run.device
-    data = None
-    if args.problem is None:
-        args.dataset = resolve_dataset(args.data, args.data_dir)  # recorded in config.json
-        data = load_dataset(args.dataset, args.data_dir, download=not args.no_download, device=device,
-                            batch_size=args.batch_size)
+    data = load_optimizee_data(args, device)
 
     network = build_network(args.network, args.network_config).to(device)  # seeded by start_run
     meta_optimizer = torch.optim.Adam(network.parameters(), lr=args.meta_lr)
@@ -216,47 +219,36 @@ def main(argv=None) -> int:
         record = {"epoch": epoch, **meta_test(network, test_tasks, horizon()[1])}
         return record if curriculum is None else {**record, "curriculum/horizon": curriculum.steps}
 
-    epoch, index, meta_step = 0, 0, 0  # next epoch, next optimizee run in it, meta-updates done
+    epoch, index, step = 0, 0, 0  # next epoch, next optimizee run in it, meta-updates done
     trajectories, run_loss, run_sums = None, 0.0, []  # the optimizee run in progress; this epoch's run losses
     history, best, best_network, initial, converged = [], None, None, None, False
-    state = run.load_checkpoint()
+    state = run.resume(network, meta_optimizer)
     if state is not None:
-        if state["network"]["config"] != network.config() or state["network"]["name"] != network.name:
-            raise harness.UsageError(f"--resume: the checkpoint's network is {state['network']['name']} "
-                                     f"{state['network']['config']}; resume with the same network flags")
-        network.load_state_dict(state["network"]["state_dict"])
-        meta_optimizer.load_state_dict(state["meta_optimizer"])
-        epoch, index, meta_step = state["epoch"], state["run"], state["meta_step"]
-        saved = state["trajectory"]
-        if saved is not None:  # one trajectory per task (a dict: a checkpoint of the one-task version)
-            trajectories = [Trajectory.from_state_dict(t, device) for t in (saved if isinstance(saved, list) else [saved])]
+        check_resumed_network(state, network)
+        epoch, index, step = state["epoch"], state["run"], state["step"]
+        if state["trajectory"] is not None:  # one per task
+            trajectories = [Trajectory.from_state_dict(t, device) for t in state["trajectory"]]
         run_loss, run_sums = state["run_loss"], list(state["run_sums"])
         history, best, best_network, initial = state["history"], state["best"], state["best_network"], state["initial"]
-        converged = bool(state.get("converged", False))
+        converged = state["converged"]
         if curriculum is not None:
             curriculum.load_state_dict(state["curriculum"])
-        print(f"resumed {run.dir} at epoch {epoch + 1}, run {index + 1}/{runs} (meta-step {meta_step})",
-              file=sys.stderr)
+        print(f"resumed {run.dir} at epoch {epoch + 1}, run {index + 1}/{runs} (meta-step {step})", file=sys.stderr)
     else:
         initial = tested(0)
         run.log(initial, 0)
 
-    def checkpoint():
-        run.save_checkpoint({
-            "network": network_record(network), "best_network": best_network,
-            "meta_optimizer": meta_optimizer.state_dict(), "epoch": epoch, "run": index, "meta_step": meta_step,
-            "trajectory": [t.state_dict() for t in trajectories] if trajectories is not None else None,
-            "run_loss": run_loss, "run_sums": run_sums, "history": history, "best": best, "initial": initial,
-            "converged": converged, "curriculum": curriculum.state_dict() if curriculum is not None else None,
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
-        })
+    def progress():  # a checkpoint's entries besides the network's weights and the meta-optimizer
+        return {**network_checkpoint(network, best_network, args), "step": step, "epoch": epoch, "run": index,
+                "trajectory": [t.state_dict() for t in trajectories] if trajectories is not None else None,
+                "run_loss": run_loss, "run_sums": run_sums, "history": history, "best": best, "initial": initial,
+                "converged": converged, "curriculum": curriculum.state_dict() if curriculum is not None else None}
 
     def keep_best(record: dict) -> None:
         nonlocal best, best_network
         best = dict(record)
         best_network = {k: v.detach().clone() for k, v in network.state_dict().items()}
 
-    steps_here = 0
     while epoch < args.epochs and not converged:
         steps = horizon()[0]
         bar = run.progress(runs * steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False,
@@ -269,35 +261,23 @@ def main(argv=None) -> int:
                 n = min(args.unroll, steps - trajectories[0].step)
                 trajectories, metrics = method.meta_step(tasks, trajectories, n)
                 metrics = {k: float(v) for k, v in metrics.items()}  # one host sync per unroll
-                meta_step, steps_here, run_loss = meta_step + 1, steps_here + 1, run_loss + metrics["train/loss"] * n
+                step, run_loss = step + 1, run_loss + metrics["train/loss"] * n
                 bar.update(n)
-                if not math.isfinite(metrics["meta/objective"]):
-                    bar.close()
-                    run.close()
-                    print(f"error: meta-training diverged at meta-step {meta_step} (epoch {epoch + 1}, run {index + 1}): "
-                          f"meta-objective {metrics['meta/objective']}; the last checkpoint is in {run.dir}",
-                          file=sys.stderr)
-                    return 1
-                if meta_step % run.log_every == 0:
-                    run.log({"epoch": epoch + trajectories[0].step / steps / runs + index / runs, **metrics}, meta_step)
-                if run.should_stop() or steps_here == args.stop_after_steps:
-                    bar.close()
-                    checkpoint()
-                    run.close()
-                    why = run.stop_reason or f"--stop-after-steps {args.stop_after_steps}"
-                    print(f"stopped ({why}) at epoch {epoch + 1}, run {index + 1}/{runs}, step {trajectories[0].step}; "
-                          f"checkpoint saved in {run.dir}; continue with the same command plus --resume",
-                          file=sys.stderr)
-                    return 0
+                run.check_finite(metrics, step)  # read anyway: a non-finite meta-objective ends the run at once
+                if step % run.log_every == 0:
+                    run.log({"epoch": epoch + trajectories[0].step / steps / runs + index / runs, **metrics}, step)
+                if run.should_stop(step):
+                    return run.stop(progress(), f"at epoch {epoch + 1}, run {index + 1}/{runs}, optimizee step "
+                                                f"{trajectories[0].step}")
             run_sums.append(run_loss)
             trajectories, run_loss, index = None, 0.0, index + 1
-            checkpoint()
+            run.checkpoint(progress())
         bar.close()
 
         record = {**tested(epoch + 1), "meta_train/loss_sum": sum(run_sums) / len(run_sums)}
         epoch, index, run_sums = epoch + 1, 0, []
         history.append(record)
-        run.log(record, meta_step)
+        run.log(record, step)
         note = ""
         if curriculum is None:
             if best is None or record[select] < best[select]:
@@ -311,7 +291,7 @@ def main(argv=None) -> int:
                 curriculum.advance()
                 keep_best(tested(epoch))
                 curriculum.start_stage(best[select])
-                run.log(best, meta_step)
+                run.log(best, step)
                 note = f"; next horizon {curriculum.steps} steps (meta-test {curriculum.test_steps})"
             elif action == "stop":
                 converged = True
@@ -321,9 +301,11 @@ def main(argv=None) -> int:
                       f"meta-test {args.meta_test_metric} {record[select]:.4g} (untrained {initial[select]:.4g}, "
                       f"best {best[select]:.4g})" + (f"  test acc {record['meta_test/test_acc']:.1f}%"
                                                       if "meta_test/test_acc" in record else "") + note)
-        checkpoint()
+        run.checkpoint(progress())
+        if epoch < args.epochs and not converged and run.should_stop(step):
+            return run.stop(progress(), f"after epoch {epoch}")
 
-    summary = {"final": history[-1] if history else {}, "best": best or {}, "initial": initial, "meta_steps": meta_step,
+    summary = {"final": history[-1] if history else {}, "best": best or {}, "initial": initial, "meta_steps": step,
                "converged": converged}
     if curriculum is not None:
         summary["curriculum"] = {"stage": curriculum.stage, "horizon": curriculum.steps}

@@ -127,11 +127,15 @@ def build_network(name: str, config: Mapping | None = None) -> nn.Module:
     return NETWORKS[name](**dict(config or {}))
 
 
+def network_spec(network: nn.Module) -> dict:
+    """What rebuilds a network, weights aside: its name and constructor config (plain types)."""
+    return {"name": network.name, "config": network.config()}
+
+
 def network_record(network: nn.Module, state_dict: Mapping | None = None) -> dict:
-    """What a checkpoint stores of a network: name, constructor config and weights (tensors, plain types)."""
+    """A network in one dict: name, constructor config and weights (tensors, plain types)."""
     weights = network.state_dict() if state_dict is None else state_dict
-    return {"name": network.name, "config": network.config(),
-            "state_dict": {k: v.detach().clone() for k, v in weights.items()}}
+    return {**network_spec(network), "state_dict": {k: v.detach().clone() for k, v in weights.items()}}
 
 
 def network_from_record(record: Mapping) -> nn.Module:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from l2o_fixtures import assert_diverged, nan_weights_after, run_as_script
 from torch import nn
 
 from l2o import adapt, evaluate, meta_train
@@ -284,11 +285,11 @@ def test_ml2o_meta_training_then_adaptation_beats_the_untrained_optimizer(tmp_pa
 
 def test_ml2o_meta_training_resume_equals_uninterrupted(tmp_path, ml2o_run):
     argv = [*TINY_ML2O, "--save-directory", str(tmp_path), "--run-name", "r"]
-    assert meta_train.main([*argv, "--stop-after-steps", "3"]) == 0  # mid-run: run 2, step 20 of 40
+    assert meta_train.main([*argv, "--stop-at-step", "3"]) == 0  # mid-run: run 2, step 20 of 40
     assert meta_train.main([*argv, "--resume"]) == 0
     a = torch.load(ml2o_run / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(a["network"]["state_dict"][k], b["network"]["state_dict"][k]) for k in a["best_network"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["best_network"][k], b["best_network"][k]) for k in a["best_network"])
     assert a["history"] == b["history"]
     assert strip_time(ml2o_run / "metrics.jsonl") == strip_time(tmp_path / "r" / "metrics.jsonl")
@@ -297,7 +298,7 @@ def test_ml2o_meta_training_resume_equals_uninterrupted(tmp_path, ml2o_run):
 def test_adaptation_resume_equals_uninterrupted(tmp_path, ml2o_run):
     argv = [*TINY_ADAPT, "--checkpoint", str(ml2o_run), "--save-directory", str(tmp_path)]
     assert adapt.main([*argv, "--run-name", "a"]) == 0
-    assert adapt.main([*argv, "--run-name", "b", "--stop-after-steps", "3"]) == 0  # mid-epoch 2
+    assert adapt.main([*argv, "--run-name", "b", "--stop-at-step", "3"]) == 0  # mid-epoch 2
     assert not (tmp_path / "b" / "summary.json").exists()
     assert adapt.main([*argv, "--run-name", "b", "--resume"]) == 0
     a, b = (load_network(tmp_path / n)[0].state_dict() for n in "ab")
@@ -306,6 +307,15 @@ def test_adaptation_resume_equals_uninterrupted(tmp_path, ml2o_run):
     # vanilla L2O: a fresh network, seeded
     assert adapt.main([*TINY_ADAPT, "--save-directory", str(tmp_path), "--run-name", "v", "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "v" / "config.json").read_text())["protocol"] == "vanilla L2O"
+
+
+def test_adaptation_divergence_keeps_the_last_finite_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    nan_weights_after(monkeypatch, TruncatedBPTT, 3)  # epoch 2's first window; its second gets a NaN objective
+    run_dir = tmp_path / "nan"
+    argv = [*TINY_ADAPT, "--save-directory", str(tmp_path), "--run-name", "nan"]
+    assert_diverged(run_dir, *run_as_script(adapt.main, argv, capsys), 4, "meta/objective is nan", kept=2)
+    network, _ = load_network(run_dir)  # the network adapted for one epoch, finite
+    assert all(torch.isfinite(p).all() for p in network.parameters())
 
 
 def test_curriculum_advances_then_stops_in_meta_training(tmp_path):
