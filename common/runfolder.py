@@ -227,7 +227,7 @@ class RunLock:
 
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
-        me = _slurm_task()
+        me, waited = _slurm_task(), False
         deadline = time.monotonic() + SAME_TASK_WAIT
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -241,6 +241,10 @@ class RunLock:
                           f"writes {run_dir}", file=sys.stderr)
                     return
                 if me and holder and holder.get("slurm_task") == me and time.monotonic() < deadline:
+                    if not waited:
+                        print(f"note: waiting up to {SAME_TASK_WAIT} s for the earlier attempt of this SLURM task "
+                              f"({describe_holder(holder)}) to let go of {run_dir}", file=sys.stderr, flush=True)
+                        waited = True
                     time.sleep(1.0)
                     continue
                 raise RunLocked(f"run folder {run_dir} is in use by {describe_holder(holder)}; one run "
