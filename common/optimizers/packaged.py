@@ -58,6 +58,9 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
             self._blocks.append(self._params[start:start + c])
             start += c
         self.meta_state = [self._new_block() for _ in counts]
+        self.register_state_dict_post_hook(type(self)._save_meta, prepend=True)
+        self.register_load_state_dict_pre_hook(type(self)._stash_meta, prepend=True)
+        self.register_load_state_dict_post_hook(type(self)._load_meta, prepend=True)
 
     def _new_block(self) -> dict:
         like = dict(device=self._params[0].device, dtype=self._params[0].dtype)  # follows the parameters
@@ -102,16 +105,24 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
             return alpha
         return alpha * torch.tensor(lrs, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["meta_state"] = self.meta_state
-        return sd
+    # the meta state goes into state_dict() before, and comes out of it after, any user hook
+    def _save_meta(self, state_dict):
+        state_dict["meta_state"] = self.meta_state
+        return state_dict
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        meta = state_dict.pop("meta_state")
-        super().load_state_dict(state_dict)
-        for mine, saved in zip(self.meta_state, meta, strict=True):
+    def _stash_meta(self, state_dict):
+        if "meta_state" not in state_dict:
+            raise ValueError("not a MetaOptimize_AdamW_Lion_hg state dict (no 'meta_state' entry)")
+        if len(state_dict["meta_state"]) != len(self.meta_state):
+            raise ValueError(f"state dict has {len(state_dict['meta_state'])} blocks; this optimizer has "
+                             f"{len(self.meta_state)}")
+        self._loading = state_dict["meta_state"]
+        return state_dict
+
+    def _load_meta(self):
+        for group in self.param_groups:  # state dicts saved before lr was a group key
+            group.setdefault("lr", 1.0)
+        for mine, saved in zip(self.meta_state, self.__dict__.pop("_loading")):
             for k in mine:
                 mine[k].copy_(saved[k])
 
