@@ -201,6 +201,13 @@ def linear_problem(device, dtype=torch.float32, contiguous=True):
     return weight, bias, x
 
 
+def _fwd_bwd(optimizer, weight, bias, x):
+    optimizer.zero_grad()
+    loss = (weight.mv(x) + bias).pow(2).sum()
+    loss.backward()
+    return loss
+
+
 def assert_same(a, b, path="state_dict"):
     """Nested state dicts equal bit for bit (tensors by value, everything else by ==)."""
     assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
@@ -253,13 +260,7 @@ def test_loss_decreases(device, optim_info, contiguous):
     for optim_input in all_inputs(device, optim_info):
         weight, bias, x = linear_problem(device, contiguous=contiguous)
         optimizer = make(optim_info, [weight, bias], optim_input.kwargs)
-
-        def closure(optimizer=optimizer, weight=weight, bias=bias, x=x):
-            optimizer.zero_grad()
-            loss = (weight.mv(x) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
+        closure = functools.partial(_fwd_bwd, optimizer, weight, bias, x)
         initial = closure().item()
         for _ in range(20):
             returned = optimizer.step(closure)
@@ -277,13 +278,7 @@ def test_loss_decreases_under_lr_schedulers(device, optim_info):
             weight, bias, x = linear_problem(device)
             optimizer = make(optim_info, [weight, bias], optim_input.kwargs)
             schedulers = [s(optimizer) for s in schedulers_c]
-
-            def closure(optimizer=optimizer, weight=weight, bias=bias, x=x):
-                optimizer.zero_grad()
-                loss = (weight.mv(x) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
+            closure = functools.partial(_fwd_bwd, optimizer, weight, bias, x)
             initial = closure().item()
             for _ in range(20):
                 loss = optimizer.step(closure)
@@ -466,13 +461,6 @@ def test_optimizer_can_be_printed(optim_info):
     for optim_input in all_inputs("cpu", optim_info):
         text = repr(make(optim_info, params, optim_input.kwargs))
         assert text.startswith(optim_info.name) and "lr" in text, text
-
-
-def _fwd_bwd(optimizer, weight, bias, x):
-    optimizer.zero_grad()
-    loss = (weight.mv(x) + bias).pow(2).sum()
-    loss.backward()
-    return loss
 
 
 @parametrize_devices
