@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.optimizers import MetaOptimize
+from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,7 +34,15 @@ def run_snippet(name: str, **names) -> dict:
 
 def blocks_by_name(optimizer, model) -> dict[str, int]:
     names = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(optimizer, MetaOptimize_AdamW_Lion_hg):
+        return {names[id(p)]: b for b, block in enumerate(optimizer._blocks) for p in block}
     return {names[id(p)]: optimizer._layout.starts[i] for i, p in enumerate(optimizer._params)}
+
+
+def log_alpha(optimizer):
+    if isinstance(optimizer, MetaOptimize_AdamW_Lion_hg):
+        return torch.stack([m["beta"] for m in optimizer.meta_state])
+    return optimizer._beta
 
 
 def classification_data(n=128, batch_size=4, features=8, classes=3, seed=0):
@@ -180,7 +188,8 @@ def test_lightning_stochastic_weight_averaging(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_lightning_backbone_finetuning_adds_a_block_and_resumes(tmp_path):
+@pytest.mark.parametrize("cls", [MetaOptimize, MetaOptimize_AdamW_Lion_hg], ids=lambda c: c.__name__)
+def test_lightning_backbone_finetuning_adds_a_block_and_resumes(tmp_path, cls):
     """The backbone joins as a new block at alpha0 (its lr a tenth of the head's) at the unfreeze
     epoch; a checkpoint after it loads: Lightning puts the groups back into param_groups directly,
     and the optimizer gives the backbone its block again, with its saved step size. (Lightning
@@ -190,8 +199,8 @@ def test_lightning_backbone_finetuning_adds_a_block_and_resumes(tmp_path):
     def run(name, max_epochs, ckpt_path=None):
         torch.manual_seed(0)
         backbone, head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
-        module = lit_module(head, lambda m: MetaOptimize(filter(lambda p: p.requires_grad, m.parameters()),
-                                                         alpha0=1e-3, meta_stepsize=1e-2), backbone=backbone)
+        module = lit_module(head, lambda m: cls(filter(lambda p: p.requires_grad, m.parameters()), alpha0=1e-3,
+                                                meta_stepsize=1e-2), backbone=backbone)
         finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
         checkpoints = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1)
         trainer = lit_trainer(tmp_path, name, max_epochs=max_epochs, callbacks=[finetuning, checkpoints])
@@ -199,16 +208,17 @@ def test_lightning_backbone_finetuning_adds_a_block_and_resumes(tmp_path):
         return module, trainer.optimizers[0]
 
     module, optimizer = run("whole", max_epochs=3)
-    assert optimizer.num_blocks == 2 and len(optimizer.param_groups) == 2
+    assert optimizer.step_sizes().numel() == 2 and len(optimizer.param_groups) == 2
     assert optimizer.param_groups[1]["lr"] == pytest.approx(0.1)
-    assert blocks_by_name(optimizer, module) == {"net.weight": 0, "net.bias": 0, "backbone.0.weight": 1,
-                                                 "backbone.0.bias": 1}
+    expected = {"net.weight": 0, "net.bias": 0, "backbone.0.weight": 1, "backbone.0.bias": 1}
+    assert blocks_by_name(optimizer, module) == expected
     ckpt = tmp_path / "whole" / "epoch=1-step=16.ckpt"
-    saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["meta"]["beta"]
+    state = torch.load(ckpt, weights_only=True)["optimizer_states"][0]
+    saved = state["meta"]["beta"] if cls is MetaOptimize else torch.stack([m["beta"] for m in state["meta_state"]])
     resumed_module, resumed = run("resumed", max_epochs=2, ckpt_path=ckpt)  # load, no more epochs
-    assert resumed.num_blocks == 2 and len(resumed.param_groups) == 2
-    assert blocks_by_name(resumed, resumed_module) == blocks_by_name(optimizer, module)
-    assert torch.equal(resumed._beta, saved) and saved[1] != math.log(1e-3)
+    assert resumed.step_sizes().numel() == 2 and len(resumed.param_groups) == 2
+    assert blocks_by_name(resumed, resumed_module) == expected
+    assert torch.equal(log_alpha(resumed), saved) and saved[1] != math.log(1e-3)
 
 
 # ---- HF Trainer -----------------------------------------------------------------------------------

@@ -86,9 +86,23 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         if any(p.is_complex() for p in group["params"]):
             raise ValueError("params: complex parameters are not supported (view them as real with torch.view_as_real)")
         if hasattr(self, "meta_state"):  # after construction: a new block
-            self._params += group["params"]
-            self._blocks.append(list(group["params"]))
-            self.meta_state.append(self._new_block())
+            self._add_block(group["params"])
+
+    def _add_block(self, params):
+        self._params += params
+        self._blocks.append(list(params))
+        self.meta_state.append(self._new_block())
+
+    def _adopt_new_params(self):
+        """A new block for each group's tensors put into `param_groups` without add_param_group
+        (Lightning's BackboneFinetuning restores its groups so on resume)."""
+        if sum(len(g["params"]) for g in self.param_groups) <= len(self._params):
+            return
+        known = set(self._params)
+        for group in self.param_groups:
+            new = [p for p in group["params"] if p not in known]
+            if new:
+                self._add_block(new)
 
     def __getstate__(self):  # copy, deepcopy, pickle: keep the blocks and the meta state
         return dict(self.__dict__)
@@ -107,12 +121,14 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
 
     # the meta state goes into state_dict() before, and comes out of it after, any user hook
     def _save_meta(self, state_dict):
+        self._adopt_new_params()
         state_dict["meta_state"] = self.meta_state
         return state_dict
 
     def _stash_meta(self, state_dict):
         if "meta_state" not in state_dict:
             raise ValueError("not a MetaOptimize_AdamW_Lion_hg state dict (no 'meta_state' entry)")
+        self._adopt_new_params()
         if len(state_dict["meta_state"]) != len(self.meta_state):
             raise ValueError(f"state dict has {len(state_dict['meta_state'])} blocks; this optimizer has "
                              f"{len(self.meta_state)}")
@@ -132,6 +148,7 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._adopt_new_params()
         gamma = self.defaults["gamma"]
         group_of = self._group_of()
         for block, meta in zip(self._blocks, self.meta_state):
