@@ -26,7 +26,9 @@ import pytest
 import torch
 from torch.nn import Parameter
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, ReduceLROnPlateau, StepLR
-from torch.testing._internal.common_optimizers import (
+
+_flags_were_frozen = torch.backends.flags_frozen()
+from torch.testing._internal.common_optimizers import (  # noqa: E402
     ErrorOptimizerInput,
     OptimizerErrorEnum,
     OptimizerInfo,
@@ -35,7 +37,13 @@ from torch.testing._internal.common_optimizers import (
     get_error_inputs_for_all_optims,
 )
 
-from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg
+from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg  # noqa: E402
+
+# torch's test utilities freeze the torch.backends flags for the whole process when imported (a
+# rule of torch's own suite, kept in a global of torch/backends/__init__.py); the experiments this
+# suite runs in-process set them (cudnn.benchmark), so they are thawed again
+if not _flags_were_frozen:
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -649,3 +657,9 @@ def test_lr_is_a_multiplier_not_a_step_size():
     assert math.isclose(opt.step_sizes().item(), 5e-4, rel_tol=1e-6)
     packaged = MetaOptimize_AdamW_Lion_hg(params, lr=0.5, alpha0=1e-3)
     assert math.isclose(packaged.step_sizes().item(), 5e-4, rel_tol=1e-6)
+
+
+def test_torch_test_utilities_leave_the_backend_flags_settable():
+    """Importing them froze torch.backends' flags for every later test; this module thaws them."""
+    assert not torch.backends.flags_frozen()
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark  # raises while frozen
