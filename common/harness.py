@@ -83,6 +83,7 @@ __all__ = [
     "seed_everything",
     "setup_distributed",
     "start_run",
+    "step_size_metrics",
     "training_state",
     "unwrap",
 ]
@@ -91,6 +92,18 @@ PROCESS_START = time.monotonic()  # --max-time counts from here (the import happ
 MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
 DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
+
+
+def step_size_metrics(sizes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The metric keys of a 1-D tensor of step sizes and the values logged under them (a tensor on
+    the sizes' device: no host sync): `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS
+    blocks `step_size/min`, `step_size/median`, `step_size/max`. Every logger of step sizes (the
+    harness, common/integrations.py) names them by this rule."""
+    sizes = sizes.detach().reshape(-1)
+    if sizes.numel() > MAX_LOGGED_BLOCKS:
+        return ["step_size/min", "step_size/median", "step_size/max"], torch.stack(
+            [sizes.min(), sizes.median(), sizes.max()])
+    return [f"step_size/block_{i}" for i in range(sizes.numel())], sizes
 
 
 class Diverged(Exception):
@@ -569,8 +582,8 @@ class Run:
         from common.optim_flags import current_step_sizes
 
         sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
+        keys, shown = step_size_metrics(sizes)
         many = sizes.numel() > MAX_LOGGED_BLOCKS
-        shown = torch.stack([sizes.min(), sizes.median(), sizes.max()]) if many else sizes
         params = [p for g in optimizer.param_groups for p in g["params"]]
         finite = torch.stack([torch.isfinite(p.detach()).all().to(sizes.device) for p in params]).all() if params \
             else torch.ones((), dtype=torch.bool, device=sizes.device)
@@ -584,9 +597,7 @@ class Run:
             self._diverge(step, f"{which} ({int(nonfinite_sizes)} of {sizes.numel()} blocks)")
         if not weights_finite:
             self._diverge(step, "a weight is not finite")
-        if many:
-            return dict(zip(("step_size/min", "step_size/median", "step_size/max"), values))
-        return {f"step_size/block_{i}": v for i, v in enumerate(values)}
+        return dict(zip(keys, values))
 
     def _check_metrics(self, metrics: dict, step) -> None:
         self.check_finite({k: v for k, v in metrics.items() if any(w in k for w in _WATCHED)}, step)

@@ -143,7 +143,7 @@ class CImpl:
             i, w = it[0], it[1]
             if layout.kind == "nodewise":
                 rows = layout.units[i]
-                per = max(1, CHUNK // max(1, w.numel() // rows))
+                per = max(1, CHUNK // max(1, w.numel() // max(1, rows)))  # zero-size tensors: no rows
                 pieces = [(lo, min(rows, lo + per)) for lo in range(0, rows, per)]
             else:
                 pieces = [(lo, min(w.numel(), lo + CHUNK)) for lo in range(0, w.numel(), CHUNK)]

@@ -84,6 +84,7 @@ class MetaOptimize(torch.optim.Optimizer):
             *_base keys, `lr` (1 by default: a multiplier on the tuned step size, which is what LR
             schedulers change) and `block` (the index of an existing block to join, for groups
             added later). Any other key is an error. *_meta: the same for the meta update.
+        lr: the default `lr` of the param groups (1: alpha as tuned).
         model: the module whose parameter order block lists follow.
         hessian: None (the Hessian-free trace), "hvp" (one Hessian-vector product per step; call
             `loss.backward(create_graph=True)`), or "block_diagonal" (H_bb h_b per block; for
@@ -121,6 +122,7 @@ class MetaOptimize(torch.optim.Optimizer):
         momentum_param_meta: float | None = 0.99,
         lion_beta2_meta: float | None = 0.9,
         *,
+        lr: float = 1.0,
         weight_decay: float | None = None,
         model: torch.nn.Module | None = None,
         hessian: str | None = None,
@@ -154,7 +156,7 @@ class MetaOptimize(torch.optim.Optimizer):
         self.meta_hp = {k: meta_hp[k] for k in meta.hyperparameters}
         self.stepsize_groups, self.impl_name, self.state_dtype = stepsize_groups, impl, state_dtype
         self.hessian, self.rectify = hessian, bool(rectify)
-        defaults = dict(lr=1.0, weight_decay=weight_decay_base, normalizer_param_base=normalizer_param_base,
+        defaults = dict(lr=lr, weight_decay=weight_decay_base, normalizer_param_base=normalizer_param_base,
                         momentum_param_base=momentum_param_base, lion_beta2_base=lion_beta2_base)
         super().__init__(params, defaults)
         self._build_blocks(None if model is None else list(model.parameters()))
@@ -169,25 +171,44 @@ class MetaOptimize(torch.optim.Optimizer):
         """Add a param group; after construction its tensors get new blocks (alpha0), or join the
         existing block `param_group["block"]` (tensor blocks)."""
         group = dict(param_group)
-        unknown = sorted(set(group) - GROUP_KEYS)
-        if unknown:
-            raise ValueError(f"param group key {unknown[0]!r} is not a MetaOptimize setting; accepted: "
-                             f"{', '.join(sorted(GROUP_KEYS - {'params'}))}")
         if "weight_decay_base" in group:
             wd = group.pop("weight_decay_base")
             if "weight_decay" in group and group["weight_decay"] != wd:
                 raise ValueError("param group: weight_decay and weight_decay_base disagree; give one")
             group["weight_decay"] = wd
+        self._check_keys(group)
         super().add_param_group(group)
         group = self.param_groups[-1]
-        where = f" (param group {len(self.param_groups) - 1})" if len(self.param_groups) > 1 else ""
+        self._check_group(group, len(self.param_groups) - 1)
+        if hasattr(self, "_beta"):  # torch's __init__ adds the initial groups through here
+            self._add_blocks(group)
+
+    @staticmethod
+    def _check_keys(group):
+        unknown = sorted(set(group) - GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"param group key {unknown[0]!r} is not a MetaOptimize setting; accepted: "
+                             f"{', '.join(sorted(GROUP_KEYS - {'params'}))}")
+
+    def _check_group(self, group, index):
+        where = f" (param group {index})" if len(self.param_groups) > 1 else ""
         self._hyperparameters(group, where)
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError("params: complex parameters are not supported (view them as real with "
                                  "torch.view_as_real)")
-        if hasattr(self, "_beta"):  # torch's __init__ adds the initial groups through here
-            self._add_blocks(group)
+
+    def _adopt_new_params(self):
+        """Give blocks to tensors put into `param_groups` without add_param_group (Lightning's
+        BackboneFinetuning restores its groups so on resume), as add_param_group would have."""
+        if sum(len(g["params"]) for g in self.param_groups) <= len(self._params):
+            return
+        for index, group in enumerate(self.param_groups):
+            new = [p for p in group["params"] if p not in self._index]
+            if new:
+                self._check_keys(group)
+                self._check_group(group, index)
+                self._add_blocks({**group, "params": new})
 
     def _hyperparameters(self, group, where="") -> dict:
         """The base rule's hyperparameters of a param group, and lr."""
@@ -342,6 +363,7 @@ class MetaOptimize(torch.optim.Optimizer):
 
     @staticmethod
     def _save_meta(self, state_dict):
+        self._adopt_new_params()
         state_dict["meta"] = {"format": STATE_FORMAT, "alg_base": self.alg_base, "alg_meta": self.alg_meta,
                               "num_blocks": self.num_blocks, "step": self._meta_step, "beta": self._beta,
                               **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}}
@@ -352,6 +374,7 @@ class MetaOptimize(torch.optim.Optimizer):
         meta = state_dict.get("meta")
         if meta is None:
             raise ValueError("not a MetaOptimize state dict (no 'meta' entry)")
+        self._adopt_new_params()
         if (meta["num_blocks"], meta["alg_base"], meta["alg_meta"]) != (self.num_blocks, self.alg_base, self.alg_meta):
             raise ValueError(
                 f"state dict is for ({meta['alg_base']}, {meta['alg_meta']}) with {meta['num_blocks']} blocks; "
@@ -427,6 +450,7 @@ class MetaOptimize(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._adopt_new_params()
         items, local = [], self._sharding.local if self._sharding else (lambda x: x)
         for group in self.param_groups:
             hp = self._hyperparameters(group, None)
