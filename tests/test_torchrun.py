@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -219,7 +218,6 @@ def test_tinystories_fsdp_resume_is_bit_exact(tinystories_runs, tmp_path):
     assert "stopped (SIGTERM) at step 5/8" in stopped.stderr
     assert torch.load(out / "parts" / "checkpoint.pt", weights_only=True)["step"] == 5
     shards_of(out / "parts", tmp_path)  # one folder: the one of step 4 went when step 5's was complete
-    shutil.copytree(out / "parts", out / "plain")
     resumed = torchrun(TINYSTORIES, *args, "--fsdp", "--run-name", "parts", "--resume")
     assert checksums(resumed) == checksums(whole_run)
     a, b = (torch.load(out / r / "checkpoint.pt", weights_only=True) for r in ("fsdp", "parts"))
@@ -227,18 +225,16 @@ def test_tinystories_fsdp_resume_is_bit_exact(tinystories_runs, tmp_path):
         _state_equal(a[key], b[key], key)
     _state_equal(shards_of(out / "fsdp", tmp_path), shards_of(out / "parts", tmp_path), "shards")  # weights, optimizer
     same_metrics(out / "fsdp", out / "parts")
-    # the shards resume in one process without --fsdp, and sample.py reads them
-    plain = py("train", *args, "--run-name", "plain", "--resume")
-    assert checksums(plain)[0][1] == pytest.approx(checksums(whole_run)[0][1], rel=1e-4)
-    proc = py("sample", "--run-dir", out / "parts", "--num-samples", 1, "--max-new-tokens", 8)
+    proc = py("sample", "--run-dir", out / "parts", "--num-samples", 1, "--max-new-tokens", 8)  # reads the shards
     assert proc.stdout.strip()
 
 
 @pytest.mark.slow
 def test_tinystories_fsdp_with_compile_and_bf16(data_dir, tmp_path):  # noqa: F811
-    proc = torchrun(TINYSTORIES, "--data-dir", data_dir, *TINY, "--batch-size", 4, "--max-iters", 2, "--eval-every",
-                    2, "--eval-iters", 2, "--fsdp", "--compile", "--dtype", "bfloat16", "--weights-checksum",
-                    "--save-directory", tmp_path, "--run-name", "c")
+    # one transformer block: inductor compiles each FSDP unit's graph (about 2 min from a cold cache here)
+    proc = torchrun(TINYSTORIES, "--data-dir", data_dir, *TINY, "--n-layers", 1, "--batch-size", 4, "--grad-accum", 2,
+                    "--max-iters", 2, "--eval-every", 2, "--eval-iters", 2, "--fsdp", "--compile", "--dtype", "bfloat16",
+                    "--weights-checksum", "--save-directory", tmp_path, "--run-name", "c")
     ranks = checksums(proc)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1], proc.stdout
     rows = read_metrics(tmp_path / "c")
@@ -258,7 +254,7 @@ IN_SMALL = ["--image-size", 32, "--batch-size", 8, "--workers", 0, "--device", "
 def test_imagenet_fsdp_equals_ddp_and_evaluates_uneven_rank_shares(tmp_path):
     # 9 validation images: rank 0 gets 5 (2 batches of 4), rank 1 gets 4 (1 batch); under FSDP rank 1
     # must run a second forward with rank 0 (else both wait forever)
-    folder = write_image_folder(tmp_path / "images", classes=3, train=8, val=3)
+    folder = write_image_folder(tmp_path / "images", classes=3, train=6, val=3)  # 18 training images: 2 steps
     args = ["--data-dir", folder, "--epochs", 1, *IN_SMALL, "--save-directory", tmp_path / "runs"]
     ddp = torchrun(IMAGENET, *args, "--run-name", "ddp", timeout=600)
     fsdp = torchrun(IMAGENET, *args, "--run-name", "fsdp", "--fsdp", timeout=600)
@@ -273,15 +269,16 @@ def test_imagenet_fsdp_equals_ddp_and_evaluates_uneven_rank_shares(tmp_path):
 
 @pytest.mark.slow
 def test_imagenet_fsdp_mid_epoch_resume_is_bit_exact(tmp_path):
-    # synthetic data (no random crops, which a mid-epoch resume draws anew): 3 steps per epoch
-    args = ["--dummy", "--dummy-size", 24, "--epochs", 2, *IN_SMALL, "--fsdp", "--save-directory", tmp_path]
+    # synthetic data (no random crops, which a mid-epoch resume draws anew): 2 steps per epoch
+    args = ["--dummy", "--dummy-size", 16, "--epochs", 2, *IN_SMALL, "--fsdp", "--save-directory", tmp_path]
     whole_run = torchrun(IMAGENET, *args, "--run-name", "whole", timeout=600)
-    stopped = torchrun(IMAGENET, *args, "--run-name", "parts", "--stop-at-step", 4, timeout=600)
-    assert "stopped (SIGTERM) at epoch 2, batch 1/3" in stopped.stderr
+    stopped = torchrun(IMAGENET, *args, "--run-name", "parts", "--stop-at-step", 3, timeout=600)
+    assert "stopped (SIGTERM) at epoch 2, batch 1/2" in stopped.stderr
     resumed = torchrun(IMAGENET, *args, "--run-name", "parts", "--resume", timeout=600)
     assert checksums(resumed) == checksums(whole_run) and len(checksums(resumed)) == 2
     a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("whole", "parts"))
-    for key in ("epoch", "batch", "step", "epoch_sums", "last", "best"):
+    for key in ("epoch", "batch", "step", "epoch_sums", "best"):
         _state_equal(a[key], b[key], key)
+    _state_equal({**a["last"], "images_per_s": 0}, {**b["last"], "images_per_s": 0}, "last")
     _state_equal(shards_of(tmp_path / "whole", tmp_path), shards_of(tmp_path / "parts", tmp_path), "shards")
     same_metrics(tmp_path / "whole", tmp_path / "parts")
