@@ -12,6 +12,7 @@ checkpoints in this process (a process group of one).
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -108,7 +109,7 @@ def whole(model) -> list[torch.Tensor]:
     return [t.clone() for t in sharded.full_state_dict(model).values()]
 
 
-def test_sharded_checkpoints_replace_atomically_and_resume_exactly_in_one_process(tmp_path):
+def test_sharded_checkpoints_replace_atomically_and_resume_exactly_in_one_process(tmp_path, monkeypatch):
     try:
         run, model, opt = mlp_run(fsdp_args(tmp_path), steps=range(3))
         assert sharded.is_sharded(model) and isinstance(opt, MetaOptimize)
@@ -120,6 +121,19 @@ def test_sharded_checkpoints_replace_atomically_and_resume_exactly_in_one_proces
         run.checkpoint({"step": 5})  # a second checkpoint: the first folder goes once it is complete
         second = torch.load(run.dir / "checkpoint.pt", weights_only=True)["sharded"]
         assert [p.name for p in runfolder.shard_folders(run.dir)] == [second] != [first["sharded"]]
+
+        def disk_full(folder, *args):  # a rank's write fails half-way
+            Path(folder).mkdir()
+            (Path(folder) / "__0_0.distcp").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        before = (run.dir / "checkpoint.pt").read_bytes()
+        monkeypatch.setattr(sharded, "save", disk_full)
+        with pytest.raises(harness.RunFolderError, match=r"cannot write .*checkpoint\.\w+\.dcp: no space left"):
+            run.checkpoint({"step": 5})
+        monkeypatch.undo()
+        assert (run.dir / "checkpoint.pt").read_bytes() == before  # still names the complete folder
+        assert [p.name for p in runfolder.shard_folders(run.dir)] == [second]
         expected = whole(model), opt.step_sizes().clone(), opt.state_dict()["meta"]["step"]
         run.close()
         harness.cleanup_distributed()
