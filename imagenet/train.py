@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (ResNet-18 downsamples 32x), got {args.image_size}")
+    if args.fsdp and args.channels_last:
+        parser.error("--channels-last does not go with --fsdp: FSDP2 cannot shard channels-last weights yet; "
+                     "leave one of them out")
     return harness.check_args(args)
 
 

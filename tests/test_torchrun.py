@@ -13,6 +13,7 @@ checkpoints in this process (a process group of one).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import re
 import sys
@@ -189,6 +190,29 @@ def test_fsdp_refuses_what_it_cannot_do(tmp_path, argv, needle):
     with pytest.raises(harness.UsageError, match=re.escape(needle)):
         harness.check_args(parser.parse_args(argv))
     harness.check_args(parser.parse_args(["--fsdp", "--amp", "bf16", "--optimizer", "AdamW"]))
+
+
+def load_imagenet_train():
+    """imagenet/train.py as a module, leaving sys.path and its sibling `data` module as they were."""
+    saved_path, saved_data = list(sys.path), sys.modules.get("data")
+    try:
+        spec = importlib.util.spec_from_file_location("imagenet_train", IMAGENET)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+        if saved_data is None:
+            sys.modules.pop("data", None)
+        else:
+            sys.modules["data"] = saved_data
+    return module
+
+
+def test_imagenet_fsdp_refuses_channels_last(capsys):
+    imagenet = load_imagenet_train()
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.parse_args(["--dummy", "--fsdp", "--channels-last"])
+    assert exit_.value.code == 2 and "--channels-last does not go with --fsdp" in capsys.readouterr().err
 
 
 # ---- TinyStories ------------------------------------------------------------------------------
