@@ -139,6 +139,14 @@ def test_sharded_checkpoints_replace_atomically_and_resume_exactly_in_one_proces
         run.close()
         harness.cleanup_distributed()
 
+        # a checkpoint.pt whose folder is gone: one clear error
+        (run.dir / second).rename(run.dir / "moved")
+        with pytest.raises(harness.UsageError, match=f"--resume: .*{second}, the shards checkpoint.pt names, is missing"):
+            mlp_run(fsdp_args(tmp_path, "--resume"))
+        harness._close_runs()
+        harness.cleanup_distributed()
+        (run.dir / "moved").rename(run.dir / second)
+
         # --resume --fsdp: the same weights, beta and meta state
         run, model, opt = mlp_run(fsdp_args(tmp_path, "--resume"))
         assert all(torch.equal(a, b) for a, b in zip(whole(model), expected[0]))
