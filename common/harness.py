@@ -788,7 +788,7 @@ class Run:
         if state is None:
             return None
         shards = state.get("sharded")
-        if shards is not None and not (self.dir / shards / ".metadata").is_file():
+        if shards is not None and not sharded.is_complete(self.dir / shards):
             raise UsageError(f"--resume: {self.dir / shards}, the shards {CHECKPOINT} names, is missing or incomplete")
         try:
             load_training_state(state, unwrap(model), optimizer, scheduler, scaler, folder=self.dir)

@@ -143,6 +143,11 @@ def save(folder, model: nn.Module, optimizer=None) -> None:
         raise
 
 
+def is_complete(folder) -> bool:
+    """True when `folder` holds a finished `save` (DCP writes its metadata file last)."""
+    return (Path(folder) / ".metadata").is_file()
+
+
 def _optimizer_template(metadata, model: nn.Module) -> dict:
     """Something to load the optimizer entry of a checkpoint into, laid out from its metadata: a
     tensor of a parameter's shape sharded like the parameter, other tensors whole, other values None

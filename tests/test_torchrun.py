@@ -117,7 +117,7 @@ def test_sharded_checkpoints_replace_atomically_and_resume_exactly_in_one_proces
         run.checkpoint({"step": 3})
         first = torch.load(run.dir / "checkpoint.pt", weights_only=True)
         assert first["model"] is None and first["optimizer"] is None and first["step"] == 3
-        assert (run.dir / first["sharded"] / ".metadata").is_file()
+        assert sharded.is_complete(run.dir / first["sharded"])
         train_steps(model, opt, range(3, 5))
         run.checkpoint({"step": 5})  # a second checkpoint: the first folder goes once it is complete
         second = torch.load(run.dir / "checkpoint.pt", weights_only=True)["sharded"]
