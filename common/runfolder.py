@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -29,12 +30,14 @@ from pathlib import Path
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+SHARDS = "checkpoint.{}.dcp"  # --fsdp: the folder of model and optimizer shards (DCP) that checkpoint.pt names
 SUMMARY = "summary.json"
 WANDB_ID = "wandb_id.txt"
 LOCK = ".lock"
 RESULT_FILES = (SUMMARY, CHECKPOINT, METRICS, CONFIG, WANDB_ID)  # a fresh start removes them, in this order
 SAME_TASK_WAIT = 120  # s a requeued SLURM task waits for its own earlier attempt to let go of the lock
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ".<file>.<8 random chars>.tmp"
+_SHARDS = re.compile(r"^checkpoint\.[0-9a-f]{8}\.dcp$")  # SHARDS with 8 random hex digits
 
 
 class RunFolderError(Exception):
@@ -98,6 +101,23 @@ def remove_results(run_dir) -> None:
     for name in RESULT_FILES:
         with contextlib.suppress(FileNotFoundError):
             (Path(run_dir) / name).unlink()
+    remove_shard_folders(run_dir)
+
+
+def shard_folders(run_dir) -> list[Path]:
+    """The sharded checkpoint folders in `run_dir`: the one checkpoint.pt names, and any that a
+    writer killed before it could replace checkpoint.pt left."""
+    with contextlib.suppress(OSError):
+        return sorted(Path(e.path) for e in os.scandir(run_dir) if e.is_dir(follow_symlinks=False)
+                      and _SHARDS.match(e.name))
+    return []
+
+
+def remove_shard_folders(run_dir, keep: str | None = None) -> None:
+    """Delete the sharded checkpoint folders of `run_dir` but `keep` (the one checkpoint.pt names)."""
+    for folder in shard_folders(run_dir):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -158,7 +178,7 @@ def atomic_write(path, write) -> None:
             cause = e if isinstance(e, OSError) else OSError(errno.ENOSPC, "disk full")
             raise RunFolderError(describe_os_error(cause, path)) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json(path, obj) -> None:
@@ -166,7 +186,7 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:

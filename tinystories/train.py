@@ -12,18 +12,19 @@
     python tinystories/train.py --optimizer AdamW --lr 1e-3 --run-name adamw_cosine
     # 4 GPUs: the --grad-accum micro-batches of a step are divided over the ranks
     torchrun --nproc_per_node 4 tinystories/train.py --batch-size 32 --grad-accum 4 --dtype bfloat16 --compile
+    # the same with weights, gradients and optimizer state sharded (FSDP2, one unit per transformer block)
+    torchrun --nproc_per_node 4 tinystories/train.py --batch-size 32 --grad-accum 4 --dtype bfloat16 --fsdp
 
 One optimizer step uses --batch-size x --grad-accum sequences of --seq-len tokens, whatever the number of
 ranks. Metrics per run folder (docs/CONTRACTS.md): train/loss, tokens_per_s, lr, step_size/block_i every
 --log-every steps; train/loss and val/loss (--eval-iters batches each) every --eval-every steps, with a
-checkpoint. Resume with --resume --run-name NAME (after --max-time, SIGTERM or SIGUSR1).
+checkpoint. Resume with --resume --run-name NAME (after --max-time, SIGTERM or SIGUSR1). With --fsdp the
+checkpoint's weights and optimizer state are a sharded folder next to checkpoint.pt (sample.py reads it too).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import math
 import os
 import time
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from model import ModelArgs, Transformer, describe
 from prepare import TokenShards
 
-from common import harness
+from common import harness, sharded
 from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 DEFAULTS = dict(
@@ -95,6 +96,7 @@ def parse_args(argv=None):
     m.add_argument("--dropout", type=float, help="dropout probability (0: none, as in the paper)")
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)  # tests: print per rank
     harness.add_run_args(parser)
+    harness.add_fsdp_arg(parser)
     add_optimizer_args(parser)
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(argv)
@@ -141,15 +143,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def estimate_loss(model, splits, args, run) -> dict:
-    """Mean loss over the same --eval-iters batches of each split every time, shared out over the ranks."""
+    """Mean loss over the same --eval-iters batches of each split every time, shared out over the ranks.
+
+    Every rank runs the same number of batches (FSDP gathers the weights in each forward); a rank's
+    batch past --eval-iters repeats the last one and is not counted."""
     model.eval()
     sums = torch.zeros(len(splits), device=run.device)
     for s, data in enumerate(splits.values()):
-        for i in range(run.rank, args.eval_iters, run.world_size):
+        for first in range(0, args.eval_iters, run.world_size):
+            i = min(first + run.rank, args.eval_iters - 1)
             x, y = data.batch(args.batch_size, args.seq_len, np.random.default_rng((args.seed, 1 + s, i)))
             with harness.amp_context(args, run.device):
                 _, loss = model(to_device(x, run.device), to_device(y, run.device))
-            sums[s] += loss.float()
+            if first + run.rank < args.eval_iters:
+                sums[s] += loss.float()
     if run.world_size > 1:
         dist.all_reduce(sums)
     model.train()
@@ -159,11 +166,7 @@ def estimate_loss(model, splits, args, run) -> dict:
 def weights_checksum(model, optimizer) -> str:
     from common.optim_flags import current_step_sizes
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return f"weights={h.hexdigest()} step_sizes={current_step_sizes(optimizer).tolist()}"
+    return f"weights={sharded.weights_digest(model)} step_sizes={current_step_sizes(optimizer).tolist()}"
 
 
 def main():
@@ -177,6 +180,7 @@ def main():
                            vocab_size=args.vocab_size, multiple_of=args.multiple_of, max_seq_len=args.seq_len,
                            dropout=args.dropout)
     model = Transformer(model_args).to(device)
+    model = harness.shard(model, model.layers, args, device)  # --fsdp: one FSDP unit per transformer block
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, args.max_iters)
     scaler = harness.grad_scaler(args, device)
@@ -212,9 +216,8 @@ def main():
     x, y = micro_batch(step, 0)
     while step < args.max_iters:
         for k in range(accum):
-            # the gradients are all-reduced only on the last micro-batch of the step
-            sync = net.no_sync() if run.world_size > 1 and k < accum - 1 else contextlib.nullcontext()
-            with sync:
+            # the gradients are reduced over the ranks only on the last micro-batch of the step
+            with harness.gradient_sync(net, sync=k == accum - 1):
                 with harness.amp_context(args, device):
                     _, loss = net(x, y)
                     loss = loss / accum
@@ -258,7 +261,7 @@ def main():
             bar.close()
             return run.stop(progress(), f"at step {step}/{args.max_iters}")
     bar.close()
-    if args.weights_checksum:
+    if args.weights_checksum:  # every rank (a collective under --fsdp)
         print(f"weights-checksum rank={run.rank} {weights_checksum(model, optimizer)}\n", end="", flush=True)  # one write: ranks share stdout
     run.finish({"final": last, "best": best})
     return 0
