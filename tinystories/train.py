@@ -185,7 +185,7 @@ def main():
     state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         step, best, last = state["step"], state["best"], state["last"]
-    net = harness.maybe_compile(harness.distribute(model, device), args)
+    net = harness.maybe_compile(harness.distribute(model, device, args), args)
     net.train()
 
     def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args)
@@ -220,7 +220,7 @@ def main():
                     loss = loss / accum
                 # read the next micro-batch on the host while the device works
                 x, y = micro_batch(step + (k + 1) // accum, (k + 1) % accum)
-                scaler.scale(loss).backward()
+                harness.graph_backward(scaler.scale(loss), optimizer)  # create_graph with --hessian
             loss_sum += loss.detach().float()
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
