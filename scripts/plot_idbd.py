@@ -1,0 +1,219 @@
+"""The figures of Sutton's (1992) tracking task (idbd/train.py runs, experiment "idbd").
+
+Drawn by scripts/plot.py (automatically for idbd runs, or with --kind idbd-error / idbd-step-sizes):
+- idbd_asymptotic_error (Sutton's Figure 3): the asymptotic mean squared error (the mean over the last
+  --measure-last examples) against the step-size parameter: alpha for LMS, theta = the meta step
+  size for IDBD and MetaOptimize; one line per method, the mean over seeds shaded +- std, the best
+  LMS as a dashed line;
+- idbd_step_sizes (Sutton's Figure 4): the mean step size of the relevant (solid) and irrelevant
+  (dashed) inputs against examples, one panel per method that learns its step sizes, each at its
+  best parameter (lowest asymptotic error), the mean over seeds shaded +- std.
+A run of idbd/train.py holds several seeds (learners side by side, metrics `<name>/seed<k>`); the
+seeds of every run of a configuration are pooled. Diverged runs are left out and counted in the legend.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from summarize import Run, final_value
+
+EXPERIMENT = "idbd"
+# config keys that only name or count seeds: seeds are pooled over them
+SEED_KEYS = ("seed", "num_seeds")
+# config keys a method's name already says
+NAMED_BY = {"lms": ("method", "alg_base", "alg_meta", "hessian", "rectify", "stepsize_groups", "alpha0",
+                    "meta_stepsize", "momentum_param_meta", "normalizer_param_meta", "lion_beta2_meta",
+                    "weight_decay_meta", "gamma"),
+            "idbd": ("method", "alg_base", "alg_meta", "hessian", "rectify", "stepsize_groups", "meta_stepsize"),
+            "metaoptimize": ("method", "alg_base", "alg_meta", "hessian", "meta_stepsize")}
+PER_SEED = re.compile(r"^(?P<name>.+)/seed(?P<seed>\d+)$")
+
+
+def _plot():
+    import plot  # scripts/plot.py imports this module; its helpers are read at call time
+
+    return plot
+
+
+def parameter(config: dict) -> str:
+    """The step-size parameter of a configuration's method: alpha0 for LMS, the meta step size otherwise."""
+    return "alpha0" if config.get("method") == "lms" or str(config.get("alg_meta")).lower() == "fixed" \
+        else "meta_stepsize"
+
+
+def label(config: dict, keys=()) -> str:
+    """"LMS", "IDBD", "MetaOptimize SGD+Adam hvp", plus the keys in `keys` the name does not say."""
+    method = str(config.get("method", "metaoptimize"))
+    if method == "lms":
+        text = "LMS"
+    elif method == "idbd":
+        text = "IDBD"
+    else:
+        hessian = {"none": "Hessian-free", "hvp": "hvp", "block_diagonal": "block-diagonal"}.get(
+            str(config.get("hessian")), str(config.get("hessian")))
+        text = f"MetaOptimize {config.get('alg_base')}+{config.get('alg_meta')} {hessian}"
+        if config.get("rectify"):
+            text += " rectified"
+    for k in keys:
+        if k in NAMED_BY.get(method, ()) or k in SEED_KEYS:
+            continue
+        value = config.get(k)
+        text += f" {k}={value:g}" if isinstance(value, float) else f" {k}={value}"
+    return text
+
+
+def _families(groups):
+    """{family label: [(parameter value, config, runs)]}: configurations that differ only in their parameter."""
+    keys = _plot().label_keys(groups)  # those that tell configurations of one base and meta apart
+    out: dict[str, list] = {}
+    for config, members in groups:
+        value = config.get(parameter(config))
+        if isinstance(value, (int, float)) and value > 0:
+            out.setdefault(label(config, keys), []).append((float(value), config, members))
+    return {name: sorted(points, key=lambda p: p[0]) for name, points in out.items()}
+
+
+def seed_values(run: Run, name: str) -> list[float]:
+    """The final `<name>/seed<k>` of every seed of a run (its one value when it logged no seeds)."""
+    last = {}
+    for record in run.metrics:
+        for key, value in record.items():
+            m = PER_SEED.match(key)
+            if m and m.group("name") == name and isinstance(value, (int, float)):
+                last[int(m.group("seed"))] = float(value)
+    if not last and (value := final_value(run, name)) is not None:
+        return [value]
+    return [v for _, v in sorted(last.items()) if math.isfinite(v)]
+
+
+def seed_runs(runs: list[Run], name: str) -> list[Run]:
+    """One Run per seed of each run, whose metrics are {step, "value": <name>/seed<k>}."""
+    out = []
+    for run in runs:
+        per: dict[int, list] = {}
+        for record in run.metrics:
+            for key, value in record.items():
+                m = PER_SEED.match(key)
+                if m and m.group("name") == name and "step" in record:
+                    per.setdefault(int(m.group("seed")), []).append({"step": record["step"], "value": value})
+        if not per and run.series(name)[0]:
+            per[0] = [{"step": x, "value": y} for x, y in zip(*run.series(name))]
+        out += [Run(f"{run.name}#seed{s}", run.config, records) for s, records in sorted(per.items())]
+    return out
+
+
+def _diverged(members) -> str:
+    n = sum(r.diverged for r in members)
+    return f" ({n}/{len(members)} runs diverged)" if n else ""
+
+
+def error_figure(name: str, groups, keys=None, metric=None) -> dict:
+    """Sutton's Figure 3: asymptotic error against the step-size parameter."""
+    plot = _plot()
+    families = _families(groups)
+    if not any(seed_values(r, "asymptotic_mse") for points in families.values() for _, _, m in points for r in m):
+        return {}
+    fig, ax = plot._figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
+                           "asymptotic mean squared error")
+    data = {"kind": "idbd_error", "metric": "asymptotic_mse", "series": []}
+    best_lms = None
+    for family, points in families.items():
+        xs, means, stds, used, diverged = [], [], [], [], []
+        for value, config, members in points:
+            values = [v for r in members if not r.diverged for v in seed_values(r, "asymptotic_mse")]
+            diverged.append(sum(r.diverged for r in members))
+            if not values:
+                continue
+            xs.append(value)
+            means.append(float(np.mean(values)))
+            stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+            used += [r for r in members if not r.diverged]
+            if config.get("method") == "lms" and (best_lms is None or means[-1] < best_lms[1]):
+                best_lms = (value, means[-1])
+        note = f" ({sum(diverged)} runs diverged)" if sum(diverged) else ""
+        if not xs:
+            continue
+        grid, mean, std = np.array(xs), np.array(means), np.array(stds)
+        (line,) = ax.plot(grid, mean, marker="o", markersize=3, label=family + note)
+        if np.any(std > 0):
+            ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        record = plot._series_record(family, grid, mean, std, used)
+        record["diverged"] = diverged
+        data["series"].append(record)
+    if best_lms is not None:
+        ax.axhline(best_lms[1], color="black", linestyle="--", linewidth=0.8,
+                   label=f"best LMS (α={best_lms[0]:g}): {best_lms[1]:.3g}")
+        data["best_lms"] = {"alpha0": best_lms[0], "asymptotic_mse": best_lms[1]}
+    ax.set_xscale("log")
+    values = [v for s in data["series"] for v in s["mean"]]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    return {name: (fig, data)}
+
+
+def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
+    """Sutton's Figure 4: the step sizes of relevant and irrelevant inputs against examples, per method
+    at its best parameter."""
+    plot = _plot()
+    panels = []
+    for family, points in _families(groups).items():
+        if all(p[1].get("method") == "lms" for p in points):
+            continue
+
+        def score(point):
+            values = [v for r in point[2] if not r.diverged for v in seed_values(r, "asymptotic_mse")]
+            return float(np.mean(values)) if values else math.inf
+
+        value, config, members = min(points, key=score)
+        runs = [r for r in members if not r.diverged]
+        if any(r.series("alpha/relevant")[0] for r in runs):
+            panels.append((f"{family}, {'θ' if parameter(config) == 'meta_stepsize' else 'α'}={value:g}", runs))
+    if not panels:
+        return {}
+    fig, axes = plot._panels(len(panels), name, ncols=min(len(panels), 3), sharey=False)
+    data = {"kind": "idbd_step_sizes", "x": "step", "panels": []}
+    for ax, (title, runs) in zip(axes, panels):
+        panel = {"title": title, "series": []}
+        for part, style in (("relevant", "-"), ("irrelevant", "--")):
+            curve = plot.mean_curve(seed_runs(runs, f"alpha/{part}"), "value", "step")
+            if curve is None or np.any(curve[1] <= 0):
+                continue
+            grid, mean, std, used = curve
+            (line,) = ax.plot(grid, mean, linestyle=style, color="C0" if part == "relevant" else "C3",
+                              label=f"{part} inputs")
+            if np.any(std > 0):
+                ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+            panel["series"].append(plot._series_record(f"{part} inputs", grid, mean, std,
+                                                       list({r.name.split("#")[0]: r for r in used}.values())))
+        ax.set(title=title, xlabel="examples", ylabel="step size α", yscale="log")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+        data["panels"].append(panel)
+    return {name: (fig, data)}
+
+
+def figures(exp: str, groups, keys) -> dict:
+    """Every idbd figure the runs support (plot.py without --kind)."""
+    groups = _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS)
+    return {**error_figure(f"{exp}_asymptotic_error", groups), **step_size_figure(f"{exp}_step_sizes", groups)}
+
+
+def _kind(maker, what: str):
+    def make(name, groups, keys, metric=None):
+        groups = _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS)
+        out = maker(name, groups)
+        if not out:
+            raise _plot().InputError(f"--kind {what}: the runs logged no {'asymptotic_mse' if 'error' in what else 'alpha/relevant'} "
+                                     "(runs of idbd/train.py)")
+        return out
+    return make
+
+
+MAKERS = {EXPERIMENT: (figures,)}
+KIND_MAKERS = {"idbd-error": _kind(error_figure, "idbd-error"), "idbd-step-sizes": _kind(step_size_figure, "idbd-step-sizes")}
