@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 
 import numpy as np
 from summarize import Run, final_value
@@ -28,7 +29,7 @@ NAMED_BY = {"lms": ("method", "alg_base", "alg_meta", "hessian", "rectify", "ste
                     "meta_stepsize", "momentum_param_meta", "normalizer_param_meta", "lion_beta2_meta",
                     "weight_decay_meta", "gamma"),
             "idbd": ("method", "alg_base", "alg_meta", "hessian", "rectify", "stepsize_groups", "meta_stepsize"),
-            "metaoptimize": ("method", "alg_base", "alg_meta", "hessian", "meta_stepsize")}
+            "metaoptimize": ("method", "alg_base", "alg_meta", "hessian", "rectify", "meta_stepsize")}
 PER_SEED = re.compile(r"^(?P<name>.+)/seed(?P<seed>\d+)$")
 
 
@@ -67,12 +68,16 @@ def label(config: dict, keys=()) -> str:
 
 def _families(groups):
     """{family label: [(parameter value, config, runs)]}: configurations that differ only in their parameter."""
-    keys = _plot().label_keys(groups)  # those that tell configurations of one base and meta apart
+    by_method: dict[str, list] = {}
+    for config, members in groups:
+        by_method.setdefault(str(config.get("method")), []).append((config, members))
+    # per method, the keys that tell configurations of one base and meta apart
+    keys = {method: _plot().label_keys(members) for method, members in by_method.items()}
     out: dict[str, list] = {}
     for config, members in groups:
         value = config.get(parameter(config))
         if isinstance(value, (int, float)) and value > 0:
-            out.setdefault(label(config, keys), []).append((float(value), config, members))
+            out.setdefault(label(config, keys[str(config.get("method"))]), []).append((float(value), config, members))
     return {name: sorted(points, key=lambda p: p[0]) for name, points in out.items()}
 
 
@@ -105,11 +110,6 @@ def seed_runs(runs: list[Run], name: str) -> list[Run]:
     return out
 
 
-def _diverged(members) -> str:
-    n = sum(r.diverged for r in members)
-    return f" ({n}/{len(members)} runs diverged)" if n else ""
-
-
 def error_figure(name: str, groups, keys=None, metric=None) -> dict:
     """Sutton's Figure 3: asymptotic error against the step-size parameter."""
     plot = _plot()
@@ -121,10 +121,11 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
     data = {"kind": "idbd_error", "metric": "asymptotic_mse", "series": []}
     best_lms = None
     for family, points in families.items():
-        xs, means, stds, used, diverged = [], [], [], [], []
+        xs, means, stds, used, diverged = [], [], [], [], {}
         for value, config, members in points:
             values = [v for r in members if not r.diverged for v in seed_values(r, "asymptotic_mse")]
-            diverged.append(sum(r.diverged for r in members))
+            if n := sum(r.diverged for r in members):
+                diverged[f"{value:g}"] = n  # runs left out at this parameter value
             if not values:
                 continue
             xs.append(value)
@@ -133,7 +134,7 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
             used += [r for r in members if not r.diverged]
             if config.get("method") == "lms" and (best_lms is None or means[-1] < best_lms[1]):
                 best_lms = (value, means[-1])
-        note = f" ({sum(diverged)} runs diverged)" if sum(diverged) else ""
+        note = f" ({sum(diverged.values())} runs diverged)" if diverged else ""
         if not xs:
             continue
         grid, mean, std = np.array(xs), np.array(means), np.array(stds)
@@ -141,7 +142,7 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
         if np.any(std > 0):
             ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(), alpha=0.2,
                             linewidth=0)
-        record = plot._series_record(family, grid, mean, std, used)
+        record = plot._series_record(family + note, grid, mean, std, used)
         record["diverged"] = diverged
         data["series"].append(record)
     if best_lms is not None:
@@ -189,9 +190,8 @@ def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
             if np.any(std > 0):
                 ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(),
                                 alpha=0.2, linewidth=0)
-            panel["series"].append(plot._series_record(f"{part} inputs", grid, mean, std,
-                                                       list({r.name.split("#")[0]: r for r in used}.values())))
-        ax.set(title=title, xlabel="examples", ylabel="step size α", yscale="log")
+            panel["series"].append(plot._series_record(f"{part} inputs", grid, mean, std, used))
+        ax.set(title=textwrap.fill(title, 45), xlabel="examples", ylabel="step size α", yscale="log")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
         data["panels"].append(panel)
@@ -204,16 +204,16 @@ def figures(exp: str, groups, keys) -> dict:
     return {**error_figure(f"{exp}_asymptotic_error", groups), **step_size_figure(f"{exp}_step_sizes", groups)}
 
 
-def _kind(maker, what: str):
+def _kind(maker, needs: str):
+    """A --kind maker of plot.py: the figure from the chosen runs, or an error naming what is missing."""
     def make(name, groups, keys, metric=None):
-        groups = _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS)
-        out = maker(name, groups)
+        out = maker(name, _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS))
         if not out:
-            raise _plot().InputError(f"--kind {what}: the runs logged no {'asymptotic_mse' if 'error' in what else 'alpha/relevant'} "
-                                     "(runs of idbd/train.py)")
+            raise _plot().InputError(f"the runs logged no {needs} (runs of idbd/train.py)")
         return out
     return make
 
 
 MAKERS = {EXPERIMENT: (figures,)}
-KIND_MAKERS = {"idbd-error": _kind(error_figure, "idbd-error"), "idbd-step-sizes": _kind(step_size_figure, "idbd-step-sizes")}
+KIND_MAKERS = {"idbd-error": _kind(error_figure, "asymptotic_mse"),
+               "idbd-step-sizes": _kind(step_size_figure, "alpha/relevant of a method that learns its step sizes")}
