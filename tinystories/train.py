@@ -126,6 +126,16 @@ def check_args(args, world_size: int):
         args.amp = amp
 
 
+def hessian_attention(args):
+    """The attention kernels of the training forward: with --hessian the gradient is differentiated
+    again, which only the math kernel of scaled_dot_product_attention supports (flash on CPU does not)."""
+    if args.hessian == "none":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
     """The random source of micro-batch `micro` of optimizer step `step`: resume and rank count never change it."""
     return np.random.default_rng((seed, step, micro))
@@ -206,6 +216,7 @@ def main():
         x, y = train_data.batch(args.batch_size, args.seq_len, batch_rng(args.seed, step, first_micro + k))
         return to_device(x, device), to_device(y, device)
 
+    attention_kernel = hessian_attention(args)
     loss_sum = torch.zeros((), device=device)  # training loss summed since the last log (no host sync)
     logged_step, t_log = step, time.monotonic()
     bar = run.progress(args.max_iters, desc="train", initial=step)
@@ -215,7 +226,7 @@ def main():
             # the gradients are all-reduced only on the last micro-batch of the step
             sync = net.no_sync() if run.world_size > 1 and k < accum - 1 else contextlib.nullcontext()
             with sync:
-                with harness.amp_context(args, device):
+                with harness.amp_context(args, device), attention_kernel():
                     _, loss = net(x, y)
                     loss = loss / accum
                 # read the next micro-batch on the host while the device works
