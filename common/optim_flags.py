@@ -83,9 +83,10 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--hessian", default="none", choices=list(HESSIANS),
                    help="MetaOptimize's trace: none = Hessian-free (the paper's runs); hvp = keep the Hessian term of "
                         "the weights' own update (spec section 9): one Hessian-vector product per step, which costs "
-                        "a second backward pass and keeps the gradient's graph (about twice the time and more "
-                        "memory); block_diagonal = one product per step-size block (the exact diagonal for "
-                        "weightwise blocks, small models only). Not with --amp fp16, --compile or DDP")
+                        "a second backward pass, through the gradient's graph, and keeps that graph in memory (a "
+                        "step took 4-6x as long on a CPU); block_diagonal = one product per step-size block (the "
+                        "exact diagonal for weightwise blocks, small models only). Not with --amp fp16, --compile "
+                        "or DDP")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the --optimizer AdamW baseline")
     g.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps of the --optimizer AdamW baseline")
     _baselines().add_baseline_args(parser)

@@ -260,6 +260,9 @@ def main(argv=None) -> int:
         return {**per_seed("asymptotic_mse", (sq_measured / args.measure_last).tolist(), seeds),
                 **step_size_record(alpha, seeds, args.num_relevant)}
 
+    if state is None:  # the step sizes at the start (alpha0), so that their curves begin there
+        alpha = weight_step_sizes(optimizer, args.num_seeds, args.num_inputs)
+        run.log_step_sizes(optimizer, 0, extra=step_size_record(alpha, seeds, args.num_relevant))
     measure_from = args.num_examples - args.measure_last  # examples with index >= this are measured
     bar = run.progress(args.num_examples, desc=f"{args.method} ({args.num_seeds} seeds)", initial=step)
     xs = ys = None

@@ -31,6 +31,8 @@ NAMED_BY = {"lms": ("method", "alg_base", "alg_meta", "hessian", "rectify", "ste
             "idbd": ("method", "alg_base", "alg_meta", "hessian", "rectify", "stepsize_groups", "meta_stepsize"),
             "metaoptimize": ("method", "alg_base", "alg_meta", "hessian", "rectify", "meta_stepsize")}
 PER_SEED = re.compile(r"^(?P<name>.+)/seed(?P<seed>\d+)$")
+CLIP = 4.0  # the error axis ends at this many times the best LMS error (diverged: an x at the top edge)
+MARKERS = "os^vDPX*h<>"
 
 
 def _plot():
@@ -78,7 +80,22 @@ def _families(groups):
         value = config.get(parameter(config))
         if isinstance(value, (int, float)) and value > 0:
             out.setdefault(label(config, keys[str(config.get("method"))]), []).append((float(value), config, members))
-    return {name: sorted(points, key=lambda p: p[0]) for name, points in out.items()}
+    order = {"lms": 0, "idbd": 1}  # then MetaOptimize with the Hessian term, then Hessian-free
+
+    def rank(item):
+        config = item[1][0][1]
+        return order.get(config.get("method"), 2 + (config.get("hessian") == "none")), item[0]
+
+    return {name: sorted(points, key=lambda p: p[0]) for name, points in sorted(out.items(), key=rank)}
+
+
+def _style(config: dict) -> dict:
+    """Hessian-free MetaOptimize dashed; LMS, IDBD and the Hessian traces solid."""
+    return {"linestyle": "--" if config.get("method") == "metaoptimize" and config.get("hessian") == "none" else "-"}
+
+
+def _runs_note(n: int) -> str:
+    return f" ({n} run{'s' if n > 1 else ''} diverged)" if n else ""
 
 
 def seed_values(run: Run, name: str) -> list[float]:
@@ -111,16 +128,13 @@ def seed_runs(runs: list[Run], name: str) -> list[Run]:
 
 
 def error_figure(name: str, groups, keys=None, metric=None) -> dict:
-    """Sutton's Figure 3: asymptotic error against the step-size parameter."""
+    """Sutton's Figure 3: asymptotic error against the step-size parameter, on a linear axis up to
+    CLIP x the best LMS (points above it, learners whose weights blew up without diverging, are marked
+    at the top edge with their value)."""
     plot = _plot()
-    families = _families(groups)
-    if not any(seed_values(r, "asymptotic_mse") for points in families.values() for _, _, m in points for r in m):
-        return {}
-    fig, ax = plot._figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
-                           "asymptotic mean squared error")
     data = {"kind": "idbd_error", "metric": "asymptotic_mse", "series": []}
-    best_lms = None
-    for family, points in families.items():
+    drawn, best_lms = [], None
+    for family, points in _families(groups).items():
         xs, means, stds, used, diverged = [], [], [], [], {}
         for value, config, members in points:
             values = [v for r in members if not r.diverged for v in seed_values(r, "asymptotic_mse")]
@@ -134,26 +148,42 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
             used += [r for r in members if not r.diverged]
             if config.get("method") == "lms" and (best_lms is None or means[-1] < best_lms[1]):
                 best_lms = (value, means[-1])
-        note = f" ({sum(diverged.values())} runs diverged)" if diverged else ""
-        if not xs:
-            continue
-        grid, mean, std = np.array(xs), np.array(means), np.array(stds)
-        (line,) = ax.plot(grid, mean, marker="o", markersize=3, label=family + note)
-        if np.any(std > 0):
-            ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(), alpha=0.2,
-                            linewidth=0)
-        record = plot._series_record(family + note, grid, mean, std, used)
-        record["diverged"] = diverged
-        data["series"].append(record)
+        if xs:
+            record = plot._series_record(family + _runs_note(sum(diverged.values())), np.array(xs),
+                                         np.array(means), np.array(stds), used)
+            record["diverged"] = diverged
+            data["series"].append(record)
+            drawn.append((record, points[0][1]))
+    if not drawn:
+        return {}
+    values = [v for record in data["series"] for v in record["mean"]]
+    top = CLIP * (best_lms[1] if best_lms else float(np.median(values)))
+    fig, ax = plot._figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
+                           "asymptotic mean squared error")
+    fig.set_size_inches(9.0, 4.6)
+    for i, (record, config) in enumerate(drawn):
+        x, mean, std = (np.array(record[k]) for k in ("x", "mean", "std"))
+        over = mean > top
+        (line,) = ax.plot(x, np.minimum(mean, top), marker=MARKERS[i % len(MARKERS)], markersize=4,
+                          label=record["label"], **_style(config))
+        band = np.where(over, np.nan, std)
+        if np.any(band > 0):
+            ax.fill_between(x, np.maximum(mean - band, 0), np.minimum(mean + band, top), color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+        for value in (float(v) for v in record["diverged"] if float(v) not in record["x"]):  # every seed diverged
+            ax.plot(value, top, marker="x", color=line.get_color(), markersize=8, clip_on=False)
+        for xi, v in zip(x[over], mean[over]):
+            ax.plot(xi, top, marker="^", color=line.get_color(), markersize=8, clip_on=False)
+            ax.annotate(f"{v:.2g}", (xi, top), textcoords="offset points", xytext=(0, -13), fontsize=6,
+                        ha="center", color=line.get_color())
     if best_lms is not None:
-        ax.axhline(best_lms[1], color="black", linestyle="--", linewidth=0.8,
+        ax.axhline(best_lms[1], color="black", linestyle=":", linewidth=0.8,
                    label=f"best LMS (α={best_lms[0]:g}): {best_lms[1]:.3g}")
         data["best_lms"] = {"alpha0": best_lms[0], "asymptotic_mse": best_lms[1]}
     ax.set_xscale("log")
-    values = [v for s in data["series"] for v in s["mean"]]
-    if values and min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.legend(fontsize=6)
+    ax.set_ylim(0, min(top, max(values) * 1.05))
+    data["y_max"] = ax.get_ylim()[1]
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return {name: (fig, data)}
 
 
@@ -162,7 +192,7 @@ def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
     at its best parameter."""
     plot = _plot()
     panels = []
-    for family, points in _families(groups).items():
+    for family, points in _families(groups).items():  # in the order of the error figure
         if all(p[1].get("method") == "lms" for p in points):
             continue
 

@@ -5,7 +5,6 @@ keep the gradient's graph (--amp fp16, --compile, DDP, another --optimizer) are 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,26 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_fixtures import write_fake_cifar10, write_fake_cifar100  # noqa: E402
+from script_modules import load_train  # noqa: E402
 
 from common import harness  # noqa: E402
 from common.optim_flags import add_optimizer_args, build_optimizer, check_optimizer_args, needs_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(folder: str):
-    spec = importlib.util.spec_from_file_location(f"{folder}_train_hessian", ROOT / folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -58,7 +44,7 @@ def same_checkpoints(a: Path, b: Path) -> None:
 def test_cifar10_trains_with_the_hessian_trace_and_resumes_bit_for_bit(tmp_path):
     """ResNet-18, 2 steps of 10 images: hvp moves the step size otherwise than the Hessian-free trace,
     and a run stopped after step 1 and resumed ends where an uninterrupted one does."""
-    train = _load("cifar10")
+    train = load_train("cifar10", "cifar10_train_hessian")
     data = write_fake_cifar10(tmp_path / "data", n_train=20, n_test=10)
     common = ["--data-dir", str(data), "--save-directory", str(tmp_path / "out"), "--batch-size", "10",
               "--eval-batch-size", "10", "--num-epochs", "1", "--device", "cpu", "--log-every", "1",
@@ -76,7 +62,7 @@ def test_cifar10_trains_with_the_hessian_trace_and_resumes_bit_for_bit(tmp_path)
 
 
 def test_continual_trains_with_the_hessian_trace_and_resumes_bit_for_bit(tmp_path):
-    train = _load("continual_cifar100")
+    train = load_train("continual_cifar100", "continual_train_hessian")
     data = write_fake_cifar100(tmp_path / "data", n_train=400, n_test=200)
     common = ["--data-dir", str(data), "--save-directory", str(tmp_path / "out"), "--device", "cpu",
               "--classes-per-task", "2", "--num-tasks", "2", "--acc-every", "4", "--log-every", "3",
@@ -138,6 +124,6 @@ def test_bad_combination_is_one_error_line_from_the_command_line(tmp_path, capsy
     assert proc.stderr.strip().startswith("error: --hessian hvp does not work with --amp fp16")
     assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
     with pytest.raises(SystemExit):
-        _load("continual_cifar100").parse_args(["--help"])
+        load_train("continual_cifar100", "continual_train_hessian").parse_args(["--help"])
     help_text = capsys.readouterr().out
     assert "--hessian {none,hvp,block_diagonal}" in help_text and "second backward" in " ".join(help_text.split())

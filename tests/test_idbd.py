@@ -8,7 +8,6 @@ the experiment's own parser.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -18,29 +17,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_modules import load_script  # noqa: E402
+from script_modules import load_script, load_train  # noqa: E402
 
 from common import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("idbd_train", ROOT / "idbd" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-it = _load()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+it = load_train("idbd")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(out, name, *extra):
@@ -151,7 +134,8 @@ def test_short_tracking_task_idbd_beats_the_best_lms_and_shrinks_the_irrelevant_
         assert idbd[f"alpha/irrelevant/seed{s}"] < 0.5 * min(0.05, idbd[f"alpha/relevant/seed{s}"])
     records = read_metrics(tracking / "idbd0.01")
     falling = [r["alpha/irrelevant"] for r in records if "alpha/irrelevant" in r]
-    assert falling[-1] < falling[0] < 0.05  # they fall from alpha0 and keep falling
+    assert records[0]["step"] == 0 and falling[0] == pytest.approx(0.05)  # alpha0 at the start
+    assert falling[-1] < falling[1] < 0.05  # they fall from alpha0 and keep falling
     assert summary(tracking / "lms0.3")["diverged"] is True
 
 
@@ -166,12 +150,12 @@ def test_plot_draws_sutton_figures_3_and_4_from_the_run_folders(tracking, tmp_pa
     error = {s["label"]: s for s in data["idbd_asymptotic_error"]["series"]}
     lms = next(v for k, v in error.items() if k.startswith("LMS"))
     assert lms["x"] == list(LMS_ALPHAS)  # the diverged step size is left out, and counted in the legend
-    assert lms["label"] == "LMS (1 runs diverged)" and lms["diverged"] == {"0.3": 1}
+    assert lms["label"] == "LMS (1 run diverged)" and lms["diverged"] == {"0.3": 1}
     assert len(lms["runs"]) == len(LMS_ALPHAS)
     idbd = next(v for k, v in error.items() if k.startswith("IDBD"))
     assert idbd["x"] == [0.003, 0.01] and all(s > 0 for s in idbd["std"])  # three seeds: a band
     assert data["idbd_asymptotic_error"]["best_lms"]["asymptotic_mse"] == pytest.approx(min(lms["mean"]))
-    assert set(error) == {"LMS (1 runs diverged)", "IDBD", "MetaOptimize SGD+SGD hvp"}
+    assert set(error) == {"LMS (1 run diverged)", "IDBD", "MetaOptimize SGD+SGD hvp"}
     panels = {p["title"].split(",")[0]: p for p in data["idbd_step_sizes"]["panels"]}
     assert set(panels) == {"IDBD", "MetaOptimize SGD+SGD hvp"}  # LMS learns no step size
     relevant, irrelevant = (s for s in panels["IDBD"]["series"])
