@@ -157,7 +157,7 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
     if not drawn:
         return {}
     values = [v for record in data["series"] for v in record["mean"]]
-    top = CLIP * (best_lms[1] if best_lms else float(np.median(values)))
+    top = min(CLIP * (best_lms[1] if best_lms else float(np.median(values))), 1.05 * max(values))
     fig, ax = plot._figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
                            "asymptotic mean squared error")
     fig.set_size_inches(9.0, 4.6)
@@ -181,8 +181,8 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
                    label=f"best LMS (α={best_lms[0]:g}): {best_lms[1]:.3g}")
         data["best_lms"] = {"alpha0": best_lms[0], "asymptotic_mse": best_lms[1]}
     ax.set_xscale("log")
-    ax.set_ylim(0, min(top, max(values) * 1.05))
-    data["y_max"] = ax.get_ylim()[1]
+    ax.set_ylim(0, top)
+    data["y_max"] = top
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return {name: (fig, data)}
 
