@@ -61,6 +61,7 @@ import signal
 import string
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ __all__ = [
     "distribute",
     "grad_scaler",
     "gradient_sync",
+    "graph_backward",
     "is_main",
     "load_training_state",
     "maybe_compile",
@@ -355,11 +357,18 @@ def shard(model, units, args, device):
     return sharded.shard_model(model, units, device)
 
 
-def distribute(model, device):
+def distribute(model, device, args=None):
     """Wrap in DistributedDataParallel under torchrun (world size > 1); unchanged otherwise, and
-    for a model that `shard` sharded (FSDP2 does the gradient reduction itself)."""
+    for a model that `shard` sharded (FSDP2 does the gradient reduction itself).
+
+    `args`: the run's flags; a Hessian trace (--hessian) is refused under DDP, whose reducer cannot
+    take the second backward (a script that runs the forward through the module itself instead can
+    use it: MetaOptimize then averages the gradients and products across the ranks)."""
     if _DIST["world_size"] <= 1 or sharded.is_sharded(model):
         return model
+    if getattr(args, "hessian", "none") not in (None, "none"):
+        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({_DIST['world_size']} ranks): its "
+                         "reducer cannot take the second backward; run on one process (python3, not torchrun)")
     from torch.nn.parallel import DistributedDataParallel
 
     device = torch.device(device)
@@ -411,13 +420,32 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder
 
 
 def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
-    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step."""
+    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step.
+
+    An optimizer that reads the gradient's graph (MetaOptimize with --hessian) gets
+    `backward(create_graph=True)`, and its gradients are dropped after the step (they hold the graph)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    graph = graph_backward(scaler.scale(loss), optimizer)
     scaler.step(optimizer)
     scaler.update()
+    if graph:
+        optimizer.zero_grad(set_to_none=True)  # frees this step's graph before the next forward
     if scheduler is not None:
         scheduler.step()
+
+
+def graph_backward(loss, optimizer) -> bool:
+    """`loss.backward()`, with create_graph=True when the optimizer's step needs the gradient's graph
+    (a Hessian trace); returns whether it did."""
+    from common.optim_flags import needs_graph
+
+    if not needs_graph(optimizer):
+        loss.backward()
+        return False
+    with warnings.catch_warnings():  # torch warns of the param <-> grad cycle; we drop the grads each step
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        loss.backward(create_graph=True)
+    return True
 
 
 def unwrap(model):

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         if run.is_main:
             print(f"resumed {run.dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (step {step})",
                   file=sys.stderr)
-    net = harness.maybe_compile(harness.distribute(model, device), args)  # training forward; `model` is saved
+    net = harness.maybe_compile(harness.distribute(model, device, args), args)  # training forward; `model` is saved
 
     def progress():  # a checkpoint's entries besides the training state (every rank: it reduces the sums)
         return {"epoch": epoch, "batch": batch, "step": step, "best": best, "last": last,

@@ -317,6 +317,7 @@ def test_paper_sweep_files_pass_their_train_py_and_build_optimizers():
 
     import torch
 
+    from common import harness
     from common.optim_flags import add_optimizer_args, build_optimizer
     from l2o.evaluate import OWN
 
@@ -338,7 +339,7 @@ def test_paper_sweep_files_pass_their_train_py_and_build_optimizers():
             params = [torch.nn.Parameter(torch.randn(3)) for _ in range(n)]
             opt = build_optimizer(params, args)
             loss = sum((q * q).sum() for q in params)
-            loss.backward()
+            harness.graph_backward(loss, opt)  # create_graph=True for a --hessian trace
             opt.step()
 
 

@@ -25,6 +25,7 @@ checkpoint's weights and optimizer state are a sharded folder next to checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -128,6 +129,16 @@ def check_args(args, world_size: int):
         args.amp = amp
 
 
+def hessian_attention(args):
+    """The attention kernels of the training forward: with --hessian the gradient is differentiated
+    again, which only the math kernel of scaled_dot_product_attention supports (flash on CPU does not)."""
+    if args.hessian == "none":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
     """The random source of micro-batch `micro` of optimizer step `step`: resume and rank count never change it."""
     return np.random.default_rng((seed, step, micro))
@@ -189,7 +200,7 @@ def main():
     state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         step, best, last = state["step"], state["best"], state["last"]
-    net = harness.maybe_compile(harness.distribute(model, device), args)
+    net = harness.maybe_compile(harness.distribute(model, device, args), args)
     net.train()
 
     def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args)
@@ -210,6 +221,7 @@ def main():
         x, y = train_data.batch(args.batch_size, args.seq_len, batch_rng(args.seed, step, first_micro + k))
         return to_device(x, device), to_device(y, device)
 
+    attention_kernel = hessian_attention(args)
     loss_sum = torch.zeros((), device=device)  # training loss summed since the last log (no host sync)
     logged_step, t_log = step, time.monotonic()
     bar = run.progress(args.max_iters, desc="train", initial=step)
@@ -218,12 +230,12 @@ def main():
         for k in range(accum):
             # the gradients are reduced over the ranks only on the last micro-batch of the step
             with harness.gradient_sync(net, sync=k == accum - 1):
-                with harness.amp_context(args, device):
+                with harness.amp_context(args, device), attention_kernel():
                     _, loss = net(x, y)
                     loss = loss / accum
                 # read the next micro-batch on the host while the device works
                 x, y = micro_batch(step + (k + 1) // accum, (k + 1) % accum)
-                scaler.scale(loss).backward()
+                harness.graph_backward(scaler.scale(loss), optimizer)  # create_graph with --hessian
             loss_sum += loss.detach().float()
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
