@@ -41,21 +41,20 @@ Package fixes (kept small, in subclasses; nothing vendored):
 
 Checkpoints: write them outside `eval_weights(optimizer)` (in train mode), as the harness does;
 load the model's state before the optimizer's.
+
+Each package is imported by the builder that needs it (`_package`), so importing this module, and
+logging the step size of any optimizer, needs none of them; a missing one is one error naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import sys
 from collections.abc import Callable
 
-import dadaptation
-import dog
-import lion_pytorch
-import mechanic_pytorch
-import prodigyopt
-import schedulefree
 import torch
-from gradient_descent_the_ultimate_optimizer import gdtuo
 from torch import nn
 
 from common.cli import check_number
@@ -63,14 +62,40 @@ from common.cli import check_number
 __all__ = [
     "BASELINES",
     "GDTUO",
-    "DoGAveraged",
-    "LDoGAveraged",
-    "ScheduleFreeAdamW",
     "add_baseline_args",
     "build_baseline",
     "effective_step_sizes",
     "mechanic_optimizer",
 ]
+
+
+# the baselines' packages: import name -> distribution name (pinned in requirements.txt)
+PACKAGES = {
+    "dog": "dog-optimizer", "prodigyopt": "prodigyopt", "mechanic_pytorch": "mechanic-pytorch",
+    "gradient_descent_the_ultimate_optimizer": "gradient-descent-the-ultimate-optimizer",
+    "schedulefree": "schedulefree", "dadaptation": "dadaptation", "lion_pytorch": "lion-pytorch",
+}
+
+
+def _package(name: str):
+    """The baseline package `name` (a key of PACKAGES, or a module in it), imported now; a missing
+    one is a ValueError naming what to install."""
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ValueError(f"--optimizer: this baseline needs the {PACKAGES[top]} package ({e}); install the "
+                         f"version pinned in requirements.txt (pip install -r requirements.txt)") from None
+
+
+def _loaded(module: str, *names: str) -> tuple[type, ...]:
+    """Classes of a package that is already imported (none if it is not: then no optimizer is one)."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, n) for n in names) if found is not None else ()
+
+
+def _gdtuo():
+    return _package("gradient_descent_the_ultimate_optimizer.gdtuo")
 
 
 # --------------------------------------------------------------------------------------
@@ -154,12 +179,14 @@ class _DoGAveraging:
     `averaging_gamma=None` turns averaging off (eval()/train() then do nothing).
     """
 
+    layerwise = False  # LDoG: one step size per tensor
+
     def __init__(self, params, *, averaging_gamma: float | None = 8.0, **kwargs):
         super().__init__(params, **kwargs)
         self._flat = _flat_params(self)
         self.averager = None
         if averaging_gamma is not None:
-            self.averager = dog.PolynomialDecayAverager(nn.ParameterList(self._flat), gamma=averaging_gamma)
+            self.averager = _package("dog").PolynomialDecayAverager(nn.ParameterList(self._flat), gamma=averaging_gamma)
         self._train_weights = None  # the training weights while eval() has the averaged ones in
 
     def step(self, closure=None):
@@ -229,21 +256,38 @@ class _DoGAveraging:
         for group in self.param_groups:
             eta = group.get("eta")
             if eta is None:  # before the first step
-                n = len(group["params"]) if isinstance(self, dog.LDoG) else 1
+                n = len(group["params"]) if self.layerwise else 1
                 sizes.append(torch.zeros(n, device=group["params"][0].device))
-            elif isinstance(self, dog.LDoG):
+            elif self.layerwise:
                 sizes.append(torch.stack([torch.as_tensor(e) for e in eta]).reshape(-1))
             else:
                 sizes.append(torch.as_tensor(eta[0]).reshape(1))
         return torch.cat([s.float().to(sizes[0].device) for s in sizes])
 
 
-class DoGAveraged(_DoGAveraging, dog.DoG):
-    """dog.DoG plus polynomial-decay averaging (see _DoGAveraging)."""
+# classes here that subclass a package's class: name -> (mixin, package, package class, extra attributes)
+_PACKAGE_SUBCLASSES = {
+    "DoGAveraged": ("_DoGAveraging", "dog", "DoG", {}),
+    "LDoGAveraged": ("_DoGAveraging", "dog", "LDoG", {"layerwise": True}),
+    "ScheduleFreeAdamW": ("_ScheduleFreeTrainMode", "schedulefree", "AdamWScheduleFree", {}),
+}
 
 
-class LDoGAveraged(_DoGAveraging, dog.LDoG):
-    """dog.LDoG (layer-wise DoG) plus polynomial-decay averaging (see _DoGAveraging)."""
+@functools.cache
+def _package_class(name: str) -> type:
+    """`baselines.DoGAveraged` (dog.DoG plus averaging), `LDoGAveraged` (dog.LDoG plus averaging),
+    `ScheduleFreeAdamW` (train mode from the start): made on first use, reached through the module's
+    __getattr__ (pickle finds them by name; they stay out of __all__, so a star import needs no package)."""
+    mixin, package, base, attrs = _PACKAGE_SUBCLASSES[name]
+    bases = (globals()[mixin], getattr(_package(package), base))
+    return type(name, bases, {**attrs, "__module__": __name__, "__qualname__": name,
+                              "__doc__": f"{package}.{base} with {mixin} (see there)"})
+
+
+def __getattr__(name: str):
+    if name in _PACKAGE_SUBCLASSES:
+        return _package_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _build_dog(params, args, cls):
@@ -262,7 +306,7 @@ def _build_dog(params, args, cls):
 
 
 def _build_prodigy(params, args):
-    return prodigyopt.Prodigy(
+    return _package("prodigyopt").Prodigy(
         params, lr=_positive(args, "prodigy_lr"), betas=_floats(args, "prodigy_betas", 2),
         beta3=_optional(args, "prodigy_beta3", _unit), eps=_positive(args, "prodigy_eps"),
         weight_decay=_nonneg(args, "prodigy_weight_decay"), decouple=bool(_get(args, "prodigy_decouple")),
@@ -275,7 +319,7 @@ def _build_prodigy(params, args):
 
 
 def _build_dadapt_adam(params, args):
-    return dadaptation.DAdaptAdam(
+    return _package("dadaptation").DAdaptAdam(
         params, lr=_positive(args, "dadapt_lr"), betas=_floats(args, "dadapt_betas", 2),
         eps=_positive(args, "dadapt_eps"), weight_decay=_nonneg(args, "dadapt_weight_decay"),
         decouple=bool(_get(args, "dadapt_decouple")),
@@ -295,10 +339,10 @@ def _d_adapted_lr(optimizer) -> torch.Tensor:
     return torch.tensor(sizes)
 
 
-class ScheduleFreeAdamW(schedulefree.AdamWScheduleFree):
-    """schedulefree.AdamWScheduleFree, put in train mode at construction (the package starts in
-    eval mode and refuses to step). `eval_weights` switches it to eval mode (the averaged x) for
-    evaluation. Checkpoints are written in train mode (the harness does)."""
+class _ScheduleFreeTrainMode:
+    """Mixin over schedulefree.AdamWScheduleFree: put in train mode at construction (the package
+    starts in eval mode and refuses to step). `eval_weights` switches it to eval mode (the averaged
+    x) for evaluation. Checkpoints are written in train mode (the harness does)."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -316,7 +360,7 @@ class ScheduleFreeAdamW(schedulefree.AdamWScheduleFree):
 
 
 def _build_schedulefree(params, args):
-    return ScheduleFreeAdamW(
+    return _package_class("ScheduleFreeAdamW")(
         params, lr=_positive(args, "sf_lr"), betas=_floats(args, "sf_betas", 2), eps=_positive(args, "sf_eps"),
         weight_decay=_nonneg(args, "sf_weight_decay"),
         warmup_steps=int(_number(args, "sf_warmup_steps", low=0, integer=True)), r=_nonneg(args, "sf_r"),
@@ -337,8 +381,8 @@ _MECHANIC_BASE_CLASSES = {
     "Adam": (torch.optim.Adam, {}),
     "AdamW": (torch.optim.AdamW, {}),
     # the paper also runs Mechanic on a Lion base; torch has none: lion-pytorch's (betas (c, rho) = (.9, .99),
-    # the paper's Lion base; decoupled weight decay p <- p (1 - lr wd))
-    "Lion": (lion_pytorch.Lion, {}),
+    # the paper's Lion base; decoupled weight decay p <- p (1 - lr wd)), imported when asked for
+    "Lion": ("lion_pytorch.Lion", {}),
 }
 
 
@@ -387,7 +431,10 @@ def mechanic_optimizer(base: str, params, *, base_kwargs: dict | None = None, **
     mechanic_kwargs: s_decay, betas, s_init, eps, store_delta (mechanize's arguments).
     """
     base_cls, extra = _MECHANIC_BASE_CLASSES[MECHANIC_BASES[base.lower()]]
-    mechanized = mechanic_pytorch.mechanize(base_cls, **mechanic_kwargs)
+    if isinstance(base_cls, str):
+        module, name = base_cls.rsplit(".", 1)
+        base_cls = getattr(_package(module), name)
+    mechanized = _package("mechanic_pytorch").mechanize(base_cls, **mechanic_kwargs)
     cls = type(f"Mechanic{base_cls.__name__}", (mechanized,), {
         "state_dict": _mechanic_state_dict, "load_state_dict": _mechanic_load_state_dict,
         "effective_step_sizes": _mechanic_step_sizes,
@@ -423,7 +470,7 @@ _GDTUO_KEEP_OUT = ("parameters", "optimizer", "all_params_with_gradients")
 
 
 def _gdtuo_levels(opt):
-    while not isinstance(opt, gdtuo.NoOpOptimizer):
+    while not isinstance(opt, _gdtuo().NoOpOptimizer):
         yield opt
         opt = opt.optimizer
 
@@ -474,6 +521,7 @@ class GDTUO(torch.optim.Optimizer):
         super().__init__(params, dict(lr=alpha))
         self._params = _flat_params(self)
         self._names = [str(i) for i in range(len(self._params))]
+        gdtuo = _gdtuo()
         if hyper == "none":
             top = gdtuo.NoOpOptimizer()
         else:
@@ -630,8 +678,8 @@ def _build_gdtuo(params, args):
 # --------------------------------------------------------------------------------------
 
 BASELINES: dict[str, Callable] = {
-    "DoG": lambda params, args: _build_dog(params, args, DoGAveraged),
-    "LDoG": lambda params, args: _build_dog(params, args, LDoGAveraged),
+    "DoG": lambda params, args: _build_dog(params, args, _package_class("DoGAveraged")),
+    "LDoG": lambda params, args: _build_dog(params, args, _package_class("LDoGAveraged")),
     "Prodigy": _build_prodigy,
     "Mechanic": _build_mechanic,
     "gdtuo": _build_gdtuo,
@@ -732,7 +780,8 @@ def build_baseline(name, params, args):
 
 def effective_step_sizes(optimizer):
     """The step size(s) a baseline is using, as a 1-D float tensor; None for other optimizers."""
-    if isinstance(optimizer, (prodigyopt.Prodigy, dadaptation.DAdaptAdam)):
+    adapted = _loaded("prodigyopt", "Prodigy") + _loaded("dadaptation", "DAdaptAdam")
+    if adapted and isinstance(optimizer, adapted):
         return _d_adapted_lr(optimizer)
     fn = getattr(optimizer, "effective_step_sizes", None)
     if callable(fn):

@@ -7,7 +7,9 @@ A training script uses it like this (see cifar10/train.py):
     add_optimizer_args(parser)
     args = harness.check_args(parser.parse_args())  # every flag check that needs no device or data
     run = harness.start_run(args, "cifar10")      # locks the run folder, seeds, picks the device
-    ... build data, model, optimizer on run.device (bad input raises ValueError) ...
+    ... build data, model on run.device (bad input raises ValueError) ...
+    model = harness.shard(model, model.layers, args, run.device)   # --fsdp (harness.add_fsdp_arg)
+    ... build the optimizer (after `shard`: FSDP2 makes new parameters) ...
     state = run.resume(model, optimizer, scheduler, scaler)   # --resume: the rest of the checkpoint
     for ...:
         ...
@@ -27,13 +29,21 @@ once, naming the holder). Nothing but the lock is written until the first `log`,
 `finish`; a run that fails on bad input before that leaves nothing behind.
 
 Divergence: when step sizes are logged, when a loss is logged and before every checkpoint, the
-harness checks that losses, weights and step sizes are finite (one host sync, never per step).
+harness checks that losses, weights and step sizes are finite (one host sync, never per step);
+`run.check_finite(values, step)` checks numbers a loop has read anyway (l2o's meta-objective).
 A non-finite value ends the run: the checkpoint of the last finite state is kept, summary.json
 says {"diverged": true, "diverged_at_step": N, ...}, and the process exits with code 3.
 
 Checkpoints are loaded with `torch.load(weights_only=True)`: the state handed to `checkpoint` /
 `save_checkpoint` may hold tensors, numbers, strings, None and lists/tuples/dicts of them
 (everything a `state_dict()` holds); no numpy arrays or custom classes.
+
+FSDP2 (--fsdp): `shard` wraps the model with fully_shard (each of the given blocks, then the
+root) over all ranks (a process group of one without torchrun). `checkpoint` then has every rank
+write its shards of the model and optimizer into a new folder checkpoint.<8 hex>.dcp
+(torch.distributed.checkpoint); checkpoint.pt, replaced atomically once that folder is complete,
+holds the rest and names it, and the folder it named before is removed. So a kill at any point
+leaves the last complete checkpoint, as with one file (common/sharded.py).
 """
 
 from __future__ import annotations
@@ -46,16 +56,18 @@ import math
 import os
 import random
 import secrets
+import shutil
 import signal
 import string
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import cli, runfolder
+from common import cli, runfolder, sharded
 from common.cli import UsageError, parse_max_time
 from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
 
@@ -65,6 +77,7 @@ __all__ = [
     "Run",
     "RunFolderError",
     "UsageError",
+    "add_fsdp_arg",
     "add_run_args",
     "amp_context",
     "backward_and_step",
@@ -72,6 +85,8 @@ __all__ = [
     "cleanup_distributed",
     "distribute",
     "grad_scaler",
+    "gradient_sync",
+    "graph_backward",
     "is_main",
     "load_training_state",
     "maybe_compile",
@@ -81,7 +96,9 @@ __all__ = [
     "run_main",
     "seed_everything",
     "setup_distributed",
+    "shard",
     "start_run",
+    "step_size_metrics",
     "training_state",
     "unwrap",
 ]
@@ -90,6 +107,18 @@ PROCESS_START = time.monotonic()  # --max-time counts from here (the import happ
 MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
 DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
+
+
+def step_size_metrics(sizes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The metric keys of a 1-D tensor of step sizes and the values logged under them (a tensor on
+    the sizes' device: no host sync): `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS
+    blocks `step_size/min`, `step_size/median`, `step_size/max`. Every logger of step sizes (the
+    harness, common/integrations.py) names them by this rule."""
+    sizes = sizes.detach().reshape(-1)
+    if sizes.numel() > MAX_LOGGED_BLOCKS:
+        return ["step_size/min", "step_size/median", "step_size/max"], torch.stack(
+            [sizes.min(), sizes.median(), sizes.max()])
+    return [f"step_size/block_{i}" for i in range(sizes.numel())], sizes
 
 
 class Diverged(Exception):
@@ -141,6 +170,28 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_fsdp_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--fsdp, for experiments whose train.py calls `shard` (TinyStories, ImageNet)."""
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard weights, gradients and optimizer state over the torchrun ranks with FSDP2 "
+                             "(fully_shard) instead of DDP; checkpoints become sharded (a checkpoint.<id>.dcp "
+                             "folder next to checkpoint.pt). Works with --compile and --amp bf16; MetaOptimize "
+                             "and --optimizer AdamW only")
+    return parser
+
+
+def _check_fsdp_args(args) -> None:
+    from common.optim_flags import OPTIMIZER_CHOICES
+
+    if getattr(args, "amp", "none") == "fp16":
+        raise UsageError("--fsdp does not take --amp fp16 (--dtype float16): its gradient scaler would check each "
+                         "rank's shards on their own and the ranks could disagree on skipping a step; use --amp bf16")
+    name = getattr(args, "optimizer", "HF")
+    if str(name).strip().lower() not in OPTIMIZER_CHOICES:
+        raise UsageError(f"--fsdp works with --optimizer HF (MetaOptimize) or AdamW, not {name}: the baselines' "
+                         f"packages treat each rank's shards as the whole model")
+
+
 def check_args(args):
     """Every check of the run and optimizer flags that needs no device, data or model (raises
     UsageError / ValueError naming the flag); returns `args`.
@@ -163,6 +214,8 @@ def check_args(args):
         from common.optim_flags import check_optimizer_args
 
         check_optimizer_args(args)
+    if getattr(args, "fsdp", False):
+        _check_fsdp_args(args)
     return args
 
 
@@ -198,28 +251,34 @@ def run_main(main) -> None:
 # Devices, distributed, AMP, compile
 # --------------------------------------------------------------------------------------
 
-_DIST = {"rank": 0, "world_size": 1, "local_rank": 0, "initialised": False}
+_DIST = {"rank": 0, "world_size": 1, "local_rank": 0, "initialised": False, "group_of_one": False}
 
 
 def setup_distributed(args=None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; initialises the process group.
 
-    nccl on CUDA, gloo otherwise. Not under torchrun (or WORLD_SIZE=1): a no-op returning (0, 1, 0).
+    nccl on CUDA, gloo otherwise. Not under torchrun (or WORLD_SIZE=1): (0, 1, 0), and no process
+    group unless --fsdp asks for one (a group of one process: FSDP2 and its checkpoints need one).
     Safe to call more than once.
     """
     if _DIST["initialised"]:
         return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 or getattr(args, "fsdp", False):
         import torch.distributed as dist
 
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         want = getattr(args, "device", "auto") if args is not None else "auto"
         use_cuda = torch.cuda.is_available() and not str(want).startswith("cpu")
         if use_cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            backend = "nccl" if use_cuda else "gloo"
+            if world > 1:
+                dist.init_process_group(backend=backend)
+            else:  # no torchrun: an in-process store, no port
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+                _DIST["group_of_one"] = True
         _DIST.update(rank=rank, world_size=world, local_rank=local_rank)
     _DIST["initialised"] = True
     return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
@@ -233,14 +292,14 @@ def is_main() -> bool:
 def cleanup_distributed(barrier: bool = False) -> None:
     """Tear the process group down. `barrier=True` (a normal end) first waits until every rank is
     done communicating: a rank that destroys gloo while its peer still uses it can abort at exit."""
-    if _DIST["world_size"] > 1:
+    if _DIST["world_size"] > 1 or _DIST["group_of_one"]:
         import torch.distributed as dist
 
         if dist.is_initialized():
             if barrier:
                 dist.barrier()
             dist.destroy_process_group()
-    _DIST.update(rank=0, world_size=1, local_rank=0, initialised=False)
+    _DIST.update(rank=0, world_size=1, local_rank=0, initialised=False, group_of_one=False)
 
 
 def resolve_device(text: str = "auto") -> torch.device:
@@ -289,30 +348,71 @@ def maybe_compile(model, args):
     return torch.compile(model) if getattr(args, "compile", False) else model
 
 
-def distribute(model, device):
-    """Wrap in DistributedDataParallel under torchrun (world size > 1); unchanged otherwise."""
-    if _DIST["world_size"] <= 1:
+def shard(model, units, args, device):
+    """With --fsdp: fully_shard each module of `units` (the model's blocks), then the model (FSDP2,
+    over all ranks); unchanged otherwise. Call it before building the optimizer; `model` stays the
+    module to evaluate, save and hand to `run.resume`."""
+    if not getattr(args, "fsdp", False):
         return model
+    return sharded.shard_model(model, units, device)
+
+
+def distribute(model, device, args=None):
+    """Wrap in DistributedDataParallel under torchrun (world size > 1); unchanged otherwise, and
+    for a model that `shard` sharded (FSDP2 does the gradient reduction itself).
+
+    `args`: the run's flags; a Hessian trace (--hessian) is refused under DDP, whose reducer cannot
+    take the second backward (a script that runs the forward through the module itself instead can
+    use it: MetaOptimize then averages the gradients and products across the ranks)."""
+    if _DIST["world_size"] <= 1 or sharded.is_sharded(model):
+        return model
+    if getattr(args, "hessian", "none") not in (None, "none"):
+        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({_DIST['world_size']} ranks): its "
+                         "reducer cannot take the second backward; run on one process (python3, not torchrun)")
     from torch.nn.parallel import DistributedDataParallel
 
     device = torch.device(device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def gradient_sync(net, sync: bool):
+    """A context for the forward and backward of one micro-batch of gradient accumulation: with
+    sync=False the gradients only accumulate on this rank (DDP's no_sync; FSDP2 keeps them unsharded),
+    the backward with sync=True reduces their sum. A no-op for one process without --fsdp."""
+    wrapped = getattr(net, "_orig_mod", net)  # under torch.compile
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if sharded.is_sharded(wrapped):
+        sharded.set_gradient_sync(wrapped, sync)
+    return contextlib.nullcontext()
+
+
 def training_state(model, optimizer, scheduler, scaler) -> dict:
     """The part of a checkpoint every experiment has: weights, optimizer (with MetaOptimize's beta
-    and traces), learning-rate schedule and AMP loss scale."""
+    and traces), learning-rate schedule and AMP loss scale. model=None, optimizer=None: they are
+    saved elsewhere (the shards of --fsdp)."""
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
 
 
-def load_training_state(state: dict, model, optimizer, scheduler, scaler) -> None:
-    """Inverse of `training_state` (the model first: some optimizers check the weights they wrap)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder=None) -> None:
+    """Inverse of `training_state` (the model first: some optimizers check the weights they wrap).
+
+    A checkpoint of --fsdp names the folder of its shards ("sharded", inside `folder`, the run
+    folder); they load into a sharded model or, resharded, into a whole one. A model sharded by
+    --fsdp needs such a checkpoint (ValueError otherwise).
+    """
+    if state.get("sharded") is not None:
+        sharded.load(Path(folder) / state["sharded"], model, optimizer)
+    elif sharded.is_sharded(model):
+        raise ValueError("it was written without --fsdp; resume without --fsdp")
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
@@ -320,13 +420,32 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler) -> Non
 
 
 def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
-    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step."""
+    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step.
+
+    An optimizer that reads the gradient's graph (MetaOptimize with --hessian) gets
+    `backward(create_graph=True)`, and its gradients are dropped after the step (they hold the graph)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    graph = graph_backward(scaler.scale(loss), optimizer)
     scaler.step(optimizer)
     scaler.update()
+    if graph:
+        optimizer.zero_grad(set_to_none=True)  # frees this step's graph before the next forward
     if scheduler is not None:
         scheduler.step()
+
+
+def graph_backward(loss, optimizer) -> bool:
+    """`loss.backward()`, with create_graph=True when the optimizer's step needs the gradient's graph
+    (a Hessian trace); returns whether it did."""
+    from common.optim_flags import needs_graph
+
+    if not needs_graph(optimizer):
+        loss.backward()
+        return False
+    with warnings.catch_warnings():  # torch warns of the param <-> grad cycle; we drop the grads each step
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        loss.backward(create_graph=True)
+    return True
 
 
 def unwrap(model):
@@ -526,7 +645,8 @@ class Run:
 
         `step` (optimizer steps done) serves the hidden test flag --stop-at-step: from that step on,
         rank 0 sends itself SIGTERM. Under DDP the ranks agree (an all-reduce every
-        DDP_STOP_CHECK_EVERY calls), so call it the same number of times on every rank.
+        DDP_STOP_CHECK_EVERY calls; every call with --stop-at-step, so tests stop at that step), so
+        call it the same number of times on every rank.
         """
         if self._stop_at is not None and step is not None and step >= self._stop_at and self.is_main \
                 and not self._stop_flag:
@@ -540,7 +660,7 @@ class Run:
         if self.world_size <= 1:
             return self._stop_flag
         self._stop_calls += 1
-        if self._stop_calls % DDP_STOP_CHECK_EVERY:
+        if self._stop_calls % DDP_STOP_CHECK_EVERY and self._stop_at is None:  # --stop-at-step: every call
             return False
         import torch.distributed as dist
 
@@ -568,11 +688,16 @@ class Run:
         from common.optim_flags import current_step_sizes
 
         sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
+        keys, shown = step_size_metrics(sizes)
         many = sizes.numel() > MAX_LOGGED_BLOCKS
-        shown = torch.stack([sizes.min(), sizes.median(), sizes.max()]) if many else sizes
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        finite = torch.stack([torch.isfinite(p.detach()).all().to(sizes.device) for p in params]).all() if params \
-            else torch.ones((), dtype=torch.bool, device=sizes.device)
+        finite = torch.stack([torch.isfinite(sharded.local(p).detach()).all().to(sizes.device) for p in params]).all() \
+            if params else torch.ones((), dtype=torch.bool, device=sizes.device)
+        if self.world_size > 1 and sharded.any_sharded(params):  # each rank checked its own shards
+            import torch.distributed as dist
+
+            finite = finite.float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         nonfinite_sizes = (~torch.isfinite(sizes)).sum()
         *values, nonfinite_sizes, weights_finite = torch.cat(
             [shown, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
@@ -583,13 +708,17 @@ class Run:
             self._diverge(step, f"{which} ({int(nonfinite_sizes)} of {sizes.numel()} blocks)")
         if not weights_finite:
             self._diverge(step, "a weight is not finite")
-        if many:
-            return dict(zip(("step_size/min", "step_size/median", "step_size/max"), values))
-        return {f"step_size/block_{i}": v for i, v in enumerate(values)}
+        return dict(zip(keys, values))
 
     def _check_metrics(self, metrics: dict, step) -> None:
-        for k, v in metrics.items():
-            if any(w in k for w in _WATCHED) and isinstance(v, (int, float)) and not math.isfinite(v):
+        self.check_finite({k: v for k, v in metrics.items() if any(w in k for w in _WATCHED)}, step)
+
+    def check_finite(self, values: dict, step) -> None:
+        """A non-finite number among `values` ends the run as diverged at `step`, as a logged loss
+        does: for values the loop reads on the host anyway between logs (a meta-objective, a loss)."""
+        for k, v in values.items():
+            v = _to_python(v)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
                 self._diverge(step, f"{k} is {v}")
 
     def _diverge(self, step, reason: str):
@@ -675,7 +804,10 @@ class Run:
         if step % self.log_every:
             return False
         metrics = self._check_state(optimizer, step)
+        # the lr of optimizers whose step size it is (MetaOptimize's lr only scales its step sizes)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        if hasattr(optimizer, "step_sizes"):
+            lr = None
         if isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
             metrics["lr"] = _to_python(lr)
         if extra:
@@ -701,12 +833,15 @@ class Run:
         state = self.load_checkpoint()
         if state is None:
             return None
+        shards = state.get("sharded")
+        if shards is not None and not sharded.is_complete(self.dir / shards):
+            raise UsageError(f"--resume: {self.dir / shards}, the shards {CHECKPOINT} names, is missing or incomplete")
         try:
-            load_training_state(state, unwrap(model), optimizer, scheduler, scaler)
+            load_training_state(state, unwrap(model), optimizer, scheduler, scaler, folder=self.dir)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
                              f"the flags the run started with (see {self.dir / CONFIG})") from None
-        return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+        return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "sharded")}
 
     def checkpoint(self, progress: dict) -> None:
         """Save weights, optimizer, schedule and loss scale (registered by `resume`) plus `progress`
@@ -719,8 +854,34 @@ class Run:
             raise RuntimeError("Run.checkpoint: call run.resume(model, optimizer, ...) first")
         model, optimizer, scheduler, scaler = self._objects
         self._check_state(optimizer, progress.get("step"))
-        self.save_checkpoint({**training_state(unwrap(model), optimizer, scheduler, scaler), **progress})
+        model, shards = unwrap(model), None
+        if sharded.is_sharded(model):  # --fsdp: the shards first, then checkpoint.pt naming them
+            shards = self._save_shards(model, optimizer)
+            self.save_checkpoint({**training_state(None, None, scheduler, scaler), "sharded": shards, **progress})
+        else:
+            self.save_checkpoint({**training_state(model, optimizer, scheduler, scaler), **progress})
+        if self.is_main:  # shards that checkpoint.pt no longer names (all of them after a whole one)
+            runfolder.remove_shard_folders(self.dir, keep=shards)
         self._checkpoint_step = progress.get("step")
+
+    def _save_shards(self, model, optimizer) -> str:
+        """Every rank writes its shards of the model and optimizer into a new folder (rank 0 names it);
+        its name, to go into checkpoint.pt."""
+        box = [runfolder.SHARDS.format(secrets.token_hex(4))]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(box, src=0)
+        folder = self.dir / box[0]
+        try:
+            sharded.save(folder, model, optimizer)
+        except OSError as e:  # a full disk, ...: the checkpoint.pt in place still names complete shards
+            if self.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise RunFolderError(runfolder.describe_os_error(e, folder)) from None
+        if self.is_main:
+            runfolder.fsync_dir(folder)
+        return box[0]
 
     @contextlib.contextmanager
     def checkpoint_on(self, errors, progress):

@@ -30,7 +30,10 @@ FLAGS = {
     "lion_beta2_base": "--Lion-beta2-base", "weight_decay_meta": "--weight-decay-meta",
     "normalizer_param_meta": "--normalizer-param-meta", "momentum_param_meta": "--momentum-param-meta",
     "lion_beta2_meta": "--Lion-beta2-meta", "impl": "--optimizer-impl", "state_dtype": "--state-dtype",
+    "hessian": "--hessian", "rectify": "--rectify",
 }
+# --hessian values and what MetaOptimize calls them
+HESSIANS = {"none": None, "hvp": "hvp", "block_diagonal": "block_diagonal"}
 
 
 def _baselines():
@@ -77,6 +80,13 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--state-dtype", default="param", choices=list(STATE_DTYPES),
                    help="dtype of MetaOptimize's base state and trace (bfloat16 halves their memory); "
                         "param = the parameters' dtype")
+    g.add_argument("--hessian", default="none", choices=list(HESSIANS),
+                   help="MetaOptimize's trace: none = Hessian-free (the paper's runs); hvp = keep the Hessian term of "
+                        "the weights' own update (spec section 9): one Hessian-vector product per step, which costs "
+                        "a second backward pass, through the gradient's graph, and keeps that graph in memory (a "
+                        "step took 4-6x as long on a CPU); block_diagonal = one product per step-size block (the "
+                        "exact diagonal for weightwise blocks, small models only). Not with --amp fp16, --compile "
+                        "or DDP")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the --optimizer AdamW baseline")
     g.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps of the --optimizer AdamW baseline")
     _baselines().add_baseline_args(parser)
@@ -101,6 +111,15 @@ def _canonical_optimizer(value) -> str:
     return choices[key]
 
 
+def _hessian(args) -> str:
+    value = getattr(args, "hessian", None)
+    if value in (None, "none"):
+        return "none"
+    if value not in HESSIANS:
+        raise ValueError(f"--hessian: unknown value {value!r}; accepted: {', '.join(HESSIANS)}")
+    return value
+
+
 def _unit(name: str, value: float) -> float:
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -123,9 +142,13 @@ def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
                 momentum_param_meta=_unset(args.momentum_param_meta), lion_beta2_meta=_unset(args.Lion_beta2_meta),
                 impl=getattr(args, "optimizer_impl", "auto"),
                 state_dtype=STATE_DTYPES[getattr(args, "state_dtype", "param")],
+                hessian=HESSIANS[_hessian(args)], rectify=getattr(args, "rectify", False),
             )
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
+    if _hessian(args) != "none":
+        raise ValueError(f"--hessian {args.hessian}: a trace option of MetaOptimize (--optimizer HF), not of "
+                         f"--optimizer {args.optimizer}")
     if name != "AdamW":
         return _baselines().build_baseline(name, params, args)
     # AdamW baseline: torch's fused AdamW; betas and weight decay from the base flags
@@ -152,8 +175,37 @@ def check_optimizer_args(args) -> None:
             parse_counts(spec)  # a list of tensor counts: its syntax now, its sum once the model exists
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
+    check_hessian_args(args)
     dummy = argparse.Namespace(**{**vars(args), "stepsize_groups": "scalar", "optimizer_impl": "foreach"})
+    if getattr(args, "rectify", False):  # its rule on the blocks (weight-wise) waits for the model
+        dummy.stepsize_groups = "weightwise"
     build_optimizer([torch.nn.Parameter(torch.zeros(2))], dummy)
+
+
+def check_hessian_args(args) -> None:
+    """--hessian needs the gradient's graph (backward(create_graph=True)) at the optimizer step: refuse
+    the settings that cannot keep it, before any data or model is made."""
+    hessian = _hessian(args)
+    if hessian == "none":
+        return
+    if getattr(args, "amp", "none") == "fp16":
+        raise ValueError(f"--hessian {hessian} does not work with --amp fp16: the gradient scaler unscales the "
+                         "gradients in place, so the Hessian-vector product would be taken of the scaled ones; "
+                         "use --amp bf16 or none")
+    if getattr(args, "compile", False):
+        raise ValueError(f"--hessian {hessian} does not work with --compile: torch.compile's autograd has no "
+                         "double backward")
+    if getattr(args, "fsdp", False):
+        raise ValueError(f"--hessian {hessian} does not work with --fsdp: FSDP reduce-scatters and frees the "
+                         "unsharded gradients in its backward hooks, so the second backward has no graph to use")
+
+
+def needs_graph(optimizer) -> bool:
+    """Whether the optimizer's step reads the gradient's graph (MetaOptimize with a Hessian trace): the
+    backward pass must then be `loss.backward(create_graph=True)`."""
+    while not hasattr(optimizer, "hessian") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return getattr(optimizer, "hessian", None) is not None
 
 
 def build_scheduler(optimizer, args, total_steps: int):

@@ -3,7 +3,8 @@ sweep.py, summarize.py and plot.py read by them (without importing torch).
 
 - file names, and what `summary.json` says: `run_state(dir)` is "finished", "diverged",
   "checkpoint" (can resume) or "new";
-- one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder);
+- one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder); one
+  computation of a shared result: `waiting_lock`;
 - atomic writes with the user's umask (`atomic_write`), and removal of the temp files that a
   killed writer leaves (`remove_stale_temp_files`);
 - OS errors as one line that says what happened and where (`describe_os_error`).
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -28,12 +30,14 @@ from pathlib import Path
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+SHARDS = "checkpoint.{}.dcp"  # --fsdp: the folder of model and optimizer shards (DCP) that checkpoint.pt names
 SUMMARY = "summary.json"
 WANDB_ID = "wandb_id.txt"
 LOCK = ".lock"
 RESULT_FILES = (SUMMARY, CHECKPOINT, METRICS, CONFIG, WANDB_ID)  # a fresh start removes them, in this order
 SAME_TASK_WAIT = 120  # s a requeued SLURM task waits for its own earlier attempt to let go of the lock
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ".<file>.<8 random chars>.tmp"
+_SHARDS = re.compile(r"^checkpoint\.[0-9a-f]{8}\.dcp$")  # SHARDS with 8 random hex digits
 
 
 class RunFolderError(Exception):
@@ -97,6 +101,23 @@ def remove_results(run_dir) -> None:
     for name in RESULT_FILES:
         with contextlib.suppress(FileNotFoundError):
             (Path(run_dir) / name).unlink()
+    remove_shard_folders(run_dir)
+
+
+def shard_folders(run_dir) -> list[Path]:
+    """The sharded checkpoint folders in `run_dir`: the one checkpoint.pt names, and any that a
+    writer killed before it could replace checkpoint.pt left."""
+    with contextlib.suppress(OSError):
+        return sorted(Path(e.path) for e in os.scandir(run_dir) if e.is_dir(follow_symlinks=False)
+                      and _SHARDS.match(e.name))
+    return []
+
+
+def remove_shard_folders(run_dir, keep: str | None = None) -> None:
+    """Delete the sharded checkpoint folders of `run_dir` but `keep` (the one checkpoint.pt names)."""
+    for folder in shard_folders(run_dir):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -157,7 +178,7 @@ def atomic_write(path, write) -> None:
             cause = e if isinstance(e, OSError) else OSError(errno.ENOSPC, "disk full")
             raise RunFolderError(describe_os_error(cause, path)) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json(path, obj) -> None:
@@ -165,7 +186,7 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -174,13 +195,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def remove_stale_temp_files(run_dir) -> list[Path]:
-    """Delete the temp files of writes that never finished (a SIGKILL mid-checkpoint). Call it
-    only while holding the folder's lock: a live writer's temp file looks the same."""
+def remove_stale_temp_files(run_dir, of: str | None = None) -> list[Path]:
+    """Delete the temp files of writes that never finished (a SIGKILL mid-checkpoint); with `of`,
+    only those of the file of that name. Call it only while holding the lock its writers take (the
+    folder's, or the file's `waiting_lock`): a live writer's temp file looks the same."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(run_dir):
-            if entry.is_file(follow_symlinks=False) and _TEMP.match(entry.name):
+            if entry.is_file(follow_symlinks=False) and _TEMP.match(entry.name) \
+                    and (of is None or entry.name.startswith(f".{of}.")):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))
@@ -224,7 +247,7 @@ class RunLock:
 
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
-        me = _slurm_task()
+        me, waited = _slurm_task(), False
         deadline = time.monotonic() + SAME_TASK_WAIT
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -238,6 +261,10 @@ class RunLock:
                           f"writes {run_dir}", file=sys.stderr)
                     return
                 if me and holder and holder.get("slurm_task") == me and time.monotonic() < deadline:
+                    if not waited:
+                        print(f"note: waiting up to {SAME_TASK_WAIT} s for the earlier attempt of this SLURM task "
+                              f"({describe_holder(holder)}) to let go of {run_dir}", file=sys.stderr, flush=True)
+                        waited = True
                     time.sleep(1.0)
                     continue
                 raise RunLocked(f"run folder {run_dir} is in use by {describe_holder(holder)}; one run "
@@ -252,10 +279,8 @@ class RunLock:
                 break
             os.close(fd)
         self.fd = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_task": _slurm_task(),
-                  "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
 
     def release(self) -> None:
         """Remove the lock file and let go (safe to call twice)."""
@@ -265,6 +290,42 @@ class RunLock:
             self.path.unlink()
         os.close(self.fd)
         self.fd = None
+
+
+@contextlib.contextmanager
+def waiting_lock(path, what: str = "it"):
+    """Hold an exclusive lock on the file `path` for the block, waiting (with a note on stderr)
+    while another process holds it: for a result that concurrent runs share and one computes
+    (evaluate.py's --lr grid). The file is created and kept (removing it would let a waiter and a
+    newcomer hold two different files). Where the file cannot be made or locked, the block runs
+    unlocked: callers write by `atomic_write`, so that costs only duplicated work."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                print(f"note: waiting for {describe_holder(_read_holder(fd))} to finish {what} ({path})",
+                      file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # who holds it, for the note of a waiter
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_task": _slurm_task(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def _read_holder(fd: int) -> dict | None:

@@ -6,12 +6,14 @@
         --stepsize-groups resnet18_blocks --run-name lion-lion-blocks
     python3 imagenet/train.py --data-dir /data/imagenet --optimizer AdamW --lr 1e-3   # cosine, 10k warm-up
     torchrun --nproc_per_node 8 imagenet/train.py --data-dir /data/imagenet --amp bf16 --channels-last
+    torchrun --nproc_per_node 8 imagenet/train.py --data-dir /data/imagenet --amp bf16 --fsdp   # sharded (FSDP2)
     python3 imagenet/train.py --dummy --dummy-size 25600 --epochs 1           # synthetic data: smoke test
 
 --data-dir holds train/<class>/*.JPEG and val/<class>/*.JPEG. --batch-size is global: torchrun
 divides it over the ranks (DDP; DistributedSampler; metrics summed over the ranks; rank 0 logs
-and saves). A run writes <save-directory>/<run-name>/ (config.json, metrics.jsonl, checkpoint.pt
-every epoch, summary.json at the end). Every --log-every steps: train/loss, train/acc,
+and saves; --fsdp shards the weights and optimizer state instead, one FSDP unit per residual block).
+A run writes <save-directory>/<run-name>/ (config.json, metrics.jsonl, checkpoint.pt every epoch
+(with --fsdp plus the folder of its shards), summary.json at the end). Every --log-every steps: train/loss, train/acc,
 images_per_s, lr, step_size/block_i; every epoch: test/loss, test/acc (top-1, %), test/acc5
 (top-5, %) on val/. SIGTERM/SIGUSR1/Ctrl-C or --max-time save a checkpoint at the current batch
 and exit 0; rerun with --resume: a run stopped mid-epoch continues that epoch in the same sample
@@ -22,7 +24,6 @@ are seeded by --seed, the epoch and its index): it ends with the weights of an u
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,15 @@ import torch.nn.functional as F
 import torchvision
 from data import Normalizer, build_loaders, set_train_position
 
-from common import harness
+from common import harness, sharded
 from common.data import DatasetError
-from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.optim_flags import (
+    add_optimizer_args,
+    build_optimizer,
+    build_scheduler,
+    current_step_sizes,
+    eval_weights,
+)
 
 # the paper's ImageNet setting (spec section 7); every one is a flag
 NUM_EPOCHS = 90
@@ -80,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)
     add_optimizer_args(parser)
     harness.add_run_args(parser)
+    harness.add_fsdp_arg(parser)
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
     args = parser.parse_args(argv)
     harness.require_positive(parser, args, "epochs", "batch_size", "dummy_size")
@@ -87,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.image_size < 32:
         parser.error(f"--image-size must be at least 32 (ResNet-18 downsamples 32x), got {args.image_size}")
+    if args.fsdp and args.channels_last:
+        parser.error("--channels-last does not go with --fsdp: FSDP2 cannot shard channels-last weights yet; "
+                     "leave one of them out")
     return harness.check_args(args)
 
 
@@ -106,8 +117,11 @@ def sync_buffers(model, world_size: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, optimizer, args, run) -> dict:
-    """test/loss, test/acc (top-1, %), test/acc5 (top-5, %) over all of val/, summed over the ranks."""
+def evaluate(model, loader, normalize, optimizer, args, run, batches: int) -> dict:
+    """test/loss, test/acc (top-1, %), test/acc5 (top-5, %) over all of val/, summed over the ranks.
+
+    `batches`: the most batches a rank has; under --fsdp a rank with fewer runs forwards on a blank
+    image until it has made as many (FSDP gathers the weights in each forward, with every rank)."""
     model.eval()
     sums = torch.zeros(4, device=run.device)  # loss sum, top-1 correct, top-5 correct, count
     with eval_weights(optimizer):
@@ -120,17 +134,14 @@ def evaluate(model, loader, normalize, optimizer, args, run) -> dict:
             sums[1] += hits[:, 0].sum()
             sums[2] += hits.any(dim=1).sum()
             sums[3] += len(labels)
+        if sharded.is_sharded(model):
+            blank = torch.zeros(1, 3, args.image_size, args.image_size, device=run.device)
+            for _ in range(len(loader), batches):
+                with harness.amp_context(args, run.device):
+                    model(blank)
     model.train()
     loss, top1, top5, count = all_reduce_sum(sums, run.world_size)
     return {"test/loss": loss / count, "test/acc": 100.0 * top1 / count, "test/acc5": 100.0 * top5 / count}
-
-
-def weights_checksum(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:
@@ -142,6 +153,9 @@ def main(argv=None) -> int:
                          f"ranks; use a multiple of {run.world_size}")
     train, val, num_classes, train_size = build_loaders(args, run.rank, run.world_size, device)
     steps_per_epoch = len(train)
+    val_batches = torch.tensor([len(val)], device=device)  # rank 0's, the most: val/ is dealt out rank by rank
+    if run.world_size > 1:
+        dist.broadcast(val_batches, 0)
     normalize = Normalizer(device, args.channels_last)  # uint8 batch -> normalised float on the device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -149,6 +163,8 @@ def main(argv=None) -> int:
     model = torchvision.models.resnet18(num_classes=num_classes).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    blocks = [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+    model = harness.shard(model, blocks, args, device)  # --fsdp: one FSDP unit per residual block
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total_steps=args.epochs * steps_per_epoch)
     scaler = harness.grad_scaler(args, device)
@@ -165,7 +181,7 @@ def main(argv=None) -> int:
         if run.is_main:
             print(f"resumed {run.dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (step {step})",
                   file=sys.stderr)
-    net = harness.maybe_compile(harness.distribute(model, device), args)  # training forward; `model` is saved
+    net = harness.maybe_compile(harness.distribute(model, device, args), args)  # training forward; `model` is saved
 
     def progress():  # a checkpoint's entries besides the training state (every rank: it reduces the sums)
         return {"epoch": epoch, "batch": batch, "step": step, "best": best, "last": last,
@@ -212,7 +228,7 @@ def main(argv=None) -> int:
         train_loss, train_correct, train_count = all_reduce_sum(sums, run.world_size)
         images_per_s = images_here * run.world_size / max(time.monotonic() - t_epoch, 1e-9)
         sync_buffers(model, run.world_size)
-        test = evaluate(model, val, normalize, optimizer, args, run)
+        test = evaluate(model, val, normalize, optimizer, args, run, int(val_batches))
         epoch, batch = epoch + 1, 0
         last = {"epoch": epoch, "train/loss": train_loss / train_count, "train/acc": 100.0 * train_correct / train_count,
                 **test, "images_per_s": images_per_s}
@@ -228,8 +244,9 @@ def main(argv=None) -> int:
         if epoch < args.epochs and run.should_stop(step):
             return run.stop(progress(), f"after epoch {epoch}")
 
-    if args.weights_checksum:
-        print(f"weights-checksum rank={run.rank} {weights_checksum(model)}\n", end="", flush=True)  # one write: ranks share stdout
+    if args.weights_checksum:  # every rank (a collective under --fsdp)
+        print(f"weights-checksum rank={run.rank} {sharded.weights_digest(model)} "  # one write: ranks share stdout
+              f"step_sizes={current_step_sizes(optimizer).tolist()}\n", end="", flush=True)
     run.finish({"final": last, "best": best})
     if run.is_main and last:
         print(f"best top-1 {best['test/acc']:.2f}% (epoch {best['epoch']}), final top-1 {last['test/acc']:.2f}% "

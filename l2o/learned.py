@@ -19,13 +19,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2o.networks import apply_network, network_from_record, network_record
+from l2o.networks import apply_network, network_from_record, network_record, network_spec
 
 CHECKPOINT = "checkpoint.pt"  # the harness's checkpoint file inside a meta-training run folder
 
 
+def network_checkpoint(network: nn.Module, best_network: dict | None, args) -> dict:
+    """What meta_train.py and adapt.py add to their checkpoints (`Run.checkpoint`'s progress) for
+    `load_network`: the network's name and config (its weights are the checkpoint's "model", saved
+    by the harness with the meta-optimizer), the best weights so far, and the run's flags."""
+    return {"network": network_spec(network), "best_network": best_network,
+            "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+
+
+def check_resumed_network(state: dict, network: nn.Module) -> None:
+    """After `Run.resume(network, ...)`: the checkpoint's network must be the one the flags built."""
+    if state["network"] != network_spec(network):
+        raise ValueError(f"--resume: the checkpoint's network is {state['network']['name']} "
+                         f"{state['network']['config']}, the flags give {network.name} {network.config()}; resume "
+                         f"with the same network flags")
+
+
 def load_network(path, which: str = "best") -> tuple[nn.Module, dict]:
-    """The network of a meta-training run (its folder or checkpoint file) and that run's config.
+    """The network of a meta-training or adaptation run (its folder or checkpoint file) and that run's config.
 
     which="best": the weights with the best meta-test loss (the paper's choice); "last": the latest.
     """
@@ -34,18 +50,32 @@ def load_network(path, which: str = "best") -> tuple[nn.Module, dict]:
     if which not in ("best", "last"):
         raise ValueError(f"which network: 'best' or 'last', got {which!r}")
     if not file.is_file():
-        raise ValueError(f"no meta-training checkpoint at {file} (give a run folder of l2o/meta_train.py or its "
-                         f"{CHECKPOINT})")
+        raise ValueError(f"no meta-training checkpoint at {file} (give a run folder of l2o/meta_train.py or "
+                         f"l2o/adapt.py, or its {CHECKPOINT})")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read {file} ({type(e).__name__}: {e})") from None
     record = ckpt.get("network") if isinstance(ckpt, dict) else None
     if not isinstance(record, dict) or "name" not in record:
-        raise ValueError(f"{file} holds no learned-optimizer network (not written by l2o/meta_train.py)")
+        raise ValueError(f"{file} holds no learned-optimizer network (not written by l2o/meta_train.py or "
+                         f"l2o/adapt.py)")
     if which == "best" and ckpt.get("best_network") is not None:
-        record = {**record, "state_dict": ckpt["best_network"]}
-    return network_from_record(record), dict(ckpt.get("config") or {})
+        weights = ckpt["best_network"]
+    else:  # the harness's training state (a record with its own weights: checkpoints before run control moved)
+        weights = record.get("state_dict", ckpt.get("model"))
+    if not isinstance(weights, dict):
+        raise ValueError(f"{file} holds no weights of its {record['name']} network")
+    return network_from_record({**record, "state_dict": weights}), dict(ckpt.get("config") or {})
+
+
+def protocol_of(config: dict) -> str:
+    """M-L2O's name for how a network came to be, from its run's config (spec l2o.md, section 2):
+    meta-trained only (l2o: "direct transfer"), or adapted to the target by adapt.py from scratch
+    ("vanilla L2O"), from a plain pretraining ("transfer learning") or from M-L2O's ("M-L2O")."""
+    if config.get("adapted"):
+        return {"l2o": "transfer learning", "ml2o": "M-L2O"}.get(config.get("pretrained_method"), "vanilla L2O")
+    return {"ml2o": "M-L2O without adaptation"}.get(config.get("method"), "direct transfer")
 
 
 class LearnedOptimizer(torch.optim.Optimizer):

@@ -25,6 +25,12 @@ class LionSGD(torch.optim.Optimizer):
         super().__init__(params, {"lion_fraction": lion_fraction, "sgd_fraction": sgd_fraction, "sgd_lr": sgd_lr,
                                   "lion_lr": lion_lr, "momentum": momentum, "betas": tuple(betas)})
 
+    def effective_step_sizes(self) -> torch.Tensor:
+        """The two parts' step sizes, lambda_S lr_S and lambda_L lr_L, per group (what the harness
+        logs and checks as step sizes: this optimizer has no single lr)."""
+        return torch.tensor([[g["sgd_fraction"] * g["sgd_lr"], g["lion_fraction"] * g["lion_lr"]]
+                             for g in self.param_groups]).reshape(-1)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

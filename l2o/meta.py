@@ -10,16 +10,18 @@ gradients, as in the paper), and through nothing before the unroll's start (trun
 `unroll` returns the T + 1 losses L(theta_0) ... L(theta_T) of its T steps; a meta-loss
 (`META_LOSSES`) turns them into the objective.
 
-A meta-gradient method has `name` and `meta_step(task, trajectory, num_steps) -> (trajectory,
-metrics)`: it advances the trajectory by `num_steps` optimizee steps and updates the network's
-weights once. `TruncatedBPTT` is the paper's; first-order MAML (M-L2O) is another: support unroll,
-`weights` adapted by one SGD step, query unroll with them (`unroll(..., weights=...)`), the
-query's gradient at the adapted weights applied to the network's own. `meta_train.py` drives any
-method through epochs of optimizee runs.
+A meta-gradient method has `name` and `meta_step(tasks, trajectories, num_steps) -> (trajectories,
+metrics)`: it advances each task's trajectory by `num_steps` optimizee steps and updates the
+network's weights once, with the mean over the tasks of their meta-gradients (one task: Sobotka et
+al.'s optimizee; several: M-L2O's families of problems). `TruncatedBPTT` is plain meta-training;
+`FirstOrderMAML` is M-L2O's. `Curriculum` is M-L2O's schedule of optimizee horizons.
+`meta_train.py` drives any method through epochs of optimizee runs, `adapt.py` adapts a network to
+one fixed optimizee.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -133,8 +135,10 @@ class SymmetryPenalty:
 class TruncatedBPTT:
     """Andrychowicz et al. (2016) / Sobotka et al. (2023): one meta-update per unroll window.
 
-    The meta-loss of the window (plus the symmetry penalty, if any) is backpropagated through the
-    window's optimizee updates into the network's weights; `meta_optimizer` (Adam) steps.
+    The meta-loss of each task's window (plus the symmetry penalty, if any) is backpropagated
+    through the window's optimizee updates into the network's weights; the mean over the tasks is
+    the meta-gradient, and `meta_optimizer` (Adam) steps. M-L2O's plain pretraining ("transfer") is
+    this method over its families of problems.
     """
 
     name = "l2o"
@@ -146,22 +150,89 @@ class TruncatedBPTT:
         self.network, self.meta_optimizer = network, meta_optimizer
         self.meta_loss, self.penalty = META_LOSSES[meta_loss], penalty
 
-    def meta_step(self, task, trajectory: Trajectory, num_steps: int) -> tuple[Trajectory, dict]:
+    def meta_step(self, tasks: Sequence, trajectories: Sequence[Trajectory],
+                  num_steps: int) -> tuple[list[Trajectory], dict]:
         on_step = self.penalty.on_step if self.penalty is not None else None
-        trajectory, losses = unroll(self.network, task, trajectory, num_steps, train=True, on_step=on_step)
-        objective = self.meta_loss(losses)
-        metrics = {"meta/objective": objective.detach(), "train/loss": losses[:-1].detach().mean()}
-        if self.penalty is not None:
-            penalty = self.penalty.pop()
-            objective = objective + penalty
-            metrics["meta/penalty"] = penalty.detach()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        ends, metrics = [], _TaskMean()
+        for task, trajectory in zip(tasks, trajectories, strict=True):
+            trajectory, losses = unroll(self.network, task, trajectory, num_steps, train=True, on_step=on_step)
+            objective = self.meta_loss(losses)
+            metrics.add({"meta/objective": objective.detach(), "train/loss": losses[:-1].detach().mean()})
+            if self.penalty is not None:
+                penalty = self.penalty.pop()
+                objective = objective + penalty
+                metrics.add({"meta/penalty": penalty.detach()})
+            (objective / len(tasks)).backward()  # the graph of one task at a time
+            ends.append(trajectory.detached())
         self.meta_optimizer.step()
-        return trajectory.detached(), metrics
+        return ends, metrics.mean()
 
 
-METHODS = {TruncatedBPTT.name: TruncatedBPTT}
+class FirstOrderMAML:
+    """M-L2O (Yang et al., ICLR 2023): first-order MAML over tasks, one meta-update per window.
+
+    For each task i, from its trajectory:
+        support:  L_S = meta-loss of an unroll of `num_steps` with the network's weights phi
+        inner:    phi_i' = phi - inner_lr * grad_phi L_S            (one SGD step, gradient detached)
+        query:    L_Q = meta-loss of the next `num_steps` from where the support ended, with phi_i'
+    then phi.grad = mean_i grad_{phi_i'} L_Q (the first-order approximation: no gradient through the
+    inner step) and `meta_optimizer` (Adam) steps. The trajectory moves on by the support window only:
+    the next meta-step's support is this query window, as in the authors' code.
+    """
+
+    name = "ml2o"
+
+    def __init__(self, network: nn.Module, meta_optimizer: torch.optim.Optimizer, meta_loss: str = "sum",
+                 inner_lr: float = 1e-3):
+        if meta_loss not in META_LOSSES:
+            raise ValueError(f"--meta-loss: unknown {meta_loss!r}; accepted: {', '.join(META_LOSSES)}")
+        self.network, self.meta_optimizer = network, meta_optimizer
+        self.meta_loss, self.inner_lr = META_LOSSES[meta_loss], float(inner_lr)
+
+    def adapted_weights(self, task, trajectory: Trajectory, num_steps: int):
+        """(phi', support trajectory, support losses): the inner step of one task."""
+        weights = dict(self.network.named_parameters())
+        support, losses = unroll(self.network, task, trajectory, num_steps, train=True)
+        grads = torch.autograd.grad(self.meta_loss(losses), list(weights.values()))
+        adapted = {k: (w.detach() - self.inner_lr * g).requires_grad_() for (k, w), g in zip(weights.items(), grads)}
+        return adapted, support.detached(), losses.detach()
+
+    def meta_step(self, tasks: Sequence, trajectories: Sequence[Trajectory],
+                  num_steps: int) -> tuple[list[Trajectory], dict]:
+        params = list(self.network.parameters())
+        total = [torch.zeros_like(p) for p in params]
+        ends, metrics = [], _TaskMean()
+        for task, trajectory in zip(tasks, trajectories, strict=True):
+            adapted, support, support_losses = self.adapted_weights(task, trajectory, num_steps)
+            _, query_losses = unroll(self.network, task, support, num_steps, weights=adapted, train=True)
+            objective = self.meta_loss(query_losses)
+            torch._foreach_add_(total, torch.autograd.grad(objective, list(adapted.values())))
+            metrics.add({"meta/objective": objective.detach(), "meta/support_objective": self.meta_loss(
+                support_losses), "train/loss": support_losses[:-1].mean()})
+            ends.append(support)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, total):
+            p.grad = g / len(tasks)
+        self.meta_optimizer.step()
+        return ends, metrics.mean()
+
+
+class _TaskMean:
+    """Per-task metrics (0-d tensors) -> their means over the tasks (still tensors: no host sync)."""
+
+    def __init__(self):
+        self.values: dict[str, list[Tensor]] = {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(v)
+
+    def mean(self) -> dict:
+        return {k: torch.stack(v).mean() for k, v in self.values.items()}
+
+
+METHODS = {TruncatedBPTT.name: TruncatedBPTT, FirstOrderMAML.name: FirstOrderMAML}
 
 
 def meta_test(network: nn.Module, tasks, num_steps: int) -> dict:
@@ -181,3 +252,56 @@ def meta_test(network: nn.Module, tasks, num_steps: int) -> dict:
     if test_losses:
         out.update({"meta_test/test_loss": mean(test_losses), "meta_test/test_acc": mean(test_accs)})
     return out
+
+
+class Curriculum:
+    """M-L2O's curriculum of optimizee horizons (the authors' `--if_cl`), driven by meta-tests.
+
+    Training runs optimizees for `horizons[stage]` steps and meta-tests them for the next horizon's
+    (the last stage: its own). After each meta-test (`record`):
+      "improved"  the loss beat the stage's best: keep this network as the stage's best;
+      "advance"   at least `min_evals` meta-tests in this stage, one of them improved, this one did
+                  not: go back to the stage's best network and move to the next horizon (then
+                  `start_stage` with that network's meta-test at the new horizon as the baseline);
+      "stop"      `min_evals` meta-tests without improvement: meta-training has converged;
+      "continue"  otherwise.
+    """
+
+    def __init__(self, horizons: Sequence[int], min_evals: int = 3):
+        horizons = [int(h) for h in horizons]
+        if not horizons or any(h < 1 for h in horizons) or int(min_evals) < 1:
+            raise ValueError(f"--curriculum: needs positive horizons and min_evals >= 1, got {horizons}, {min_evals}")
+        self.horizons, self.min_evals = horizons, int(min_evals)
+        self.stage, self.evals, self.improved, self.best = 0, 0, False, math.inf
+
+    @property
+    def steps(self) -> int:
+        return self.horizons[self.stage]
+
+    @property
+    def test_steps(self) -> int:
+        return self.horizons[min(self.stage + 1, len(self.horizons) - 1)]
+
+    def record(self, loss: float) -> str:
+        self.evals += 1
+        if loss < self.best:
+            self.best, self.improved = loss, True
+            return "improved"
+        if self.evals < self.min_evals:
+            return "continue"
+        return "advance" if self.improved else "stop"
+
+    def advance(self) -> None:
+        """The next horizon (the last one repeats); call `start_stage` after its first meta-test."""
+        self.stage = min(self.stage + 1, len(self.horizons) - 1)
+        self.evals, self.improved, self.best = 0, False, math.inf
+
+    def start_stage(self, baseline: float) -> None:
+        self.best = baseline
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "evals": self.evals, "improved": self.improved, "best": self.best}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.stage, self.evals = int(state["stage"]), int(state["evals"])
+        self.improved, self.best = bool(state["improved"]), float(state["best"])

@@ -68,7 +68,57 @@ class LSTMOptimizer(nn.Module):
         return self.output(h2).squeeze(-1) * self.output_scale, (h1, c1, h2, c2)
 
 
-NETWORKS = {LSTMOptimizer.name: LSTMOptimizer}
+class RNNprop(nn.Module):
+    """RNNprop (Lv, Jiang and Li 2017) as M-L2O uses it: Adam's statistics in, a bounded step out.
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2,   m^ = m / (1 - b1^t),   v^ = v / (1 - b2^t)
+        in = (m^ / (sqrt(v^) + eps), g / (sqrt(v^) + eps))
+        update = output_scale * tanh(Linear(LSTMCell(LSTMCell(ELU(Linear(in))))))
+
+    with b1 = b2 = 0.95 and output_scale 0.01 (every update is within +-0.01 per coordinate). The
+    state holds the moments m, v, the step count t of each coordinate (for the bias correction; a
+    parameter that joins later starts at t = 0) and (h, c) of both cells, all zero at the start.
+    """
+
+    name = "rnnprop"
+    state_names = ("m", "v", "t", "h1", "c1", "h2", "c2")
+
+    def __init__(self, hidden_size: int = 20, beta1: float = 0.95, beta2: float = 0.95, eps: float = 1e-8,
+                 output_scale: float = 0.01):
+        super().__init__()
+        if int(hidden_size) < 1 or not (0 <= beta1 < 1 and 0 <= beta2 < 1) or not eps > 0 or not (
+                math.isfinite(output_scale) and output_scale > 0):
+            raise ValueError(f"RNNprop: needs hidden_size >= 1, betas in [0, 1), eps > 0 and output_scale > 0, got "
+                             f"{hidden_size}, {beta1}, {beta2}, {eps}, {output_scale}")
+        self.hidden_size, self.beta1, self.beta2 = int(hidden_size), float(beta1), float(beta2)
+        self.eps, self.output_scale = float(eps), float(output_scale)
+        self.input = nn.Linear(2, self.hidden_size)
+        self.cell1 = nn.LSTMCell(self.hidden_size, self.hidden_size)
+        self.cell2 = nn.LSTMCell(self.hidden_size, self.hidden_size)
+        self.output = nn.Linear(self.hidden_size, 1)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "output_scale": self.output_scale}
+
+    def init_state(self, num_coords: int, like: Tensor) -> tuple[Tensor, ...]:
+        flat = tuple(like.new_zeros(num_coords) for _ in range(3))
+        return flat + tuple(like.new_zeros(num_coords, self.hidden_size) for _ in range(4))
+
+    def forward(self, grad: Tensor, state: Sequence[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        m, v, t, h1, c1, h2, c2 = state
+        t = t + 1
+        m = self.beta1 * m + (1 - self.beta1) * grad
+        v = self.beta2 * v + (1 - self.beta2) * grad * grad
+        denom = (v / (1 - torch.pow(self.beta2, t))).sqrt() + self.eps
+        inputs = torch.stack([m / (1 - torch.pow(self.beta1, t)) / denom, grad / denom], dim=-1)
+        h1, c1 = self.cell1(nn.functional.elu(self.input(inputs)), (h1, c1))
+        h2, c2 = self.cell2(h1, (h2, c2))
+        update = torch.tanh(self.output(h2).squeeze(-1)) * self.output_scale
+        return update, (m, v, t, h1, c1, h2, c2)
+
+
+NETWORKS = {LSTMOptimizer.name: LSTMOptimizer, RNNprop.name: RNNprop}
 
 
 def build_network(name: str, config: Mapping | None = None) -> nn.Module:
@@ -77,11 +127,15 @@ def build_network(name: str, config: Mapping | None = None) -> nn.Module:
     return NETWORKS[name](**dict(config or {}))
 
 
+def network_spec(network: nn.Module) -> dict:
+    """What rebuilds a network, weights aside: its name and constructor config (plain types)."""
+    return {"name": network.name, "config": network.config()}
+
+
 def network_record(network: nn.Module, state_dict: Mapping | None = None) -> dict:
-    """What a checkpoint stores of a network: name, constructor config and weights (tensors, plain types)."""
+    """A network in one dict: name, constructor config and weights (tensors, plain types)."""
     weights = network.state_dict() if state_dict is None else state_dict
-    return {"name": network.name, "config": network.config(),
-            "state_dict": {k: v.detach().clone() for k, v in weights.items()}}
+    return {**network_spec(network), "state_dict": {k: v.detach().clone() for k, v in weights.items()}}
 
 
 def network_from_record(record: Mapping) -> nn.Module:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tinystories"))
 
 from model import ModelArgs, Transformer  # noqa: E402  (tinystories/model.py)
 
-from common.benchmark import interleaved  # noqa: E402
+from common.benchmark import environment, interleaved, markdown_table, write_results  # noqa: E402
 from common.models import ContinualCNN, cifar_resnet18  # noqa: E402
 from common.optimizers import BASE_RULES, MetaOptimize  # noqa: E402
 
@@ -71,17 +71,29 @@ def state_floats_per_weight(opt, params) -> float:
     return per_param / sum(p.numel() for p in params)
 
 
-def table(timed: dict, inner: int = 1, unit: float = 1e3, unit_name: str = "ms", memory: dict | None = None):
+MARKDOWN: list[str] = []  # the tables of every part, for --record
+
+
+def table(title: str, timed: dict, inner: int = 1, unit: float = 1e3, unit_name: str = "ms",
+          memory: dict | None = None):
+    """Print (and keep for --record) min and median per variant and the ratios of the mins to torch's
+    fused and foreach AdamW."""
     fused, foreach = min(timed[FUSED].wall), min(timed[FOREACH].wall)
     print(f"{'variant':34s} {'min ' + unit_name:>10s} {'median':>9s} {'x fused':>8s} {'x foreach':>9s}"
           + (f" {'state floats/weight':>20s}" if memory else ""))
-    rows = {}
+    rows, cells = {}, []
     for name, t in timed.items():
         low, med = min(t.wall), statistics.median(t.wall)
-        rows[name] = {"min_s": low / inner, "median_s": med / inner, "x_fused": low / fused, "x_foreach": low / foreach}
+        rows[name] = {"min_s": low / inner, "median_s": med / inner, "x_fused": low / fused,
+                      "x_foreach": low / foreach, "all_s": [w / inner for w in t.wall]}
         extra = f" {memory[name]:20.2f}" if memory else ""
         print(f"{name:34s} {low / inner * unit:10.3f} {med / inner * unit:9.3f} {low / fused:8.2f} "
               f"{low / foreach:9.2f}{extra}")
+        cells.append([name, f"{low / inner * unit:.3f}", f"{med / inner * unit:.3f}", f"{low / fused:.2f}",
+                      f"{low / foreach:.2f}", *([f"{memory[name]:.2f}"] if memory else [])])
+    columns = ["variant", f"min {unit_name}", f"median {unit_name}", "x torch AdamW fused (min)",
+               "x torch AdamW foreach (min)", *(["state floats/weight"] if memory else [])]
+    MARKDOWN.append(f"## {title}\n\n" + markdown_table(columns, cells))
     return rows
 
 
@@ -109,7 +121,9 @@ def bench_steps(args, device, set_name):
         opt.step()
         memory[name] = state_floats_per_weight(opt, params)
         variants[name] = opt.step
-    return table(interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
+    return table(f"optimizer.step(), {set_name} parameter set ({len(shapes)} tensors, "
+                 f"{sum(s.numel() for s in shapes):,} weights), {args.rounds} interleaved rounds",
+                 interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
 
 
 FIRST_STEP = """
@@ -143,6 +157,10 @@ def bench_first_step(args):
             first, second = float(out[0]), float(out[1])
             rows[name] = {"first_step_s": first, "second_step_s": second}
             print(f"{name:30s} first step {first:7.3f} s   second step {second * 1e3:8.2f} ms")
+    MARKDOWN.append("## First step of a new process (construction + first step; ResNet-18 set, (AdamW, Lion))\n\n"
+                    + markdown_table(["variant", "first step s", "second step ms"],
+                                     [[k, f"{v['first_step_s']:.3f}", f"{v['second_step_s'] * 1e3:.2f}"]
+                                      for k, v in rows.items()]))
     return rows
 
 
@@ -168,8 +186,9 @@ def bench_batch1_loop(args, device):
                 opt.step()
 
         variants[name] = train_step
-    return table(interleaved(variants, args.rounds, device, warmup_rounds=2), inner=args.inner, unit=1e6,
-                 unit_name="us/step")
+    return table(f"batch-size-1 training step of the continual CNN (forward, backward, step), {args.inner} steps "
+                 f"per round, {args.rounds} rounds", interleaved(variants, args.rounds, device, warmup_rounds=2),
+                 inner=args.inner, unit=1e6, unit_name="us/step")
 
 
 def main():
@@ -182,10 +201,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--skip-steps", action="store_true", help="only the batch-1 loop")
     parser.add_argument("--skip-loop", action="store_true", help="no batch-1 loop")
+    parser.add_argument("--record", default=None, metavar="STEM",
+                        help="also write STEM.md and STEM.json (date, machine, command, tables, raw times)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = environment(device)  # the date and commit of the start, for --record
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     results = {}
     if not args.skip_steps:
@@ -195,6 +217,11 @@ def main():
             results["first_step"] = bench_first_step(args)
     if not args.skip_loop:
         results["batch1_loop"] = bench_batch1_loop(args, device)
+    if args.record:
+        paths = write_results(args.record, title="MetaOptimize step time against torch AdamW (scripts/bench_optimizer.py)",
+                              table="\n\n".join(MARKDOWN), raw=results, device=device, env=env,
+                              notes=["Ratios are of the min over rounds (interference only adds time)."])
+        print("recorded " + ", ".join(map(str, paths)))
     return results
 
 

@@ -30,6 +30,9 @@ With --kind, it draws one figure, named --name, from the runs chosen by --where 
 - top1-top5: top-1 and top-5 accuracy, test solid and training dashed (Figure 9).
 - l2o_*: the learned-optimizer figures (scripts/plot_l2o.py) for runs of l2o/evaluate.py and l2o/meta_train.py,
   instead of the figures above (the paper of Sobotka et al., Figures 4, 5, 7, 8, 9).
+- idbd_*: Sutton's (1992) tracking task (scripts/plot_idbd.py) for runs of idbd/train.py, instead of the
+  figures above: asymptotic error against the step-size parameter (his Figure 3) and the step sizes of
+  relevant and irrelevant inputs (his Figure 4); --kind idbd-error and idbd-step-sizes draw one of them.
 plot_data.json in the output folder holds the numbers behind every figure and the runs they come from.
 Diverged runs (as summarize.py tells them) are left out of the means: each is drawn on its own as a
 dashed line up to its divergence, ending in an x, and the legend says how many diverged.
@@ -47,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plot_idbd  # noqa: E402  (Sutton's tracking task, experiment idbd)
 import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
 from summarize import (  # noqa: E402  (scripts/ is not a package)
     ArgParser,
@@ -381,7 +385,8 @@ def task_end_figures(exp: str, groups, keys) -> dict:
 # The paper's figures (--kind): one named figure from chosen runs, often several panels
 # --------------------------------------------------------------------------------------
 
-KINDS = ("auto", "curves", "base-panels", "block-panels", "step-sizes", "alpha0", "task-end", "top1-top5")
+KINDS = ("auto", "curves", "base-panels", "block-panels", "step-sizes", "alpha0", "task-end", "top1-top5",
+         *plot_idbd.KIND_MAKERS)
 # the metric a figure shows when --metric is not given: the first of these the runs logged
 DEFAULT_METRICS = ["test/acc", "val/loss", "online/acc", "train/loss"]
 
@@ -607,7 +612,7 @@ def kind_top1_top5(name, groups, keys, metric=None) -> dict:
 
 KIND_MAKERS = {"curves": kind_curves, "base-panels": kind_base_panels, "block-panels": kind_block_panels,
                "step-sizes": kind_step_sizes, "alpha0": kind_alpha0, "task-end": kind_task_end,
-               "top1-top5": kind_top1_top5}
+               "top1-top5": kind_top1_top5, **plot_idbd.KIND_MAKERS}
 
 
 def _matches(value, text: str) -> bool:
@@ -686,8 +691,9 @@ def make_figures(runs: list[Run], extra_ignored=()) -> dict:
         groups = group_runs([r for r in runs if r.experiment == exp], extra_ignored)
         keys = varying_keys([c for c, _ in groups])
         name = exp or "runs"
-        for make in plot_l2o.MAKERS.get(exp, (curve_figures, step_size_figures, robustness_figures, continual_figures,
-                                                task_end_figures)):
+        makers = {**plot_l2o.MAKERS, **plot_idbd.MAKERS}
+        for make in makers.get(exp, (curve_figures, step_size_figures, robustness_figures, continual_figures,
+                                     task_end_figures)):
             figures.update(make(name, groups, keys))
         if any(run.series("test/acc5")[0] for _, members in groups for run in members):
             figures.update(kind_top1_top5(f"{name}_top1_top5", groups, keys))

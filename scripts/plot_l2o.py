@@ -11,8 +11,12 @@ Drawn by scripts/plot.py for runs of l2o/evaluate.py (experiment "l2o_eval") and
 - l2o_noise_<optimizee>: tail index of gradients (dashed) and updates (solid), trace and top
   eigenvalue of the update covariance, against steps (Figure 8);
 - l2o_hist_<optimizee>: histograms of |u| at the logged steps (Figure 9);
-- l2o_meta_test: the meta-test loss of every meta-training run against epochs.
-Losses are 10-step running means of the mini-batch loss.
+- l2o_meta_test: the meta-test loss of every meta-training run against epochs;
+- l2o_problem_<problem>: M-L2O's test on a synthetic problem (evaluate.py --problem): the loss per
+  step of every optimizer (L2O networks named by their protocol: vanilla L2O, direct transfer,
+  transfer learning, M-L2O), mean over the seeds (the fixed optimizees) shaded +- std, and a table of
+  the final losses (train/final_loss, mean +- std over the seeds; also in plot_data.json).
+Losses of the MLPs are 10-step running means of the mini-batch loss.
 """
 
 from __future__ import annotations
@@ -253,9 +257,61 @@ def hist_figure(tag, groups) -> dict:
     return {f"l2o_hist_{tag}": (fig, data)}
 
 
-def eval_figures(exp: str, groups, keys) -> dict:
-    """Figures 4, 5, 7, 8, 9 for every (dataset, optimizee) of l2o/evaluate.py runs."""
+# M-L2O's protocols (l2o.learned.protocol_of) in the order of the paper's figures; the references after them
+PROTOCOLS = ("vanilla L2O", "direct transfer", "transfer learning", "M-L2O", "M-L2O without adaptation")
+
+
+def problem_label(config: dict) -> str:
+    return str(config.get("l2o_protocol") or "L2O") if config.get("method") == "L2O" else label(config)
+
+
+def _problem_order(item):
+    name = problem_label(item[0])
+    return (PROTOCOLS.index(name) if name in PROTOCOLS else len(PROTOCOLS), name)
+
+
+def problem_figures(groups) -> dict:
+    """M-L2O's test: loss per step on each synthetic problem, seeds shaded, and the table of final losses."""
+    by_problem = defaultdict(list)
+    for config, members in groups:
+        by_problem[config["problem"]].append((config, members))
     out = {}
+    for problem, members in by_problem.items():
+        members = sorted(members, key=_problem_order)
+        import matplotlib.pyplot as plt
+
+        fig, (ax, table) = plt.subplots(2, 1, figsize=(6.4, 4.6 + 0.25 * len(members)),
+                                        gridspec_kw={"height_ratios": [4.2, 0.4 + 0.25 * len(members)]})
+        fig.suptitle(f"{problem}: loss per step (mean over the fixed optimizees, shaded +- std)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        data = {"kind": "l2o_problem", "problem": problem, "series": [], "final": []}
+        rows = []
+        for config, runs in members:
+            name = problem_label(config)
+            _curve(ax, data, runs, "train/loss", name)
+            finals = [r.series("train/final_loss")[1][-1] for r in runs if r.series("train/final_loss")[1]]
+            if finals:
+                mean, std = float(np.mean(finals)), float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
+                data["final"].append({"label": name, "metric": "train/final_loss", "mean": mean, "std": std,
+                                      "runs": len(finals)})
+                rows.append([name, f"{mean:.3g} ± {std:.2g}", str(len(finals))])
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        table.axis("off")
+        if rows:
+            table.table(cellText=rows, colLabels=["optimizer", "final loss (mean ± std)", "seeds"], loc="center",
+                        cellLoc="left")
+        out[f"l2o_problem_{problem}"] = (fig, data)
+    return out
+
+
+def eval_figures(exp: str, groups, keys) -> dict:
+    """Figures 4, 5, 7, 8, 9 for every (dataset, optimizee) of l2o/evaluate.py runs; M-L2O's test for
+    runs on synthetic problems."""
+    out = problem_figures([g for g in groups if g[0].get("problem")])
+    groups = [g for g in groups if not g[0].get("problem")]
     for (dataset, optimizee), members in _by_optimizee(groups).items():
         tag = f"{optimizee}_{dataset}" if len({d for d, _ in _by_optimizee(groups)}) > 1 else str(optimizee)
         parts = defaultdict(list)

@@ -43,7 +43,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.optim_flags import add_optimizer_args, as_flags, build_optimizer, current_step_sizes, eval_weights
+from common.optim_flags import (
+    STATE_DTYPES,
+    add_optimizer_args,
+    as_flags,
+    build_optimizer,
+    current_step_sizes,
+    eval_weights,
+)
 from common.optimizers import MetaOptimize
 
 # ---- defaults (every one is a flag below) ----------------------------------------------
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalizer-param-meta", type=float, default=NORMALIZER_PARAM_META, help="[lambda_bar]")
     g.add_argument("--momentum-param-meta", type=float, default=MOMENTUM_PARAM_META, help="[rho_bar]")
     g.add_argument("--Lion-beta2-meta", type=float, default=LION_BETA2_META, help="[c_bar]")
+    g.add_argument("--state-dtype", default="param", choices=list(STATE_DTYPES),
+                   help="dtype of MetaOptimize's base state and trace (bfloat16: half their memory)")
     return p
 
 
@@ -177,6 +186,7 @@ def make_optimizer(params, args, method: str, alpha0: float) -> torch.optim.Opti
         momentum_param_base=_unset(args.momentum_param_base), lion_beta2_base=_unset(args.Lion_beta2_base),
         weight_decay_meta=_unset(args.weight_decay_meta), normalizer_param_meta=_unset(args.normalizer_param_meta),
         momentum_param_meta=_unset(args.momentum_param_meta), lion_beta2_meta=_unset(args.Lion_beta2_meta),
+        state_dtype=STATE_DTYPES[args.state_dtype],
     )
 
 

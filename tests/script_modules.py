@@ -14,3 +14,12 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_train(folder: str, name: str | None = None):
+    """<folder>/train.py of an experiment as a module (not registered: every experiment has a train.py)."""
+    path = SCRIPTS.parent / folder / "train.py"
+    spec = importlib.util.spec_from_file_location(name or f"{folder}_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -405,6 +405,37 @@ def test_unknown_optimizer_lists_the_baselines():
         assert name in str(err.value)
 
 
+LAZY_IMPORTS = """
+import argparse, pickle, sys
+import torch
+import common.baselines as b
+from common.optim_flags import add_optimizer_args, build_optimizer, current_step_sizes
+loaded = lambda: sorted(m for m in b.PACKAGES if m in sys.modules)
+assert loaded() == [], loaded()
+parser = add_optimizer_args(argparse.ArgumentParser())
+model = torch.nn.Linear(3, 2)
+current_step_sizes(build_optimizer(model, parser.parse_args([])))
+current_step_sizes(torch.optim.AdamW(model.parameters()))
+assert loaded() == [], loaded()
+opt = pickle.loads(pickle.dumps(build_optimizer(model, parser.parse_args(["--optimizer", "LDoG"]))))
+assert type(opt) is b.LDoGAveraged and loaded() == ["dog"], loaded()
+sys.modules["prodigyopt"] = None  # as if it were not installed
+try:
+    build_optimizer(model, parser.parse_args(["--optimizer", "Prodigy"]))
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_importing_and_other_optimizers_need_no_baseline_package():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", LAZY_IMPORTS], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("--optimizer: this baseline needs the prodigyopt package"), proc.stdout
+
+
 def test_every_baseline_flag_is_prefixed_and_has_the_packages_default():
     parser = add_optimizer_args(argparse.ArgumentParser())
     ours = [a for a in parser._actions if a.dest.split("_")[0] in ("dog", "prodigy", "dadapt", "sf", "mechanic",

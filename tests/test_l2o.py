@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from l2o_fixtures import assert_diverged, nan_weights_after, run_as_script
 from lion_pytorch import Lion
 
+from common import harness, runfolder
 from common.data import DatasetError, load_mnist
 from l2o import evaluate, meta_train
 from l2o.data import StepBatches, load_dataset, resolve_dataset
 from l2o.learned import LearnedOptimizer, load_network
 from l2o.lion_sgd import LionSGD
-from l2o.meta import Trajectory, unroll
+from l2o.meta import Trajectory, TruncatedBPTT, unroll
 from l2o.networks import LSTMOptimizer, network_record, preprocess_gradients
 from l2o.tasks import OPTIMIZEES, MLPTask, seeded_optimizee
 
@@ -171,19 +175,30 @@ def test_meta_training_beats_the_untrained_network(meta_run):
 
 def test_meta_training_resume_equals_uninterrupted(tmp_path, meta_run):
     argv = [*TINY_META, "--save-directory", str(tmp_path), "--run-name", "r"]
-    assert meta_train.main([*argv, "--stop-after-steps", "3"]) == 0  # stops mid-run (run 2, step 20)
+    assert meta_train.main([*argv, "--stop-at-step", "3"]) == 0  # stops mid-run (run 2, step 20)
     assert not (tmp_path / "r" / "summary.json").exists()
     assert meta_train.main([*argv, "--resume"]) == 0
     a = torch.load(meta_run / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
-    for key in ("network", "best_network"):
-        weights_a = a[key]["state_dict"] if key == "network" else a[key]
-        weights_b = b[key]["state_dict"] if key == "network" else b[key]
-        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), key
+    for key in ("model", "best_network"):  # the network's last and best weights
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a["history"] == b["history"]
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "time"}  # noqa: E731
                           for line in path.read_text().splitlines()]
     assert strip(meta_run / "metrics.jsonl") == strip(tmp_path / "r" / "metrics.jsonl")
+
+
+def test_meta_training_divergence_keeps_the_last_finite_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
+    nan_weights_after(monkeypatch, TruncatedBPTT, 3)  # run 2's first unroll; its second gets a NaN objective
+    run_dir = tmp_path / "nan"
+    argv = [*TINY_META, "--save-directory", str(tmp_path), "--run-name", "nan"]
+    assert_diverged(run_dir, *run_as_script(meta_train.main, argv, capsys), 4, "meta/objective is nan", kept=2)
+    network, _ = load_network(run_dir, "last")  # the network after run 1, finite
+    assert all(torch.isfinite(p).all() for p in network.parameters())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # --log-every 1: the non-finite step is never written
+    with pytest.raises(harness.Diverged, match="diverged at step 4 .*nothing to resume"):
+        meta_train.main([*argv, "--resume"])
 
 
 def test_meta_training_with_symmetry_regularisation(tmp_path):
@@ -235,7 +250,8 @@ def test_evaluate_lr_grid_and_resume(tmp_path):
             "--data", "digits", "--num-steps", "30", "--noise-every", "10", "--noise-samples", "3",
             "--save-directory", str(tmp_path)]
     assert evaluate.main([*base, "--run-name", "a"]) == 0
-    assert evaluate.main([*base, "--run-name", "b", "--stop-after-steps", "13"]) == 0
+    assert evaluate.main([*base, "--run-name", "b", "--stop-at-step", "13"]) == 0
+    shutil.rmtree(tmp_path / ".lr_grid")  # a resumed run without the cache computes the same grid again
     assert evaluate.main([*base, "--run-name", "b", "--resume"]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["lr"] == 0.1 and set(summary["lr_grid"]) == {"0.001", "0.1", "3"}
@@ -246,7 +262,41 @@ def test_evaluate_lr_grid_and_resume(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["lr_used"] == 0.1
-    assert len(list((tmp_path / ".lr_grid").glob("Adam-relu-*.json"))) == 1  # run b reused a's grid
+    grid_files = sorted((tmp_path / ".lr_grid").iterdir())  # run b reused a's grid; no temp file is left
+    assert [p.suffix for p in grid_files] == [".json", ".lock"] and grid_files[0].stem == grid_files[1].stem
+    assert grid_files[0].name.startswith("Adam-relu-")
+
+
+def test_lr_grid_is_computed_once_by_concurrent_runs(tmp_path):
+    """A run that needs a grid another run is computing waits for it and reads its result; a temp
+    file a killed writer of that grid left is removed (not another grid's: that writer may be alive)."""
+    argv = ["--optimizer", "Adam", "--lr", "grid", "--lr-grid", "1e-3,0.1", "--grid-runs", "1", "--grid-steps", "5",
+            "--problem", "quadratic_ood", "--num-steps", "5", "--save-directory", str(tmp_path)]
+    key, cache = evaluate.grid_cache(evaluate.parse_args(argv))
+    cache.parent.mkdir()
+    stale, other = (cache.parent / f".{name}.0123abcd.tmp" for name in (cache.name, "other.json"))
+    with runfolder.waiting_lock(cache.with_suffix(".lock")):  # this process computes the grid
+        stale.write_text('{"key": ')
+        other.write_text("")
+        proc = subprocess.Popen([sys.executable, str(REPO / "l2o" / "evaluate.py"), *argv, "--run-name", "waits"],
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+        lines = []
+        while not (lines and lines[-1].startswith("note: waiting for")):
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "".join(lines)  # the run ended without waiting
+        assert f"pid {os.getpid()} on " in lines[-1]
+        runfolder.write_json(cache, {"key": key, "lr": 0.0123, "scores": {"0.001": 2.0, "0.1": 1.0}})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "waits" / "summary.json").read_text())["lr"] == 0.0123  # not a grid of its own
+    assert not stale.exists() and other.exists()
+
+
+def test_evaluate_divergence_is_reported_as_such(tmp_path, capsys):
+    argv = ["--optimizer", "SGD", "--lr", "1e30", "--data", "digits", "--num-steps", "30", "--noise-every", "0",
+            "--save-directory", str(tmp_path), "--run-name", "nan"]
+    assert_diverged(tmp_path / "nan", *run_as_script(evaluate.main, argv, capsys), 2, "train/loss is nan", kept=None)
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -100,8 +100,10 @@ PAPER = {
                            5, {"batch-size": 1, "classes-per-task": 10, "epochs-per-task": 1}),
     "continual_cifar100_baselines": (fixed_grid(ADAMW), 5, {"batch-size": 1, "classes-per-task": 10}),
 }
-# the MetaOptimize paper's sweeps (l2o_*.yaml are the learned-optimizer papers', tested in test_l2o.py)
-SWEEP_FILES = {p.stem: p for p in sorted((SCRIPTS / "sweeps").glob("*.yaml")) if not p.stem.startswith("l2o_")}
+# the MetaOptimize paper's sweeps (l2o_*, ml2o_*: the learned-optimizer papers', tested in test_l2o.py, test_ml2o.py;
+# idbd_*: Sutton 1992, tested in test_idbd.py)
+SWEEP_FILES = {p.stem: p for p in sorted((SCRIPTS / "sweeps").glob("*.yaml"))
+               if not p.stem.startswith(("l2o_", "ml2o_", "idbd_"))}
 
 
 def test_every_sweep_file_is_in_the_table():

@@ -84,7 +84,7 @@ def load_script():
 
 @pytest.mark.parametrize("flag, value", [
     ("--alphas", "1e-3,abc"), ("--alphas", "-1e-3"), ("--seeds", "0"), ("--seeds", "1,x"), ("--seeds", "1,1"),
-    ("--num-epochs", "0"), ("--batch-size", "-2"), ("--meta-stepsize", "0"), ("--gamma", "1.5"),
+    ("--num-epochs", "0"), ("--batch-size", "-2"), ("--meta-stepsize", "-1"), ("--gamma", "1.5"),
     ("--alg-base", "nope"), ("--alg-meta", "nope"), ("--normalizer-param-meta", "1.2"), ("--methods", "fixed,adam"),
 ])
 def test_bad_input_is_one_error_line_naming_the_flag(capsys, flag, value):

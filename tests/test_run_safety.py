@@ -137,17 +137,26 @@ def test_second_process_on_a_locked_folder_fails_at_once_naming_the_holder(tmp_p
 
 def test_a_requeued_slurm_task_waits_for_its_own_earlier_attempt(tmp_path):
     slurm = {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "78"}
-    first = toy(tmp_path, "r", "--steps", 60, "--sleep", 0.05, wait=False, **slurm)  # ~3 s
+    gate = tmp_path / "gate"  # the first attempt holds the folder until the test creates this file
+    first = toy(tmp_path, "r", "--steps", 5, "--hold-until", gate, wait=False, **slurm)
+    again = None
     try:
         wait_ready(first)
-        other = toy(tmp_path, "r", "--resume", "--steps", 60, SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="4")
+        other = toy(tmp_path, "r", "--resume", "--steps", 5, SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="4")
         one_error(other, 1, "(SLURM job 77_3), since ")  # another task of the array: refused at once
-        again = toy(tmp_path, "r", "--resume", "--steps", 60, **slurm)  # the same task, requeued: waits
-        assert again.returncode == 0, again.stderr
+        again = toy(tmp_path, "r", "--resume", "--steps", 5, wait=False, **slurm)  # the same task, requeued
+        note = again.stderr.readline()
+        assert note.startswith("note: waiting up to") and "(SLURM job 77_3)" in note, note
+        gate.touch()  # the first attempt finishes and lets go: the requeued one goes on
+        assert first.wait(timeout=300) == 0
+        _, stderr = again.communicate(timeout=300)
+        assert again.returncode == 0, stderr
     finally:
-        first.kill()
-        first.wait()
-    assert first.returncode == 0 and runfolder.run_state(tmp_path / "r") == "finished"
+        for proc in (first, again):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert runfolder.run_state(tmp_path / "r") == "finished"
 
 
 def test_lock_in_process_and_unused_folder_removed(tmp_path):

@@ -317,8 +317,11 @@ def test_paper_sweep_files_pass_their_train_py_and_build_optimizers():
 
     import torch
 
+    from common import harness
     from common.optim_flags import add_optimizer_args, build_optimizer
+    from l2o.evaluate import OWN
 
+    l2o_own_optimizers = set(OWN.values())
     by_experiment = {}
     for p in SWEEP_FILES:
         s = sweep.read_sweep(p)
@@ -329,12 +332,14 @@ def test_paper_sweep_files_pass_their_train_py_and_build_optimizers():
         sweep.check_flags(merged)  # raises SweepError naming the file and the run
         parser = add_optimizer_args(argparse.ArgumentParser(allow_abbrev=False))
         for argv in {tuple(j.argv) for j in merged.jobs}:
+            if "--optimizer" in argv and argv[argv.index("--optimizer") + 1] in l2o_own_optimizers:
+                continue  # built by l2o/evaluate.py itself (learned, Adam, SGD, Lion with --lr grid, ...)
             args, _ = parser.parse_known_args(list(argv))
             n = GROUP_TENSORS.get(args.stepsize_groups, 4)
             params = [torch.nn.Parameter(torch.randn(3)) for _ in range(n)]
             opt = build_optimizer(params, args)
             loss = sum((q * q).sum() for q in params)
-            loss.backward()
+            harness.graph_backward(loss, opt)  # create_graph=True for a --hessian trace
             opt.step()
 
 

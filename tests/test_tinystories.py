@@ -469,6 +469,19 @@ def test_bfloat16_and_clipping_run(data_dir, tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["amp"] == "bf16"
 
 
+def test_hessian_trace_runs_with_grad_accumulation_and_clipping(data_dir, tmp_path):
+    """--hessian hvp: backward(create_graph=True) on every micro-batch, the math attention kernel (the
+    flash kernel on CPU has no double backward); the step sizes move otherwise than Hessian-free."""
+    common = ["--data-dir", data_dir, *TINY, "--max-iters", 3, "--eval-every", 3, "--eval-iters", 1, "--grad-accum", 2,
+              "--grad-clip", 1.0, "--alg-meta", "Adam", "--meta-stepsize", 0.1, "--normalizer-param-meta", 0.999,
+              "--save-directory", tmp_path]
+    py("train", *common, "--hessian", "hvp", "--run-name", "hvp")
+    py("train", *common, "--run-name", "free")
+    hvp, free = ([m for m in read_metrics(tmp_path / r) if "step_size/block_0" in m] for r in ("hvp", "free"))
+    assert all(np.isfinite(m["train/loss"]) for m in hvp)
+    assert hvp[-1]["step_size/block_0"] != free[-1]["step_size/block_0"]
+
+
 def test_benchmark_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     proc = script(ROOT / "scripts" / "bench_tinystories.py", "--device", "cpu", "--batch-size", 2, "--seq-len", 16,

@@ -24,6 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step (to be signalled)")
     parser.add_argument("--nan-at", type=int, default=None, help="a weight becomes nan at this step")
+    parser.add_argument("--hold-until", default=None, help="before finishing, wait until this file exists")
     harness.add_run_args(parser)
     parser.set_defaults(log_every=1, device="cpu")
     return harness.check_args(parser.parse_args(argv))
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
         if run.should_stop(step):
             return run.stop({"step": step}, f"at step {step}")
         time.sleep(args.sleep)
+    while args.hold_until and not Path(args.hold_until).exists():
+        time.sleep(0.05)
     run.checkpoint({"step": step})
     run.finish({"final": {"step": step}})
     return 0

@@ -4,6 +4,7 @@
     python tinystories/sample.py --checkpoint outputs/adamw_lion/checkpoint.pt --temperature 0 # greedy
 
 The tokenizer defaults to <data-dir>/tok<vocab>.model of the run (prepare.py keeps a copy there).
+A checkpoint of `train.py --fsdp` names the folder of its shards next to it; they load into the whole model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from model import ModelArgs, Transformer, describe
 from prepare import load_tokenizer, tokenizer_path
 
-from common import harness
+from common import harness, sharded
 from common.cli import first_line
 
 # -----------------------------------------------------------------------------
@@ -55,12 +56,15 @@ def load_model(path, device) -> tuple[Transformer, dict]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint at all, ...: torch raises many types
         raise ValueError(f"--checkpoint: cannot read {path} ({type(e).__name__}: {first_line(e)})") from None
-    if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
+    if not isinstance(state, dict) or "model_args" not in state or ("model" not in state and "sharded" not in state):
         raise ValueError(f"--checkpoint: {path} is not a tinystories/train.py checkpoint")
     try:
         model = Transformer(ModelArgs(**state["model_args"]))
-        model.load_state_dict(state["model"])
-    except (TypeError, RuntimeError, ValueError) as e:
+        if state.get("sharded") is not None:  # train.py --fsdp
+            sharded.load(path.parent / state["sharded"], model)
+        else:
+            model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError, ValueError, OSError) as e:
         raise ValueError(f"--checkpoint: {path} does not hold a model this sample.py can build "
                          f"({first_line(e)})") from None
     return model.to(device).eval(), state

@@ -12,18 +12,20 @@
     python tinystories/train.py --optimizer AdamW --lr 1e-3 --run-name adamw_cosine
     # 4 GPUs: the --grad-accum micro-batches of a step are divided over the ranks
     torchrun --nproc_per_node 4 tinystories/train.py --batch-size 32 --grad-accum 4 --dtype bfloat16 --compile
+    # the same with weights, gradients and optimizer state sharded (FSDP2, one unit per transformer block)
+    torchrun --nproc_per_node 4 tinystories/train.py --batch-size 32 --grad-accum 4 --dtype bfloat16 --fsdp
 
 One optimizer step uses --batch-size x --grad-accum sequences of --seq-len tokens, whatever the number of
 ranks. Metrics per run folder (docs/CONTRACTS.md): train/loss, tokens_per_s, lr, step_size/block_i every
 --log-every steps; train/loss and val/loss (--eval-iters batches each) every --eval-every steps, with a
-checkpoint. Resume with --resume --run-name NAME (after --max-time, SIGTERM or SIGUSR1).
+checkpoint. Resume with --resume --run-name NAME (after --max-time, SIGTERM or SIGUSR1). With --fsdp the
+checkpoint's weights and optimizer state are a sharded folder next to checkpoint.pt (sample.py reads it too).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from model import ModelArgs, Transformer, describe
 from prepare import TokenShards
 
-from common import harness
+from common import harness, sharded
 from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
 
 DEFAULTS = dict(
@@ -95,6 +97,7 @@ def parse_args(argv=None):
     m.add_argument("--dropout", type=float, help="dropout probability (0: none, as in the paper)")
     g.add_argument("--weights-checksum", action="store_true", help=argparse.SUPPRESS)  # tests: print per rank
     harness.add_run_args(parser)
+    harness.add_fsdp_arg(parser)
     add_optimizer_args(parser)
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(argv)
@@ -126,6 +129,16 @@ def check_args(args, world_size: int):
         args.amp = amp
 
 
+def hessian_attention(args):
+    """The attention kernels of the training forward: with --hessian the gradient is differentiated
+    again, which only the math kernel of scaled_dot_product_attention supports (flash on CPU does not)."""
+    if args.hessian == "none":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
 def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
     """The random source of micro-batch `micro` of optimizer step `step`: resume and rank count never change it."""
     return np.random.default_rng((seed, step, micro))
@@ -141,15 +154,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def estimate_loss(model, splits, args, run) -> dict:
-    """Mean loss over the same --eval-iters batches of each split every time, shared out over the ranks."""
+    """Mean loss over the same --eval-iters batches of each split every time, shared out over the ranks.
+
+    Every rank runs the same number of batches (FSDP gathers the weights in each forward); a rank's
+    batch past --eval-iters repeats the last one and is not counted."""
     model.eval()
     sums = torch.zeros(len(splits), device=run.device)
     for s, data in enumerate(splits.values()):
-        for i in range(run.rank, args.eval_iters, run.world_size):
+        for first in range(0, args.eval_iters, run.world_size):
+            i = min(first + run.rank, args.eval_iters - 1)
             x, y = data.batch(args.batch_size, args.seq_len, np.random.default_rng((args.seed, 1 + s, i)))
             with harness.amp_context(args, run.device):
                 _, loss = model(to_device(x, run.device), to_device(y, run.device))
-            sums[s] += loss.float()
+            if first + run.rank < args.eval_iters:
+                sums[s] += loss.float()
     if run.world_size > 1:
         dist.all_reduce(sums)
     model.train()
@@ -159,11 +177,7 @@ def estimate_loss(model, splits, args, run) -> dict:
 def weights_checksum(model, optimizer) -> str:
     from common.optim_flags import current_step_sizes
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return f"weights={h.hexdigest()} step_sizes={current_step_sizes(optimizer).tolist()}"
+    return f"weights={sharded.weights_digest(model)} step_sizes={current_step_sizes(optimizer).tolist()}"
 
 
 def main():
@@ -177,6 +191,7 @@ def main():
                            vocab_size=args.vocab_size, multiple_of=args.multiple_of, max_seq_len=args.seq_len,
                            dropout=args.dropout)
     model = Transformer(model_args).to(device)
+    model = harness.shard(model, model.layers, args, device)  # --fsdp: one FSDP unit per transformer block
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, args.max_iters)
     scaler = harness.grad_scaler(args, device)
@@ -185,7 +200,7 @@ def main():
     state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         step, best, last = state["step"], state["best"], state["last"]
-    net = harness.maybe_compile(harness.distribute(model, device), args)
+    net = harness.maybe_compile(harness.distribute(model, device, args), args)
     net.train()
 
     def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args)
@@ -206,21 +221,21 @@ def main():
         x, y = train_data.batch(args.batch_size, args.seq_len, batch_rng(args.seed, step, first_micro + k))
         return to_device(x, device), to_device(y, device)
 
+    attention_kernel = hessian_attention(args)
     loss_sum = torch.zeros((), device=device)  # training loss summed since the last log (no host sync)
     logged_step, t_log = step, time.monotonic()
     bar = run.progress(args.max_iters, desc="train", initial=step)
     x, y = micro_batch(step, 0)
     while step < args.max_iters:
         for k in range(accum):
-            # the gradients are all-reduced only on the last micro-batch of the step
-            sync = net.no_sync() if run.world_size > 1 and k < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with harness.amp_context(args, device):
+            # the gradients are reduced over the ranks only on the last micro-batch of the step
+            with harness.gradient_sync(net, sync=k == accum - 1):
+                with harness.amp_context(args, device), attention_kernel():
                     _, loss = net(x, y)
                     loss = loss / accum
                 # read the next micro-batch on the host while the device works
                 x, y = micro_batch(step + (k + 1) // accum, (k + 1) % accum)
-                scaler.scale(loss).backward()
+                harness.graph_backward(scaler.scale(loss), optimizer)  # create_graph with --hessian
             loss_sum += loss.detach().float()
         if args.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -258,7 +273,7 @@ def main():
             bar.close()
             return run.stop(progress(), f"at step {step}/{args.max_iters}")
     bar.close()
-    if args.weights_checksum:
+    if args.weights_checksum:  # every rank (a collective under --fsdp)
         print(f"weights-checksum rank={run.rank} {weights_checksum(model, optimizer)}\n", end="", flush=True)  # one write: ranks share stdout
     run.finish({"final": last, "best": best})
     return 0

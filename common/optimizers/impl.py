@@ -5,8 +5,9 @@ them (the base update, the trace, the terms of z), writing z per block into a fl
 
     impl.step(items, alpha, gamma, z)
 
-    items  (param index, w, g, state, hyperparameters, t) per tensor: state holds the tensors
-           "momentum", "normalizer", "trace" that the rule keeps; t counts the tensor's steps
+    items  (param index, w, g, streams, hyperparameters, t) per tensor: streams holds the tensors
+           "momentum", "normalizer", "trace" that the rule keeps (and "curvature", the Hessian
+           term of spec section 9, when asked for); t counts the tensor's steps
     alpha  exp(beta), one entry per block (flat: tensor blocks, rows, or weights); float32, or
            float64 when a parameter is float64
     z      like alpha, zeroed by the caller; gets sum_{i in block} h_i g_i
@@ -92,8 +93,8 @@ def _reduce_into(layout, z, subset, h, g=None):
 class ForeachImpl:
     name = "foreach"
 
-    def __init__(self, base, track: bool, layout: Layout):
-        self.prog, self.layout = program(base, track), layout
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None):
+        self.prog, self.layout = program(base, track, curvature_kind), layout
         self.run = ForeachStep(self.prog)
 
     def step(self, items, alpha, gamma, z):
@@ -114,11 +115,17 @@ class CImpl:
 
     name = "fused"
 
-    def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype):
-        self.prog, self.layout, self.state_dtype = program(base, track), layout, state_dtype
+    def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype, curvature_kind=None,
+                 meta=None):
+        self.prog, self.layout, self.state_dtype = program(base, track, curvature_kind), layout, state_dtype
         self.fns = {dt: kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype))
                     for dt in set(param_dtypes)}
-        self.fallback = ForeachImpl(base, track, layout)
+        self.meta_prog = kernels.meta_program(meta) if meta is not None and meta.rule is not None else None
+        if self.meta_prog is not None:  # the meta update too, in one pass over the blocks
+            self.meta_fn = kernels.load_kernel(kernels.c_meta_source(self.meta_prog, meta_dtype), "mo_meta")
+        self.fallback = ForeachImpl(base, track, layout, curvature_kind)
+        # streams read anew every step (the others are our state tensors: their pointers are kept)
+        self.fresh = [k for k, name in enumerate(self.prog.streams) if name in ("w", "g", "curvature")]
         self._plans = {}
 
     def reset(self):
@@ -136,7 +143,7 @@ class CImpl:
             i, w = it[0], it[1]
             if layout.kind == "nodewise":
                 rows = layout.units[i]
-                per = max(1, CHUNK // max(1, w.numel() // rows))
+                per = max(1, CHUNK // max(1, w.numel() // max(1, rows)))  # zero-size tensors: no rows
                 pieces = [(lo, min(rows, lo + per)) for lo in range(0, rows, per)]
             else:
                 pieces = [(lo, min(w.numel(), lo + CHUNK)) for lo in range(0, w.numel(), CHUNK)]
@@ -155,15 +162,17 @@ class CImpl:
             "partials": torch.zeros(max(1, len(chunks) // 3), dtype=torch.float64),
             "rows": {},
         }
-        # state and trace pointers are fixed for the plan's life; w and g are read every step
+        # state and trace pointers are fixed for the plan's life; w, g and curvature are read every step
         for k, it in enumerate(items):
-            for s, name in enumerate(self.prog.streams[2:], start=2):
-                plan["ptrs"][k * nstreams + s] = it[3][name].data_ptr()
+            for s, name in enumerate(self.prog.streams):
+                if s not in self.fresh:
+                    plan["ptrs"][k * nstreams + s] = it[3][name].data_ptr()
         self._plans[key] = plan
         return plan
 
     def step(self, items, alpha, gamma, z):
-        if not all(it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype for it in items):
+        if not all(it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
+                   and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items):
             return self.fallback.step(items, alpha, gamma, z)
         by_dtype: dict = {}
         for it in items:
@@ -175,9 +184,12 @@ class CImpl:
         plan, prog = self._plan(items), self.prog
         nstreams, ptrs, scalar_row = len(prog.streams), plan["ptrs"], plan["scalar_row"]
         rows, values = {}, []
+        names = prog.streams
         for k, it in enumerate(items):
             ptrs[k * nstreams] = it[1].data_ptr()
             ptrs[k * nstreams + 1] = it[2].data_ptr()
+            for s in self.fresh[2:]:
+                ptrs[k * nstreams + s] = it[3][names[s]].data_ptr()
             key = (id(it[4]), it[5])
             row = rows.get(key)
             if row is None:
@@ -192,6 +204,17 @@ class CImpl:
         if prog.track and self.layout.kind == "tensor":
             z.index_add_(0, plan["chunk_block"], plan["partials"].to(z.dtype))
 
+    def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+        """Step 5 for every block in one C pass: beta and its state from z; blocks where `keep` (uint8)
+        is set keep theirs."""
+        prog = self.meta_prog
+        streams = {"beta": beta, "z": z, **meta_state}
+        ptrs = (ctypes.c_void_p * len(prog.streams))(*[streams[name].data_ptr() for name in prog.streams])
+        values = prog.scalars({**hp, "t": t}) or [0.0]
+        scalars = (ctypes.c_double * len(values))(*values)
+        self.meta_fn(beta.numel(), ctypes.addressof(ptrs), ctypes.addressof(scalars),
+                     keep.data_ptr() if keep is not None else None, torch.get_num_threads())
+
 
 class CompiledImpl:
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel. The
@@ -200,8 +223,8 @@ class CompiledImpl:
 
     name = "fused"
 
-    def __init__(self, base, track: bool, layout: Layout):
-        self.prog, self.layout = program(base, track), layout
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None):
+        self.prog, self.layout = program(base, track, curvature_kind), layout
         self._compiled = {}
 
     def reset(self):
@@ -234,20 +257,20 @@ class CompiledImpl:
 
 
 def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
-              meta_dtype=torch.float32):
+              meta_dtype=torch.float32, curvature_kind=None, meta=None):
     """The implementation `impl` asks for on this device: "auto" takes the fused step where it runs
     and otherwise falls back to foreach with one warning that says why."""
     if impl not in IMPLS:
         raise ValueError(f"impl: unknown value {impl!r}; accepted: {', '.join(IMPLS)}")
     if impl == "foreach" or device.type not in ("cpu", "cuda"):
-        return ForeachImpl(base, track, layout)
+        return ForeachImpl(base, track, layout, curvature_kind)
     dtypes = set(param_dtypes) | ({state_dtype} if state_dtype is not None else set())
     why = None
     if not dtypes <= set(FUSED_DTYPES):
         why = f"dtypes {sorted(str(d) for d in dtypes - set(FUSED_DTYPES))} are not supported by the fused step"
     elif device.type == "cpu":
         try:
-            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype)
+            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta)
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:
             why = f"the fused CPU step could not be built: {err}"
     else:
@@ -256,8 +279,8 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
         except ImportError:
             why = "torch.compile needs triton on CUDA"
         else:
-            return CompiledImpl(base, track, layout)
+            return CompiledImpl(base, track, layout, curvature_kind)
     if impl == "fused":
         raise RuntimeError(f"impl='fused' is not available: {why}")
     warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)
-    return ForeachImpl(base, track, layout)
+    return ForeachImpl(base, track, layout, curvature_kind)

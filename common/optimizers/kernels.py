@@ -1,18 +1,16 @@
-"""The step implementations of MetaOptimize, all made from `rules.tensor_step`.
+"""The per-tensor step of MetaOptimize as code, made from `rules.tensor_step`.
 
-`Program` traces the per-tensor step once (base update, trace, the terms h g of z) into
-straight-line code: scalar code (hyperparameters, bias corrections; run on the host once per
-step) and elementwise code over the tensor's streams (w, g, state, trace, alpha). The
-implementations run that one program, or the rule itself:
+`Program` traces the step once (base update, trace, the terms h g of z) into straight-line code:
+scalar code (hyperparameters, bias corrections; run on the host once per step) and elementwise
+code over the tensor's streams (w, g, state, trace, alpha). The implementations of impl.py run it:
 
-- `ForeachStep` ("foreach", any device): the elementwise code as `torch._foreach_*` passes, each
-  written in place into a value that is dead by then, so a step allocates little.
-- `CStep` ("fused" on CPU): the elementwise code as one C loop, compiled once with the system's C
-  compiler (about a second; cached on disk), vectorised and threaded with OpenMP. Each weight is
-  read once and written once: w, g, state and trace in; w, state and trace out; z's partial sums
-  accumulated in the same loop.
-- `CompiledStep` ("fused" on CUDA): the rule under `torch.compile`, which generates the GPU kernels;
-  step counters enter as tensors, so it does not recompile as steps advance.
+- `ForeachStep` (impl "foreach", any device): the elementwise code as `torch._foreach_*` passes,
+  each written in place into a value that is dead by then, so a step allocates little;
+- `c_source` + `load_kernel` (impl "fused" on CPU): the elementwise code as one C loop, compiled
+  once with the system's C compiler (about a second; cached on disk), vectorised and threaded with
+  OpenMP: each weight is read and written once, and z's partial sums come out of the same loop;
+- `run_program` (impl "fused" on CUDA, under torch.compile): the elementwise code as plain torch
+  ops, which inductor fuses into GPU kernels.
 
 torch.compile is not used on CPU: inductor's C++ backend reads h and g twice (z's reduction is a
 separate loop) and takes tens of seconds to compile a ResNet's step.
@@ -63,10 +61,11 @@ class Sym:
     def __rpow__(self, o): return self.prog.emit("pow", (o, self))
     def sqrt(self): return self.prog.emit("sqrt", (self,))
     def sign(self): return self.prog.emit("sign", (self,))
+    def relu(self): return self.prog.emit("relu", (self,))
 
 
 _FLOAT_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-              "neg": operator.neg, "pow": operator.pow, "sqrt": math.sqrt, "sign": rules.sign}
+              "neg": operator.neg, "pow": operator.pow, "sqrt": math.sqrt, "sign": rules.sign, "relu": rules.relu}
 
 
 class Ref(int):
@@ -74,29 +73,24 @@ class Ref(int):
 
 
 class Program:
-    """`rules.tensor_step` for one base rule, traced. Instructions are (value, op, operands); an
-    operand is a `Ref` or a float constant. Elementwise values are `full` when they have the
-    tensor's shape (alpha and what is made from it alone may be a 0-d tensor or broadcast)."""
+    """An elementwise rule, traced: `fn(symbols) -> (outputs, reduced)` over full-size streams, a few
+    broadcast inputs and scalars. Instructions are (value, op, operands); an operand is a `Ref` or a
+    float constant. Elementwise values are `full` when they have the tensor's shape (alpha and what
+    is made from it alone may be a 0-d tensor or broadcast). `outputs` are stored into the stream of
+    the same name; `meta_grad` is the value whose sum over a block makes z (None if there is none)."""
 
-    STREAM_ORDER = ("w", "g", "momentum", "normalizer", "trace")
-
-    def __init__(self, base, track: bool):
-        self.base, self.track = base, track
+    def __init__(self, fn, scalar_names, streams, broadcast=()):
         self.scalar_code, self.elem_code = [], []
         self.values: list[Sym] = []
-        scalar_names = ["gamma", "t", *base.hyperparameters]
-        self.streams = [s for s in self.STREAM_ORDER if s in ("w", "g", *base.state) or (s == "trace" and track)]
+        self.streams = list(streams)
         sym = {name: self._new(False, False) for name in scalar_names}
         sym.update({name: self._new(True, True) for name in self.streams})
-        sym["alpha"] = self._new(True, False)
+        sym.update({name: self._new(True, False) for name in broadcast})
         self.inputs = {name: Ref(v.id) for name, v in sym.items()}
-        w, state, trace, meta_grad = tensor_step(
-            base, sym["w"], sym["g"], {k: sym[k] for k in base.state}, sym["trace"] if track else None, sym["alpha"],
-            {k: sym[k] for k in base.hyperparameters}, sym["t"], sym["gamma"])
-        self.outputs = {"w": Ref(w.id), **{k: Ref(v.id) for k, v in state.items()}}  # stored into that stream
-        if track:
-            self.outputs["trace"] = Ref(trace.id)
-        self.meta_grad = Ref(meta_grad.id) if track else None
+        outputs, reduced = fn(sym)
+        self.outputs = {k: Ref(v.id) for k, v in outputs.items()}
+        self.meta_grad = Ref(reduced.id) if reduced is not None else None
+        self.track = self.meta_grad is not None
         used = {a for _, _, args in self.elem_code for a in args if isinstance(a, Ref)}
         self.scalar_args = [Ref(v.id) for v in self.values if not v.elem and v.id in used]
         self.last_use = {}
@@ -133,18 +127,44 @@ class Program:
 _PROGRAMS: dict = {}
 
 
-def program(base, track: bool) -> Program:
-    """The traced step of a base rule (one per rule and trace/no trace, made on first use)."""
-    key = (base.name, track)
+STREAM_ORDER = ("w", "g", "momentum", "normalizer", "trace", "curvature")
+
+
+def program(base, track: bool, curvature_kind: str | None = None) -> Program:
+    """`rules.tensor_step` of a base rule traced (one per rule, trace or not, and Hessian term)."""
+    key = ("step", base.name, track, curvature_kind)
     if key not in _PROGRAMS:
-        _PROGRAMS[key] = Program(base, track)
+        inputs = ("w", "g", *base.state, *(("trace",) if track else ()), *(("curvature",) if curvature_kind else ()))
+
+        def step(sym):
+            w, state, trace, meta_grad = tensor_step(
+                base, sym["w"], sym["g"], {k: sym[k] for k in base.state}, sym["trace"] if track else None,
+                sym["alpha"], {k: sym[k] for k in ("lr", *base.hyperparameters)}, sym["t"], sym["gamma"],
+                sym.get("curvature"), curvature_kind)
+            return {"w": w, **state, **({"trace": trace} if track else {})}, meta_grad
+
+        _PROGRAMS[key] = Program(step, ["gamma", "t", "lr", *base.hyperparameters],
+                                 [s for s in STREAM_ORDER if s in inputs], broadcast=("alpha",))
+    return _PROGRAMS[key]
+
+
+def meta_program(meta) -> Program:
+    """A meta rule traced: beta and its state from z, one block per element."""
+    key = ("meta", meta.name)
+    if key not in _PROGRAMS:
+        def update(sym):
+            beta, state = meta.rule(sym["beta"], sym["z"], {k: sym[k] for k in meta.state},
+                                    {k: sym[k] for k in meta.hyperparameters}, sym["t"])
+            return {"beta": beta, **state}, None
+
+        _PROGRAMS[key] = Program(update, ["t", *meta.hyperparameters], ["beta", "z", *meta.state])
     return _PROGRAMS[key]
 
 
 # ---- plain torch (under torch.compile) ---------------------------------------------------------
 
 _TORCH_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-              "neg": operator.neg, "sqrt": torch.sqrt, "sign": torch.sign}
+              "neg": operator.neg, "sqrt": torch.sqrt, "sign": torch.sign, "relu": torch.relu}
 
 
 def run_program(prog: Program, tensors: dict, alpha, scalars: list):
@@ -234,6 +254,10 @@ class ForeachStep:
 
 def _foreach(op, vals, dead):
     """One elementwise op over tensor lists (or a list and a number), written into a dead operand."""
+    if op == "relu":
+        out = vals[0] if dead[0] else [t.clone() for t in vals[0]]
+        torch._foreach_clamp_min_(out, 0.0)
+        return out
     if op in ("sqrt", "sign", "neg"):
         if dead[0]:
             getattr(torch, f"_foreach_{op}_")(vals[0])
@@ -263,7 +287,9 @@ def _foreach(op, vals, dead):
 # ---- fused C (CPU) ---------------------------------------------------------------------------
 
 _C_OPS = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}", "neg": "-{0}",
-          "sqrt": "{sqrt}({0})", "sign": "({0} != {0}) ? {0} : ({T})(({0} > 0) - ({0} < 0))"}  # NaN stays NaN
+          "sqrt": "{sqrt}({0})",
+          # selects that gcc vectorises; NaN falls through both tests and stays NaN, as in torch
+          "sign": "{0} > 0 ? ({T})1 : ({0} < 0 ? ({T})-1 : {0})", "relu": "{0} < 0 ? ({T})0 : {0}"}
 _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "uint16_t"}
 CHUNK = 1 << 15  # elements per unit of work: the streams of a chunk stay in the core's cache
 
@@ -280,24 +306,10 @@ static inline uint16_t bf16_store(float f) {  /* round to nearest even; NaN stay
 """
 
 
-def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: torch.dtype,
-             meta_dtype: torch.dtype = torch.float32) -> str:
-    """The C kernel of a program for one block kind ("tensor", "nodewise", "weightwise") and dtypes.
-
-    Arguments: chunks (tensor, begin, end) triples, in elements (in rows for nodewise); per tensor
-    its stream pointers, the row of `scalars` it reads, where its alpha and z entries sit
-    (`block_at`) and its row length; `meta_grad` gets one double per chunk (tensor blocks), one
-    value per row (nodewise) or per weight (weightwise). alpha and z have `meta_dtype`."""
-    mtype = _C_TYPES[meta_dtype]
-    ctype = "double" if param_dtype == torch.float64 else "float"
+def _c_body(prog: Program, ctype: str, stream_type: dict, names: dict, select: str = "{value}") -> list[str]:
+    """The loop body: load the streams, the elementwise code, store the outputs (index i); `select`
+    wraps each stored value (it may name the stream's old value as {old})."""
     lit = (lambda x: repr(float(x))) if ctype == "double" else (lambda x: repr(float(x)) + "f")
-    names = {ref: f"s{k}" for k, ref in enumerate(prog.scalar_args)}
-    names.update({prog.inputs[s]: f"in_{s}" for s in prog.streams})
-    names[prog.inputs["alpha"]] = "alpha_v"
-    stream_type = {s: _C_TYPES[param_dtype if s in ("w", "g") else state_dtype] for s in prog.streams}
-
-    def operand(a):
-        return names[a] if isinstance(a, Ref) else lit(a)
 
     def load(s):
         ptr = f"{s}_p[i]"
@@ -306,16 +318,38 @@ def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: to
     def store(s, value):
         return f"bf16_store({value})" if stream_type[s] == "uint16_t" else f"({stream_type[s]}){value}"
 
+    names.update({ref: f"s{k}" for k, ref in enumerate(prog.scalar_args)})
+    names.update({prog.inputs[s]: f"in_{s}" for s in prog.streams})
     body = [f"const {ctype} in_{s} = {load(s)};" for s in prog.streams]
     for out, op, args in prog.elem_code:
-        expr = _C_OPS[op].format(*(operand(a) for a in args), T=ctype, sqrt="sqrt" if ctype == "double" else "sqrtf")
+        expr = _C_OPS[op].format(*(names[a] if isinstance(a, Ref) else lit(a) for a in args), T=ctype,
+                                 sqrt="sqrt" if ctype == "double" else "sqrtf")
         names[out] = f"v{out}"
         body.append(f"const {ctype} v{out} = {expr};")
-    body += [f"{s}_p[i] = {store(s, names[ref])};" for s, ref in prog.outputs.items()]
-    mg = names[prog.meta_grad] if prog.track else None
+    return body + [f"{s}_p[i] = {store(s, select.format(value=names[ref], old=f'in_{s}'))};"
+                   for s, ref in prog.outputs.items() if ref != prog.inputs.get(s)]
 
+
+def _c_head(prog: Program, ctype: str, stream_type: dict) -> list[str]:
     head = [f"{stream_type[s]}* restrict {s}_p = ({stream_type[s]}*)P[{k}];" for k, s in enumerate(prog.streams)]
-    head += [f"const {ctype} s{k} = ({ctype})S[{k}];" for k in range(len(prog.scalar_args))]
+    return head + [f"const {ctype} s{k} = ({ctype})S[{k}];" for k in range(len(prog.scalar_args))]
+
+
+def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: torch.dtype,
+             meta_dtype: torch.dtype = torch.float32) -> str:
+    """The C kernel of a step program for one block kind ("tensor", "nodewise", "weightwise") and dtypes.
+
+    Arguments: chunks (tensor, begin, end) triples, in elements (in rows for nodewise); per tensor
+    its stream pointers, the row of `scalars` it reads, where its alpha and z entries sit
+    (`block_at`) and its row length; `meta_grad` gets one double per chunk (tensor blocks), one
+    value per row (nodewise) or per weight (weightwise). alpha and z have `meta_dtype`."""
+    mtype = _C_TYPES[meta_dtype]
+    ctype = "double" if param_dtype == torch.float64 else "float"
+    stream_type = {s: _C_TYPES[param_dtype if s in ("w", "g") else state_dtype] for s in prog.streams}
+    names = {prog.inputs["alpha"]: "alpha_v"}
+    body = _c_body(prog, ctype, stream_type, names)
+    mg = names[prog.meta_grad] if prog.track else None
+    head = _c_head(prog, ctype, stream_type)
     alpha_at = {"tensor": "block_at[t]", "nodewise": "block_at[t] + r", "weightwise": "block_at[t] + i"}[kind]
     alpha_load = f"const {ctype} alpha_v = ({ctype})alpha[{alpha_at}];"
     indent = "\n            "
@@ -365,6 +399,27 @@ void mo_step(int64_t nchunks, const int64_t* restrict chunks, void* const* restr
 """
 
 
+def c_meta_source(prog: Program, dtype: torch.dtype) -> str:
+    """The C kernel of a meta program: every block's beta and meta state from z in one pass; blocks
+    whose `keep` byte is set (no gradient this step) keep their values."""
+    ctype = _C_TYPES[dtype]
+    stream_type = dict.fromkeys(prog.streams, ctype)
+    body = _c_body(prog, ctype, stream_type, {}, select="keep ? {old} : {value}")  # a select: still vectorised
+    indent = "\n        "
+    return _C_PRELUDE + f"""
+void mo_meta(int64_t n, void* const* restrict P, const double* restrict S, const uint8_t* restrict keep_mask,
+             int nthreads)
+{{
+    {indent[:-4].join(_c_head(prog, ctype, stream_type))}
+    #pragma omp parallel for simd schedule(static) num_threads(nthreads) if(n > 32768)
+    for (int64_t i = 0; i < n; ++i) {{
+        const int keep = keep_mask ? keep_mask[i] : 0;
+        {indent.join(body)}
+    }}
+}}
+"""
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept: $METAOPTIMIZE_CACHE, else $XDG_CACHE_HOME/metaoptimize, else
     ~/.cache/metaoptimize."""
@@ -397,8 +452,8 @@ def compiler() -> str | None:
     return None
 
 
-def load_kernel(source: str):
-    """Compile `source` (or take it from the cache) and return its `mo_step` function."""
+def load_kernel(source: str, name: str = "mo_step"):
+    """Compile `source` (or take it from the cache) and return its function `name`."""
     global _ANNOUNCED
     cc = compiler()
     if cc is None:
@@ -407,7 +462,7 @@ def load_kernel(source: str):
     if key in _LOADED:
         return _LOADED[key]
     folder = cache_dir()
-    path = folder / f"mo_step_{key}.so"
+    path = folder / f"{name}_{key}.so"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -424,9 +479,8 @@ def load_kernel(source: str):
             print(f"MetaOptimize: compiled the fused CPU step in {time.perf_counter() - start:.1f} s "
                   f"(cached in {folder})", file=sys.stderr)
             _ANNOUNCED = True
-    lib = ctypes.CDLL(str(path))
-    fn = lib.mo_step
+    fn = getattr(ctypes.CDLL(str(path)), name)
     fn.restype = None
-    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * (8 if name == "mo_step" else 3) + [ctypes.c_int]
     _LOADED[key] = fn
     return fn

@@ -8,14 +8,20 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .blocks import layout, resolve_stepsize_groups
+from . import sharding
+from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
 from .impl import Layout, make_impl
 from .rules import BASE_RULES, META_RULES
 
 BASE_ALGS = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adamw": "AdamW", "adam": "AdamW", "lion": "Lion"}
 META_ALGS = {"fixed": "fixed", "sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "lion": "Lion"}
-BASE_HP = ("weight_decay_base", "normalizer_param_base", "momentum_param_base", "lion_beta2_base")  # per group
+HESSIANS = (None, "hvp", "block_diagonal")
+BASE_HP = ("normalizer_param_base", "momentum_param_base", "lion_beta2_base")  # per group, beside weight_decay
+# what a param group may hold: torch's and the ecosystem's keys (schedulers add more later)
+GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "block", "weight_decay", "weight_decay_base",
+              *BASE_HP}
 STATE_FORMAT = 2  # 1 (no "format" entry): base state in EMA form, CPU traces scaled by "trace_scale"
+DIAGONAL_LIMIT = 4096  # the exact Hessian diagonal costs one Hessian-vector product per weight
 
 
 def canonical(value, table: dict[str, str], name: str) -> str:
@@ -34,52 +40,73 @@ def _check(name, value, *, low=None, high=None, low_open=False, high_open=False)
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        lo = "(-inf, " if low is None else ("(" if low_open else "[") + f"{low}, "
         hi = "inf)" if high is None else f"{high}" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be a finite number in {lo or '(-inf, '}{hi}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {lo}{hi}, got {value!r}")
 
 
 def _check_hyperparameter(name: str, value, needed_by: str):
     if value is None:
         raise ValueError(f"{name} is required by {needed_by} but is unset")
-    if name.startswith("weight_decay"):
+    if name.startswith(("weight_decay", "meta_stepsize", "lr")):
         _check(name, value, low=0.0)
-    elif name == "meta_stepsize":
-        _check(name, value, low=0.0, low_open=True)
     else:  # momentum, normalizer, Lion interpolation: decay rates
         _check(name, value, low=0.0, high=1.0, high_open=True)
 
 
+def _positional(spec) -> bool:
+    """Whether a stepsize_groups value counts tensors in order (so the order of the parameters matters)."""
+    if not isinstance(spec, str):
+        return True
+    low = spec.strip().lower()
+    return low == "last_layer_and_others" or low in NAMED_STEPSIZE_GROUPS or low.strip("[]() ")[:1].isdigit()
+
+
 class MetaOptimize(torch.optim.Optimizer):
-    r"""MetaOptimize with the Hessian-free trace (spec sections 2-5; the rules: `rules.py`).
+    r"""MetaOptimize (spec sections 2-5 and 9; the rules: `rules.py`).
 
     Each block b of weights has a log step size beta_b, alpha_b = exp(beta_b) = alpha0 at the start.
-    Per step: z_b = sum_{i in b} h_i g_i; the base update w <- w - alpha d (d from `alg_base`);
-    h <- gamma (1 - kappa alpha) h - alpha d; then `alg_meta` moves beta with z.
+    Per step: z_b = sum_{i in b} h_i g_i; the base update w <- w - lr alpha d (d from `alg_base`);
+    h <- gamma (1 - kappa lr alpha) h - lr alpha d; then `alg_meta` moves beta with z.
 
     Args (the paper's flags in snake case; algorithm names are case-insensitive; hyperparameters
     the chosen algorithms do not read are ignored, so None is fine for them):
+        params: parameters, named parameters, param groups, or a module (its trainable parameters).
         alg_base: SGD, SGDm, RMSProp, AdamW (alias Adam), Lion.
         alg_meta: fixed (beta never moves), SGD, RMSProp, Adam, Lion.
-        alpha0: initial step size. meta_stepsize: eta. gamma: discount in [0, 1].
+        alpha0: initial step size. meta_stepsize: eta (0 freezes beta). gamma: discount in [0, 1].
         stepsize_groups: "scalar", "layerwise", "nodewise", "weightwise", "param_groups" (a block
             per param group), "last_layer_and_others", a named list ("resnet18_blocks", ...) or a
-            list of tensor counts such as [3, 12, 47], in the order the parameters are given.
-        *_base: kappa (weight decay), lambda (normalizer), rho (momentum), c (Lion interpolation)
-            of the base update; param groups may override them. *_meta: the same for the meta update.
+            list of tensor counts such as [3, 12, 47]. Lists count tensors in the model's order:
+            with several param groups (timm, HF), pass `model=` so that they mean the same tensors.
+        weight_decay_base (alias weight_decay): kappa; *_base: lambda (normalizer), rho (momentum),
+            c (Lion interpolation) of the base update. Param groups may set `weight_decay` and the
+            *_base keys, `lr` (1 by default: a multiplier on the tuned step size, which is what LR
+            schedulers change) and `block` (the index of an existing block to join, for groups
+            added later). Any other key is an error. *_meta: the same for the meta update.
+        lr: the default `lr` of the param groups (1: alpha as tuned).
+        model: the module whose parameter order block lists follow.
+        hessian: None (the Hessian-free trace), "hvp" (one Hessian-vector product per step; call
+            `loss.backward(create_graph=True)`), or "block_diagonal" (H_bb h_b per block; for
+            weight-wise blocks the exact Hessian diagonal, one product per weight). With several
+            ranks, run the forward through the module itself (DDP's reducer cannot take a double
+            backward): the optimizer averages the gradients and the products across ranks.
+        rectify: with hessian="block_diagonal" and weight-wise blocks, IDBD's (1 - alpha H_ii)^+.
         impl: "auto" (default: "fused" where it runs, else "foreach"), "fused" (one pass per tensor:
             a compiled C loop on CPU, torch.compile on CUDA), or "foreach" (torch._foreach_* passes).
-        state_dtype: dtype of the base state and the trace (e.g. torch.bfloat16 halves their
-            memory); None keeps the parameters' dtype.
+        state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory);
+            None keeps the parameters' dtype.
 
-    `step_sizes()` returns alpha per block as a device tensor (no host sync): `.tolist()` it when
-    you log. State per tensor: "step", "momentum" and "normalizer" as in the spec (sums for AdamW),
-    "trace" (h); beta and the meta state are in `state_dict()["meta"]`.
+    `step_sizes()` returns lr alpha per block (lr of the block's first param group) as a device
+    tensor (no host sync): `.tolist()` it when you log. State per tensor: "step", "momentum" and
+    "normalizer" as in the spec (sums for AdamW), "trace" (h); beta and the meta state are in
+    `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update their local shards, and z
+    is summed across the shards, so every rank keeps the same beta.
     """
 
     def __init__(
         self,
-        params: Iterable,
+        params: Iterable | torch.nn.Module,
         alg_base: str = "AdamW",
         alg_meta: str = "Lion",
         alpha0: float = 1e-6,
@@ -95,6 +122,11 @@ class MetaOptimize(torch.optim.Optimizer):
         momentum_param_meta: float | None = 0.99,
         lion_beta2_meta: float | None = 0.9,
         *,
+        lr: float = 1.0,
+        weight_decay: float | None = None,
+        model: torch.nn.Module | None = None,
+        hessian: str | None = None,
+        rectify: bool = False,
         impl: str = "auto",
         state_dtype: torch.dtype | None = None,
         compile: bool | None = None,
@@ -103,8 +135,15 @@ class MetaOptimize(torch.optim.Optimizer):
         alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
         _check("alpha0", alpha0, low=0.0, low_open=True)
         _check("gamma", gamma, low=0.0, high=1.0)
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
+        if weight_decay is not None:  # the ecosystem's name for the base weight decay
+            weight_decay_base = weight_decay
         if compile:  # the earlier name of impl="fused"
             impl = "fused"
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+            params = [p for p in params.parameters() if p.requires_grad]
         meta_hp = {"meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
                    "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
                    "lion_beta2": lion_beta2_meta}
@@ -112,64 +151,202 @@ class MetaOptimize(torch.optim.Optimizer):
         for key in meta.hyperparameters:
             _check_hyperparameter(key if key == "meta_stepsize" else key + "_meta", meta_hp[key],
                                   f"alg_meta={alg_meta!r}")
-        defaults = dict(weight_decay_base=weight_decay_base, normalizer_param_base=normalizer_param_base,
-                        momentum_param_base=momentum_param_base, lion_beta2_base=lion_beta2_base)
-        super().__init__(params, defaults)
         self.alg_base, self.alg_meta = alg_base, alg_meta
         self.alpha0, self.gamma = float(alpha0), float(gamma)
         self.meta_hp = {k: meta_hp[k] for k in meta.hyperparameters}
         self.stepsize_groups, self.impl_name, self.state_dtype = stepsize_groups, impl, state_dtype
-        self._group_hp = [self._base_hyperparameters(g, i) for i, g in enumerate(self.param_groups)]
-        self._build_blocks()
+        self.hessian, self.rectify = hessian, bool(rectify)
+        defaults = dict(lr=lr, weight_decay=weight_decay_base, normalizer_param_base=normalizer_param_base,
+                        momentum_param_base=momentum_param_base, lion_beta2_base=lion_beta2_base)
+        super().__init__(params, defaults)
+        self._build_blocks(None if model is None else list(model.parameters()))
+        # beta and the meta state go into state_dict() before, and come out of it after, any user hook
+        self.register_state_dict_post_hook(MetaOptimize._save_meta, prepend=True)
+        self.register_load_state_dict_pre_hook(MetaOptimize._stash_meta, prepend=True)
+        self.register_load_state_dict_post_hook(MetaOptimize._load_meta, prepend=True)
 
-    def _base_hyperparameters(self, group, index) -> dict:
+    # ---- param groups and blocks -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict):
+        """Add a param group; after construction its tensors get new blocks (alpha0), or join the
+        existing block `param_group["block"]` (tensor blocks)."""
+        group = dict(param_group)
+        if "weight_decay_base" in group:
+            wd = group.pop("weight_decay_base")
+            if "weight_decay" in group and group["weight_decay"] != wd:
+                raise ValueError("param group: weight_decay and weight_decay_base disagree; give one")
+            group["weight_decay"] = wd
+        self._check_keys(group)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        self._check_group(group, len(self.param_groups) - 1)
+        if hasattr(self, "_beta"):  # torch's __init__ adds the initial groups through here
+            self._add_blocks(group)
+
+    @staticmethod
+    def _check_keys(group):
+        unknown = sorted(set(group) - GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"param group key {unknown[0]!r} is not a MetaOptimize setting; accepted: "
+                             f"{', '.join(sorted(GROUP_KEYS - {'params'}))}")
+
+    def _check_group(self, group, index):
         where = f" (param group {index})" if len(self.param_groups) > 1 else ""
-        hp = {}
-        for key in BASE_RULES[self.alg_base].hyperparameters:
-            _check_hyperparameter(key + "_base", group[key + "_base"], f"alg_base={self.alg_base!r}{where}")
-            hp[key] = float(group[key + "_base"])
-        return hp
-
-    def _build_blocks(self):
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        if not self._params:
-            raise ValueError("params: MetaOptimize got an empty parameter list")
-        for p in self._params:
+        self._hyperparameters(group, where)
+        for p in group["params"]:
             if p.is_complex():
                 raise ValueError("params: complex parameters are not supported (view them as real with "
                                  "torch.view_as_real)")
+
+    def _adopt_new_params(self):
+        """Give blocks to tensors put into `param_groups` without add_param_group (Lightning's
+        BackboneFinetuning restores its groups so on resume), as add_param_group would have."""
+        if sum(len(g["params"]) for g in self.param_groups) <= len(self._params):
+            return
+        for index, group in enumerate(self.param_groups):
+            new = [p for p in group["params"] if p not in self._index]
+            if new:
+                self._check_keys(group)
+                self._check_group(group, index)
+                self._add_blocks({**group, "params": new})
+
+    def _hyperparameters(self, group, where="") -> dict:
+        """The base rule's hyperparameters of a param group, and lr."""
+        hp = {"lr": group["lr"]}
+        for key in BASE_RULES[self.alg_base].hyperparameters:
+            hp[key] = group["weight_decay" if key == "weight_decay" else key + "_base"]
+        if where is not None:
+            for key, value in hp.items():
+                name = key if key in ("lr",) else key + "_base"
+                _check_hyperparameter(name, value, f"alg_base={self.alg_base!r}{where}")
+        return {k: float(v) for k, v in hp.items()}
+
+    def _build_blocks(self, model_order):
+        in_groups = [p for g in self.param_groups for p in g["params"]]
+        if not in_groups:
+            raise ValueError("params: MetaOptimize got an empty parameter list")
+        if model_order is not None:
+            missing = set(in_groups) - set(model_order)
+            if missing:
+                raise ValueError(f"model: {len(missing)} parameter(s) given to the optimizer are not the model's")
+            chosen = set(in_groups)
+            self._params = [p for p in model_order if p in chosen]
+        else:
+            if len(self.param_groups) > 1 and _positional(self.stepsize_groups):
+                raise ValueError(
+                    f"stepsize_groups={self.stepsize_groups!r} counts tensors in the model's order, but the "
+                    f"parameters come in {len(self.param_groups)} param groups, which may order them otherwise "
+                    "(timm, HF); pass model=the module (or one group)")
+            self._params = in_groups
         devices = {p.device for p in self._params}
         if len(devices) > 1:
             raise ValueError(f"params: MetaOptimize needs all parameters on one device, got {sorted(map(str, devices))}")
-        device = self._params[0].device
         self._index = {p: i for i, p in enumerate(self._params)}
-        self._group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        group_of = {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         kind, counts = resolve_stepsize_groups(self.stepsize_groups, len(self._params),
                                                [len(g["params"]) for g in self.param_groups])
-        shapes = [tuple(p.shape) for p in self._params]
-        num_blocks, starts, units = layout(kind, counts, shapes)
-        self._layout = Layout(kind, starts, units, shapes)
-        self.num_blocks = num_blocks
+        if isinstance(self.stepsize_groups, str) and self.stepsize_groups.strip().lower() == "param_groups":
+            blocks = [group_of[p] for p in self._params]  # by membership, whatever the order
+        else:
+            blocks = [b for b, c in enumerate(counts or []) for _ in range(c)]
+        self._kind, self._tensor_blocks = kind, blocks if kind == "tensor" else None
+        self._check_hessian()
+        device = self._params[0].device
         # beta and the meta state: float32, or float64 for float64 parameters (then exact to ~1e-15)
-        meta = dict(device=device, dtype=torch.float64 if torch.float64 in {p.dtype for p in self._params}
-                    else torch.float32)
-        self._beta = torch.full((num_blocks,), math.log(self.alpha0), **meta)
-        self._meta_state = {k: torch.zeros(num_blocks, **meta) for k in META_RULES[self.alg_meta].state}
+        dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
+        num_blocks = len(counts) if kind == "tensor" else 0
+        self._beta = torch.empty(0, device=device, dtype=dtype)
+        self._meta_state = {k: torch.empty(0, device=device, dtype=dtype) for k in META_RULES[self.alg_meta].state}
         self._meta_step = 0
-        self._z = torch.zeros(num_blocks, **meta) if self.alg_meta != "fixed" else None
+        self._relayout(num_blocks)
+
+    def _add_blocks(self, group):
+        new = [p for p in group["params"]]
+        for p in new:
+            self._index[p] = len(self._params)
+            self._params.append(p)
+        num_blocks = self.num_blocks
+        if self._kind == "tensor":
+            join = group.get("block")
+            if join is not None:
+                if not (isinstance(join, int) and 0 <= join < num_blocks):
+                    raise ValueError(f"param group block: {join!r} is not a block index (0..{num_blocks - 1})")
+                self._tensor_blocks += [join] * len(new)
+            elif str(self.stepsize_groups).strip().lower() == "layerwise":
+                self._tensor_blocks += list(range(num_blocks, num_blocks + len(new)))
+                num_blocks += len(new)
+            else:
+                self._tensor_blocks += [num_blocks] * len(new)
+                num_blocks += 1
+        self._relayout(num_blocks)
+
+    def _relayout(self, num_tensor_blocks):
+        """(Re)make the layout for self._params; beta and the meta state keep their values and grow."""
+        shapes = [tuple(p.shape) for p in self._params]
+        if self._kind == "tensor":
+            num_blocks, starts, units = num_tensor_blocks, list(self._tensor_blocks), [1] * len(shapes)
+        else:
+            num_blocks, starts, units = layout(self._kind, None, shapes)
+        self._layout = Layout(self._kind, starts, units, shapes)
+        grow = num_blocks - self._beta.numel()
+        like = dict(device=self._beta.device, dtype=self._beta.dtype)
+        self._beta = torch.cat([self._beta, torch.full((grow,), math.log(self.alpha0), **like)])
+        self._meta_state = {k: torch.cat([v, torch.zeros(grow, **like)]) for k, v in self._meta_state.items()}
+        self.num_blocks = num_blocks
+        self._z = torch.zeros(num_blocks, **like) if self.alg_meta != "fixed" else None
+        self._sharding = sharding.Sharding.of(self._params, self._layout)
         self._impl = self._make_impl()
         self._masks = {}
+
+    def _check_hessian(self):
+        if self.hessian is None:
+            if self.rectify:
+                raise ValueError("rectify: needs hessian='block_diagonal' with weight-wise blocks")
+            return
+        if self.alg_meta == "fixed":
+            raise ValueError("hessian: a fixed step size keeps no trace; use alg_meta other than 'fixed'")
+        if self.hessian == "block_diagonal" and self._kind == "nodewise":
+            raise ValueError("hessian='block_diagonal' is not available for nodewise blocks (one product per row); "
+                             "use hessian='hvp'")
+        if self.rectify and not (self.hessian == "block_diagonal" and self._kind == "weightwise"):
+            raise ValueError("rectify: needs hessian='block_diagonal' with weight-wise blocks (IDBD)")
+        if self.hessian == "block_diagonal" and self._kind == "weightwise":
+            n = sum(p.numel() for p in self._params)
+            if n > DIAGONAL_LIMIT:
+                raise ValueError(f"hessian='block_diagonal' with weight-wise blocks takes the exact Hessian diagonal, "
+                                 f"one product per weight: {n:,} weights is over {DIAGONAL_LIMIT:,}; use 'hvp'")
+
+    @property
+    def _curvature_kind(self):
+        if self.hessian is None:
+            return None
+        if self.hessian == "block_diagonal" and self._kind == "weightwise":
+            return "rectified" if self.rectify else "diagonal"
+        return "product"
+
+    def _make_impl(self):
+        return make_impl(self.impl_name, BASE_RULES[self.alg_base], self.alg_meta != "fixed",
+                         self._sharding.layout if self._sharding else self._layout, self._beta.device,
+                         [p.dtype for p in self._params], self.state_dtype, self._beta.dtype, self._curvature_kind,
+                         META_RULES[self.alg_meta])
 
     @property
     def impl(self) -> str:
         """The implementation in use: "fused" or "foreach"."""
         return self._impl.name
 
-    def add_param_group(self, param_group):
-        if hasattr(self, "_beta"):  # torch's __init__ adds the initial groups through here
-            raise NotImplementedError(
-                "MetaOptimize fixes its step-size blocks at construction; pass every param group to the constructor")
-        super().add_param_group(param_group)
+    def __repr__(self):
+        kind = self.stepsize_groups if isinstance(self.stepsize_groups, str) else list(self.stepsize_groups)
+        meta = ", ".join(f"{k}={v}" for k, v in self.meta_hp.items())
+        lines = [f"{type(self).__name__}(alg_base={self.alg_base}, alg_meta={self.alg_meta}, alpha0={self.alpha0:g}, "
+                 f"gamma={self.gamma:g}, stepsize_groups={kind!r} ({self.num_blocks} blocks), impl={self.impl}"
+                 + (f", hessian={self.hessian!r}" if self.hessian else "")
+                 + (f", state_dtype={self.state_dtype}" if self.state_dtype else ""),
+                 f"  meta: {meta or 'none'}"]
+        for i, group in enumerate(self.param_groups):
+            settings = ", ".join(f"{k}={v}" for k, v in group.items() if k not in ("params", "param_names"))
+            lines.append(f"  param group {i} ({len(group['params'])} tensors): {settings}")
+        return "\n".join(lines) + "\n)"
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -184,27 +361,37 @@ class MetaOptimize(torch.optim.Optimizer):
             self._impl.reset()
         return state
 
-    def state_dict(self):
-        """torch's state dict plus "meta": beta and the meta state per block."""
-        sd = super().state_dict()
-        sd["meta"] = {"format": STATE_FORMAT, "alg_base": self.alg_base, "alg_meta": self.alg_meta,
-                      "num_blocks": self.num_blocks, "step": self._meta_step, "beta": self._beta,
-                      **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}}
-        return sd
+    @staticmethod
+    def _save_meta(self, state_dict):
+        self._adopt_new_params()
+        state_dict["meta"] = {"format": STATE_FORMAT, "alg_base": self.alg_base, "alg_meta": self.alg_meta,
+                              "num_blocks": self.num_blocks, "step": self._meta_step, "beta": self._beta,
+                              **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}}
+        return state_dict
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        meta = state_dict.pop("meta", None)
+    @staticmethod
+    def _stash_meta(self, state_dict):
+        meta = state_dict.get("meta")
         if meta is None:
             raise ValueError("not a MetaOptimize state dict (no 'meta' entry)")
+        self._adopt_new_params()
         if (meta["num_blocks"], meta["alg_base"], meta["alg_meta"]) != (self.num_blocks, self.alg_base, self.alg_meta):
             raise ValueError(
                 f"state dict is for ({meta['alg_base']}, {meta['alg_meta']}) with {meta['num_blocks']} blocks; "
                 f"this optimizer is ({self.alg_base}, {self.alg_meta}) with {self.num_blocks} blocks")
-        super().load_state_dict(state_dict)
-        if meta.get("format", 1) == 1:
-            self._convert_format_1(meta.get("trace_scale"))
+        self._loading = meta
+        return state_dict
+
+    @staticmethod
+    def _load_meta(self):
+        meta = self.__dict__.pop("_loading")
+        for group in self.param_groups:  # param groups saved before lr and weight_decay were group keys
+            if "weight_decay_base" in group:
+                group["weight_decay"] = group.pop("weight_decay_base")
+            group.setdefault("lr", 1.0)
         with torch.no_grad():
+            if meta.get("format", 1) == 1:
+                self._convert_format_1(meta.get("trace_scale"))
             for state in self.state.values():  # torch casts state to the parameter's dtype
                 for k, v in state.items():
                     if torch.is_tensor(v) and k != "step" and self.state_dtype is not None:
@@ -218,15 +405,15 @@ class MetaOptimize(torch.optim.Optimizer):
     def _convert_format_1(self, trace_scale):
         """Checkpoints before STATE_FORMAT 2 kept AdamW's momentum and the normalizers as moving
         averages ((1 - rho) m, (1 - lambda) v) and, on CPU, the trace as h / trace_scale."""
-        with torch.no_grad():
-            for p, state in self.state.items():
-                hp = self._group_hp[self._group_of[p]]
-                if self.alg_base == "AdamW" and "momentum" in state:
-                    state["momentum"] = state["momentum"] / (1.0 - hp["momentum_param"])
-                if "normalizer" in state:
-                    state["normalizer"] = state["normalizer"] / (1.0 - hp["normalizer_param"])
-                if trace_scale is not None and "trace" in state:
-                    state["trace"] = state["trace"] * float(trace_scale[self._index[p]])
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        for p, state in self.state.items():
+            group = groups[p]
+            if self.alg_base == "AdamW" and "momentum" in state:
+                state["momentum"] = state["momentum"] / (1.0 - group["momentum_param_base"])
+            if "normalizer" in state:
+                state["normalizer"] = state["normalizer"] / (1.0 - group["normalizer_param_base"])
+            if trace_scale is not None and "trace" in state:
+                state["trace"] = state["trace"] * float(trace_scale[self._index[p]])
 
     def __getstate__(self):  # copy, deepcopy, pickle, torch.save(optimizer)
         state = dict(self.__dict__)
@@ -238,15 +425,22 @@ class MetaOptimize(torch.optim.Optimizer):
         if "_layout" in state:
             self._impl = self._make_impl()
 
-    def _make_impl(self):
-        return make_impl(self.impl_name, BASE_RULES[self.alg_base], self.alg_meta != "fixed", self._layout,
-                         self._beta.device, [p.dtype for p in self._params], self.state_dtype, self._beta.dtype)
-
     # ---- logging ---------------------------------------------------------------------------
 
     def step_sizes(self) -> Tensor:
-        """alpha = exp(beta) per block, a device tensor (no host sync): `.tolist()` it when logging."""
-        return torch.exp(self._beta)
+        """lr alpha per block, a device tensor (no host sync): `.tolist()` it when logging. A block
+        takes the lr of the param group of its first tensor (lr is 1 unless a scheduler sets it)."""
+        alpha = torch.exp(self._beta)
+        lrs = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+        if all(lr == 1.0 for lr in lrs.values()):
+            return alpha
+        lay = self._layout
+        per_block = [None] * self.num_blocks
+        for i, p in enumerate(self._params):
+            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
+                if per_block[b] is None:
+                    per_block[b] = lrs[p]
+        return alpha * torch.tensor(per_block, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -256,9 +450,10 @@ class MetaOptimize(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = []
-        for gi, group in enumerate(self.param_groups):
-            hp = self._group_hp[gi]
+        self._adopt_new_params()
+        items, local = [], self._sharding.local if self._sharding else (lambda x: x)
+        for group in self.param_groups:
+            hp = self._hyperparameters(group, None)
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -267,19 +462,29 @@ class MetaOptimize(torch.optim.Optimizer):
                     raise RuntimeError("MetaOptimize does not support sparse gradients")
                 state = self._state_for(p)
                 state["step"] += 1
-                items.append((self._index[p], p, g, state, hp, state["step"]))
+                streams = {k: local(v) for k, v in state.items() if k != "step"}
+                items.append((self._index[p], local(p), local(g), streams, hp, state["step"]))
         if not items:
             return loss
+        if self.hessian is not None:
+            self._curvature(items)
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
         z = self._z
         if z is not None:
             z.zero_()
         self._impl.step(items, alpha, self.gamma, z)  # 2-4. z, w <- w - Delta, h
         if z is not None:  # 5. meta update of beta with z
+            if self._sharding:
+                self._sharding.sum_across_shards(z)
             self._meta_step += 1
+            active = tuple(it[0] for it in items)
+            if getattr(self._impl, "meta_fn", None) is not None:  # in one C pass
+                self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                                       self._mask(active, keep=True))
+                return loss
             beta, state = META_RULES[self.alg_meta].rule(self._beta, z, self._meta_state, self.meta_hp,
                                                          self._meta_step)
-            mask = self._mask(tuple(it[0] for it in items))
+            mask = self._mask(active)
             for buf, new in ((self._beta, beta), *((self._meta_state[k], v) for k, v in state.items())):
                 if mask is None:
                     buf.copy_(new)
@@ -287,15 +492,76 @@ class MetaOptimize(torch.optim.Optimizer):
                     torch.where(mask, new, buf, out=buf)
         return loss
 
-    def _mask(self, active: tuple):
-        """None when every parameter has a gradient, else the blocks that have one."""
+    def _mask(self, active: tuple, keep: bool = False):
+        """None when every parameter has a gradient, else the blocks that have one (keep: the uint8
+        complement, for the C meta update)."""
         if len(active) == len(self._params):
             return None
-        mask = self._masks.get(active)
-        if mask is None:
+        masks = self._masks.get(active)
+        if masks is None:
             mask = torch.zeros(self.num_blocks, dtype=torch.bool)
             lay = self._layout
             for i in active:
                 mask[lay.starts[i]:lay.starts[i] + lay.units[i]] = True
-            mask = self._masks[active] = mask.to(self._beta.device)
-        return mask
+            masks = self._masks[active] = (mask.to(self._beta.device), (~mask).to(torch.uint8))
+        return masks[1] if keep else masks[0]
+
+    def _curvature(self, items):
+        """The Hessian term of spec section 9, from the gradients' graph: H h (hvp), H_bb h_b per
+        block, or the Hessian's diagonal (weight-wise blocks); put in each item's "curvature"."""
+        params = [self._params[it[0]] for it in items]
+        grads = [p.grad for p in params]
+        if any(g.grad_fn is None for g in grads):
+            raise RuntimeError(f"hessian={self.hessian!r} needs the gradient's graph: call "
+                               "loss.backward(create_graph=True) (as for AdaHessian or Sophia), in the closure too")
+        if self._sharding:
+            raise RuntimeError(f"hessian={self.hessian!r} does not support sharded (FSDP) parameters")
+        traces = [it[3]["trace"].to(p.dtype) for it, p in zip(items, params)]
+
+        def hvp(vectors, batched=False):
+            with torch.enable_grad():
+                out = torch.autograd.grad(grads, params, grad_outputs=vectors, retain_graph=True, allow_unused=True,
+                                          is_grads_batched=batched)
+            return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vectors)]
+
+        kind = self._curvature_kind
+        if self.hessian == "hvp":
+            products = hvp(traces)
+        elif kind in ("diagonal", "rectified"):  # diag(H): one product per weight, batched
+            sizes = [p.numel() for p in params]
+            eye = torch.eye(sum(sizes), dtype=params[0].dtype, device=params[0].device)
+            columns = hvp([c.reshape(-1, *p.shape) for c, p in zip(eye.split(sizes, dim=1), params)], batched=True)
+            products = [col.reshape(len(eye), -1)[start:start + n].diagonal().reshape(p.shape)
+                        for col, p, n, start in zip(columns, params, sizes, _starts(sizes))]
+        else:  # block-diagonal: one product per block, with the trace of the other blocks zeroed
+            products = [torch.zeros_like(t) for t in traces]
+            blocks = [self._layout.starts[it[0]] for it in items]
+            for b in sorted(set(blocks)):
+                masked = [t if blk == b else torch.zeros_like(t) for t, blk in zip(traces, blocks)]
+                for k, h in enumerate(hvp(masked)):
+                    if blocks[k] == b:
+                        products[k] = h
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            _average_across_ranks(grads + products)  # DDP's reducer cannot take a double backward
+        for it, product in zip(items, products):
+            it[3]["curvature"] = product
+
+
+def _average_across_ranks(tensors):
+    """Average the tensors over all ranks in one all-reduce (gloo has no AVG)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors([t.detach() for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for t, avg in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.detach().copy_(avg)
+
+
+def _starts(sizes):
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out

@@ -14,6 +14,10 @@ from torch import Tensor
 
 from .blocks import resolve_stepsize_groups
 
+# what a param group may set per tensor; the meta settings are the blocks', so the whole optimizer's
+GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "weight_decay", "b1", "b2"}
+META_KEYS = ("meta_stepsize", "gamma", "meta_b1", "meta_c1")
+
 
 class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the authors' name)
     """Drop-in for `meta_optimize.optimizer.MetaOptimize_AdamW_Lion_hg` (AdamW base, Lion meta).
@@ -21,10 +25,15 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
     Same argument names and defaults as the authors' package. Blocks are fixed by position,
     so a parameter with no gradient is skipped without shifting the blocks; a block none of
     whose tensors has a gradient is left unchanged.
+
+    As in the torch ecosystem (beyond the authors' package): param groups may set `weight_decay`,
+    `b1`, `b2` and `lr` (1 by default, a multiplier on the tuned step size, which LR schedulers
+    change; `step_sizes()` reports lr alpha); a group added later (`add_param_group`) is a new
+    block at alpha0.
     """
 
     def __init__(self, params, meta_stepsize=1e-3, alpha0=1e-3, stepsize_blocks="scalar", gamma=0.9999,
-                 b1=0.9, b2=0.999, meta_b1=0.99, meta_c1=0.9, weight_decay=0.0):
+                 b1=0.9, b2=0.999, meta_b1=0.99, meta_c1=0.9, weight_decay=0.0, *, lr=1.0):
         if not alpha0 > 0:
             raise ValueError(f"alpha0 must be > 0, got {alpha0}")
         if not 0.0 <= gamma <= 1.0:
@@ -32,10 +41,9 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         for name, value in (("b1", b1), ("b2", b2), ("meta_b1", meta_b1), ("meta_c1", meta_c1)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.alpha0 = alpha0
         defaults = dict(meta_stepsize=meta_stepsize, gamma=gamma, b1=b1, b2=b2, meta_b1=meta_b1,
-                        meta_c1=meta_c1, weight_decay=weight_decay)
+                        meta_c1=meta_c1, weight_decay=weight_decay, lr=lr)
         super().__init__(params, defaults)
         self._params = [p for g in self.param_groups for p in g["params"]]
         if not self._params:
@@ -49,28 +57,88 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         for c in counts:
             self._blocks.append(self._params[start:start + c])
             start += c
+        self.meta_state = [self._new_block() for _ in counts]
+        self.register_state_dict_post_hook(type(self)._save_meta, prepend=True)
+        self.register_load_state_dict_pre_hook(type(self)._stash_meta, prepend=True)
+        self.register_load_state_dict_post_hook(type(self)._load_meta, prepend=True)
+
+    def _new_block(self) -> dict:
         like = dict(device=self._params[0].device, dtype=self._params[0].dtype)  # follows the parameters
-        self.meta_state = [
-            {"beta": torch.tensor(math.log(alpha0), **like), "meta_momentum": torch.zeros((), **like)}
-            for _ in counts
-        ]
+        return {"beta": torch.tensor(math.log(self.alpha0), **like), "meta_momentum": torch.zeros((), **like)}
+
+    def add_param_group(self, param_group: dict):
+        unknown = sorted(set(param_group) - GROUP_KEYS - set(META_KEYS))
+        if unknown:
+            raise ValueError(f"param group key {unknown[0]!r} is not a setting of MetaOptimize_AdamW_Lion_hg; "
+                             f"accepted: {', '.join(sorted(GROUP_KEYS - {'params'}))}")
+        for key in META_KEYS:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(f"param group: {key} is a setting of the whole optimizer (its blocks), not of "
+                                 "a param group")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name in ("lr", "weight_decay"):
+            if not (isinstance(group[name], (int, float)) and math.isfinite(group[name]) and group[name] >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {group[name]!r}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= group[name] < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {group[name]}")
+        if any(p.is_complex() for p in group["params"]):
+            raise ValueError("params: complex parameters are not supported (view them as real with torch.view_as_real)")
+        if hasattr(self, "meta_state"):  # after construction: a new block
+            self._add_block(group["params"])
+
+    def _add_block(self, params):
+        self._params += params
+        self._blocks.append(list(params))
+        self.meta_state.append(self._new_block())
+
+    def _adopt_new_params(self):
+        """A new block for each group's tensors put into `param_groups` without add_param_group
+        (Lightning's BackboneFinetuning restores its groups so on resume)."""
+        if sum(len(g["params"]) for g in self.param_groups) <= len(self._params):
+            return
+        known = set(self._params)
+        for group in self.param_groups:
+            new = [p for p in group["params"] if p not in known]
+            if new:
+                self._add_block(new)
 
     def __getstate__(self):  # copy, deepcopy, pickle: keep the blocks and the meta state
         return dict(self.__dict__)
 
+    def _group_of(self) -> dict:
+        return {p: g for g in self.param_groups for p in g["params"]}
+
     def step_sizes(self) -> Tensor:
-        return torch.exp(torch.stack([m["beta"] for m in self.meta_state]))
+        """lr alpha per block (lr of the param group of the block's first tensor)."""
+        alpha = torch.exp(torch.stack([m["beta"] for m in self.meta_state]))
+        group_of = self._group_of()
+        lrs = [group_of[block[0]]["lr"] for block in self._blocks]
+        if all(lr == 1.0 for lr in lrs):
+            return alpha
+        return alpha * torch.tensor(lrs, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["meta_state"] = self.meta_state
-        return sd
+    # the meta state goes into state_dict() before, and comes out of it after, any user hook
+    def _save_meta(self, state_dict):
+        self._adopt_new_params()
+        state_dict["meta_state"] = self.meta_state
+        return state_dict
 
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        meta = state_dict.pop("meta_state")
-        super().load_state_dict(state_dict)
-        for mine, saved in zip(self.meta_state, meta, strict=True):
+    def _stash_meta(self, state_dict):
+        if "meta_state" not in state_dict:
+            raise ValueError("not a MetaOptimize_AdamW_Lion_hg state dict (no 'meta_state' entry)")
+        self._adopt_new_params()
+        if len(state_dict["meta_state"]) != len(self.meta_state):
+            raise ValueError(f"state dict has {len(state_dict['meta_state'])} blocks; this optimizer has "
+                             f"{len(self.meta_state)}")
+        self._loading = state_dict["meta_state"]
+        return state_dict
+
+    def _load_meta(self):
+        for group in self.param_groups:  # state dicts saved before lr was a group key
+            group.setdefault("lr", 1.0)
+        for mine, saved in zip(self.meta_state, self.__dict__.pop("_loading")):
             for k in mine:
                 mine[k].copy_(saved[k])
 
@@ -80,15 +148,18 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hp = self.defaults
-        gamma, wd = hp["gamma"], hp["weight_decay"]
+        self._adopt_new_params()
+        gamma = self.defaults["gamma"]
+        group_of = self._group_of()
         for block, meta in zip(self._blocks, self.meta_state):
             params = [p for p in block if p.grad is not None]
             if not params:
                 continue
-            alpha = torch.exp(meta["beta"])
-            z = torch.zeros((), device=alpha.device)
+            tuned = torch.exp(meta["beta"])
+            z = torch.zeros((), device=tuned.device)
             for p in params:
+                hp = group_of[p]
+                alpha, wd = tuned * hp["lr"], hp["weight_decay"]
                 g = p.grad
                 st = self.state[p]
                 if not st:
@@ -107,6 +178,7 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
                 p.addcdiv_(m * alpha, denom, value=-1.0)
                 z = z + torch.sum(h * g)
                 h.mul_(gamma * (1 - alpha * wd)).addcdiv_(g * alpha, denom)
+            hp = self.defaults
             mm = meta["meta_momentum"]
             mm.lerp_(z, 1 - hp["meta_b1"])
             meta["beta"].add_(torch.lerp(z, mm, hp["meta_c1"]).sign() * hp["meta_stepsize"])

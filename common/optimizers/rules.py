@@ -51,51 +51,80 @@ def sign(x):
     return x.sign()
 
 
+def relu(x):
+    """(x)^+: max(x, 0), NaN stays NaN."""
+    if isinstance(x, (int, float)):
+        return x if x != x or x > 0 else 0.0
+    return x.relu() if hasattr(x, "relu") else x.clamp_min(0)
+
+
 def bias_correction(decay, t):
     """mu = (1 - lambda) / (1 - lambda^t): turns the sum lambda v + g^2 into an average."""
     return (1 - decay) / (1 - decay**t)
 
 
-# ---- base updates: (w, g, state, hp, t) -> (d, new state) --------------------------------------
+# ---- base updates: (w, g, state, hp, t) -> (d, new state, preconditioner) ---------------------
+# The preconditioner P of spec section 9 (the Hessian-based trace), returned as its denominator:
+# P = 1 / denominator, with None for P = 0 (SGDm and Lion: nothing of g_t reaches w_t+1 through a
+# derivative, so their trace is Hessian-free exactly).
 
 
 def base_sgd(w, g, state, hp, t):
-    return g + hp["weight_decay"] * w, {}
+    return g + hp["weight_decay"] * w, {}, 1
 
 
 def base_sgdm(w, g, state, hp, t):
     m, rho = state["momentum"], hp["momentum_param"]
-    return m + hp["weight_decay"] * w, {"momentum": rho * m + (1 - rho) * g}
+    return m + hp["weight_decay"] * w, {"momentum": rho * m + (1 - rho) * g}, None
 
 
 def base_rmsprop(w, g, state, hp, t):
     lam = hp["normalizer_param"]
     v = lam * state["normalizer"] + g * g
-    return g / sqrt(bias_correction(lam, t) * v + EPS) + hp["weight_decay"] * w, {"normalizer": v}
+    denominator = sqrt(bias_correction(lam, t) * v + EPS)
+    return g / denominator + hp["weight_decay"] * w, {"normalizer": v}, denominator
 
 
 def base_adamw(w, g, state, hp, t):
     lam = hp["normalizer_param"]
     m = hp["momentum_param"] * state["momentum"] + g
     v = lam * state["normalizer"] + g * g
-    return m / sqrt(bias_correction(lam, t) * v + EPS) + hp["weight_decay"] * w, {"momentum": m, "normalizer": v}
+    denominator = sqrt(bias_correction(lam, t) * v + EPS)
+    return m / denominator + hp["weight_decay"] * w, {"momentum": m, "normalizer": v}, denominator
 
 
 def base_lion(w, g, state, hp, t):
     m, rho, c = state["momentum"], hp["momentum_param"], hp["lion_beta2"]
     d = sign(c * m + (1 - c) * g) + hp["weight_decay"] * w
-    return d, {"momentum": rho * m + (1 - rho) * g}
+    return d, {"momentum": rho * m + (1 - rho) * g}, None
 
 
-def tensor_step(base, w, g, state, trace, alpha, hp, t, gamma):
+CURVATURE_KINDS = ("product", "diagonal", "rectified")
+
+
+def tensor_step(base, w, g, state, trace, alpha, hp, t, gamma, curvature=None, curvature_kind=None):
     """Steps 2-4 of spec section 2 for one tensor: returns (new w, new state, new trace, h g).
 
-    `trace` is None when the step size is fixed (no meta update, no trace)."""
+    `trace` is None when the step size is fixed (no meta update, no trace). hp["lr"] scales the
+    tuned step size (1 unless an LR scheduler sets the param group's lr): Delta = lr alpha d.
+    `curvature` keeps the Hessian term of spec section 9: H h ("product"), or the Hessian's
+    diagonal ("diagonal"; "rectified" clips the factor of h at 0, as IDBD does):
+        h <- gamma [(1 - kappa alpha) h - alpha P (H h)] - Delta"""
     meta_grad = None if trace is None else trace * g  # z's terms, with h before its update
-    d, state = base.rule(w, g, state, hp, t)
-    delta = alpha * d
+    d, state, denominator = base.rule(w, g, state, hp, t)
+    step_size = hp["lr"] * alpha
+    delta = step_size * d
     if trace is not None:
-        trace = gamma * (1 - hp["weight_decay"] * alpha) * trace - delta
+        decay = 1 - hp["weight_decay"] * step_size
+        if curvature is None or denominator is None:
+            trace = gamma * decay * trace - delta
+        else:
+            curved = curvature if isinstance(denominator, int) else curvature / denominator  # P (H h)
+            if curvature_kind == "product":
+                trace = gamma * (decay * trace - step_size * curved) - delta
+            else:
+                factor = decay - step_size * curved
+                trace = gamma * (relu(factor) if curvature_kind == "rectified" else factor) * trace - delta
     return w - delta, state, trace, meta_grad
 
 
