@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_same
 from test_imagenet import write_image_folder
-from test_tinystories import TINY, _state_equal, archive, data_dir, py, read_metrics, script  # noqa: F401 (fixtures)
+from test_tinystories import TINY, archive, data_dir, py, read_metrics, script  # noqa: F401 (fixtures)
 
 from common import harness, runfolder, sharded
 from common.optim_flags import add_optimizer_args, build_optimizer
@@ -268,8 +269,8 @@ def test_tinystories_fsdp_resume_is_bit_exact(tinystories_runs, tmp_path):
     assert checksums(resumed) == checksums(whole_run)
     a, b = (torch.load(out / r / "checkpoint.pt", weights_only=True) for r in ("fsdp", "parts"))
     for key in ("scheduler", "step", "last", "best"):
-        _state_equal(a[key], b[key], key)
-    _state_equal(shards_of(out / "fsdp", tmp_path), shards_of(out / "parts", tmp_path), "shards")  # weights, optimizer
+        assert_same(a[key], b[key], key)
+    assert_same(shards_of(out / "fsdp", tmp_path), shards_of(out / "parts", tmp_path), "shards")  # weights, optimizer
     same_metrics(out / "fsdp", out / "parts")
     proc = py("sample", "--run-dir", out / "parts", "--num-samples", 1, "--max-new-tokens", 8)  # reads the shards
     assert proc.stdout.strip()
@@ -324,7 +325,7 @@ def test_imagenet_fsdp_mid_epoch_resume_is_bit_exact(tmp_path):
     assert checksums(resumed) == checksums(whole_run) and len(checksums(resumed)) == 2
     a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in ("whole", "parts"))
     for key in ("epoch", "batch", "step", "epoch_sums", "best"):
-        _state_equal(a[key], b[key], key)
-    _state_equal({**a["last"], "images_per_s": 0}, {**b["last"], "images_per_s": 0}, "last")
-    _state_equal(shards_of(tmp_path / "whole", tmp_path), shards_of(tmp_path / "parts", tmp_path), "shards")
+        assert_same(a[key], b[key], key)
+    assert_same({**a["last"], "images_per_s": 0}, {**b["last"], "images_per_s": 0}, "last")
+    assert_same(shards_of(tmp_path / "whole", tmp_path), shards_of(tmp_path / "parts", tmp_path), "shards")
     same_metrics(tmp_path / "whole", tmp_path / "parts")
