@@ -261,10 +261,12 @@ def setup_distributed(args=None) -> tuple[int, int, int]:
     group unless --fsdp asks for one (a group of one process: FSDP2 and its checkpoints need one).
     Safe to call more than once.
     """
-    if _DIST["initialised"]:
-        return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or getattr(args, "fsdp", False):
+    wants_group = world > 1 or getattr(args, "fsdp", False)
+    # an earlier call without --fsdp (another run in this process) set up no group: make it now
+    if _DIST["initialised"] and not (wants_group and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
+    if wants_group:
         import torch.distributed as dist
 
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

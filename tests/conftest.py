@@ -1,7 +1,15 @@
 """Fixtures shared by test files (use them with `pytestmark = pytest.mark.usefixtures(...)`)."""
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n N`) the workers share the machine's cores: each takes its share of threads,
+# so that N workers do not oversubscribe the CPU.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture

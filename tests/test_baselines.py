@@ -68,13 +68,7 @@ STATE_RTOL = {"gdtuo": 1e-5}
 TEACHER = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared CPU: one thread avoids contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def batch(i: int, n: int = 64):

@@ -26,12 +26,7 @@ TINY_ML2O = ["--preset", "ml2o_cpu", "--curriculum", "none", "--epochs", "2", "-
 TINY_ADAPT = ["--problem", "lasso_ood", "--epochs", "3", "--unrolls", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def strip_time(path: Path) -> list[dict]:

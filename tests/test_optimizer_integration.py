@@ -24,12 +24,7 @@ KW = dict(alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, ga
           normalizer_param_meta=0.999, momentum_param_meta=0.9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def snapshot(opt):

@@ -31,12 +31,7 @@ SECOND_GROUP = {"weight_decay_base": 0.3, "momentum_param_base": 0.5, "normalize
                 "lion_beta2_base": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 def make_model(seed):
