@@ -1,14 +1,16 @@
 """What many tests share: exact comparison of nested state, the checkpoint round trip of the
 harness, and the environment of a child process.
 
-    from checks import assert_same, child_env, through_checkpoint
+    from checks import assert_same, child_env, free_port, gloo_group, through_checkpoint
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -58,3 +60,27 @@ def child_env(**extra) -> dict:
         e.pop(k)
     e.update(extra)
     return e
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now: the MASTER_PORT of a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """A rank of a `torch.multiprocessing.spawn`ed test in its gloo process group on localhost (one
+    torch thread); on a normal exit every rank is done with gloo before any tears it down (a rank
+    that destroys gloo while its peer still uses it can abort at exit)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,14 +1,11 @@
 """MetaOptimize on FSDP2-sharded parameters (fully_shard, two CPU ranks, gloo): every rank keeps the
 beta of one process holding the whole model, for every block kind and step implementation."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from checks import free_port, gloo_group
 
 from common.optimizers import MetaOptimize
 
@@ -35,32 +32,26 @@ def batches():
 def _rank(rank, world, port, out):
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
-    for groups, impl, meta in CONFIGS:
-        model = net()
-        for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
-        opt = make(groups, impl, meta, model)
-        for x, y in batches():
-            opt.zero_grad()
-            half = slice(rank * 4, rank * 4 + 4)
-            nn.functional.cross_entropy(model(x[half]), y[half]).backward()
-            opt.step()
-        results[(groups, impl, meta)] = (opt.step_sizes(), [p.full_tensor() for p in model.parameters()])
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        results = {}
+        for groups, impl, meta in CONFIGS:
+            model = net()
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            opt = make(groups, impl, meta, model)
+            for x, y in batches():
+                opt.zero_grad()
+                half = slice(rank * 4, rank * 4 + 4)
+                nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+                opt.step()
+            results[(groups, impl, meta)] = (opt.step_sizes(), [p.full_tensor() for p in model.parameters()])
+        torch.save(results, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_fsdp2_ranks_keep_the_single_process_beta(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for config in CONFIGS:

@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from checks import free_port
 
 from common import harness
 from common.optimizers import MetaOptimize
@@ -377,9 +377,7 @@ def _ddp_worker(rank, port, out_dir, result_dir):
 
 @pytest.mark.slow
 def test_ddp_ranks_agree(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (tmp_path / "res").mkdir()
     torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path / "out"), str(tmp_path / "res")), nprocs=2)
     r0, r1 = (json.loads((tmp_path / "res" / f"{r}.json").read_text()) for r in (0, 1))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from checks import free_port, gloo_group
 from torch.func import functional_call, grad, jvp
 
 from common.optimizers import MetaOptimize
@@ -240,34 +241,22 @@ def test_hessian_arguments_are_checked():
 
 
 def _hessian_rank(rank, world, port, out):
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    model, data = tiny_problem(6)
-    opt = MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=0.02, meta_stepsize=0.05,
-                       normalizer_param_meta=0.99, hessian="hvp")
-    for x, y in data[:6]:
-        opt.zero_grad()
-        half = slice(rank * 4, rank * 4 + 4)  # each rank half of the batch, through the module itself
-        (model(x[half]) - y[half]).pow(2).mean().backward(create_graph=True)
-        opt.step()
-    torch.save({"params": [p.detach() for p in model.parameters()], "alpha": opt.step_sizes()}, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        model, data = tiny_problem(6)
+        opt = MetaOptimize(model.parameters(), alg_base="AdamW", alg_meta="Adam", alpha0=0.02, meta_stepsize=0.05,
+                           normalizer_param_meta=0.99, hessian="hvp")
+        for x, y in data[:6]:
+            opt.zero_grad()
+            half = slice(rank * 4, rank * 4 + 4)  # each rank half of the batch, through the module itself
+            (model(x[half]) - y[half]).pow(2).mean().backward(create_graph=True)
+            opt.step()
+        torch.save({"params": [p.detach() for p in model.parameters()], "alpha": opt.step_sizes()}, f"{out}/rank{rank}.pt")
 
 
 def test_ranks_average_gradients_and_products_and_match_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_hessian_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     model, data = tiny_problem(6)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from test_optimizers import HP, SHAPES, grads_at, make_problem, split_hp
+from test_optimizers import HP, SHAPES, assert_follows_reference, make_problem, split_hp, step_with_reference
 
 from common.optim_flags import current_step_sizes
 from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg
@@ -43,14 +43,8 @@ def test_lr_scales_the_tuned_step_size_like_a_scaled_alpha(impl):
                        meta_stepsize=2e-2, gamma=0.9, impl=impl, **hp)
     base_hp, meta_hp = split_hp(hp)
     ref = Reference(weights, "AdamW", "Adam", 4e-2 * lr, 2e-2, 0.9, block_ids(SHAPES, "scalar"), base_hp, meta_hp)
-    for t in range(30):
-        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
-            p.grad = g
-        opt.step()
-        ref.step(grads_at(ref.w, [a.double() for a in curvature], [n.double() for n in noise[t]]))
-    for p, w in zip(params, ref.w):
-        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=0)
+    step_with_reference(opt, params, ref, curvature, noise, 30)
+    assert_follows_reference(opt, params, ref, alpha_atol=0)
 
 
 @pytest.mark.parametrize("make_scheduler", [

@@ -8,13 +8,11 @@ tests/test_experiments_resume.py.
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
-from checks import assert_same, through_checkpoint
+from checks import assert_same, free_port, gloo_group, through_checkpoint
 
 from common import harness
 from common.optimizers import MetaOptimize
@@ -142,23 +140,17 @@ def build(impl, groups):
 
 
 def _ddp_worker(rank, world, port, out, cases):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    for impl, groups in cases:
-        model, opt = build(impl, groups)
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        for step in range(STEPS):
-            x, y = half_batch(step, rank)
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(ddp(x, use_side=rank == 0), y).backward()
-            opt.step()
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "alpha": opt.step_sizes()},
-                   f"{out}/{impl}-{groups}-rank{rank}.pt")
-    dist.barrier()  # both ranks done with gloo before either tears it down (else an abort at exit)
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        for impl, groups in cases:
+            model, opt = build(impl, groups)
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            for step in range(STEPS):
+                x, y = half_batch(step, rank)
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(ddp(x, use_side=rank == 0), y).backward()
+                opt.step()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "alpha": opt.step_sizes()},
+                       f"{out}/{impl}-{groups}-rank{rank}.pt")
 
 
 def one_process(impl, groups):
@@ -179,9 +171,7 @@ def test_ddp_two_ranks_match_one_process_on_the_combined_batch(tmp_path):
     import torch.multiprocessing as mp
 
     cases = [("fused", "layerwise"), ("foreach", "nodewise")]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), cases), nprocs=2, join=True)
     for impl, groups in cases:
         r0, r1 = (torch.load(tmp_path / f"{impl}-{groups}-rank{r}.pt", weights_only=True) for r in (0, 1))

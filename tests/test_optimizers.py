@@ -62,6 +62,23 @@ def param_list(weights, groups, group_hp=None):
     return params, params
 
 
+def step_with_reference(opt, params, ref, curvature, noise, steps):
+    """`steps` steps of the optimizer and of the reference on the same noisy quadratic."""
+    curvature64 = [a.double() for a in curvature]
+    for t in range(steps):
+        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+            p.grad = g
+        opt.step()
+        ref.step(grads_at(ref.w, curvature64, [n.double() for n in noise[t]]))
+
+
+def assert_follows_reference(opt, params, ref, alpha_atol=1e-9):
+    """Weights and step sizes agree with the float64 reference to float32 accuracy."""
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=alpha_atol)
+
+
 def run_against_reference(base, meta, groups, impl, gamma=0.95, steps=50, group_hp=None, **extra):
     """50 steps of MetaOptimize and of the reference on the same noisy quadratic; checks w and alpha."""
     weights, curvature, noise = make_problem()
@@ -76,15 +93,8 @@ def run_against_reference(base, meta, groups, impl, gamma=0.95, steps=50, group_
     if group_hp:
         per_tensor = [{**base_hp, **split_hp(group_hp[0 if i < 2 else 1])[0]} for i in range(len(weights))]
     ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups, [2, 2]), per_tensor, meta_hp)
-    curvature64 = [a.double() for a in curvature]
-    for t in range(steps):
-        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
-            p.grad = g
-        opt.step()
-        ref.step(grads_at(ref.w, curvature64, [n.double() for n in noise[t]]))
-    for p, w in zip(params, ref.w):
-        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
+    step_with_reference(opt, params, ref, curvature, noise, steps)
+    assert_follows_reference(opt, params, ref)
     if meta != "fixed":
         assert not torch.allclose(ref.beta, torch.full_like(ref.beta, math.log(alpha0))), "beta should move"
     return opt, ref, params
@@ -145,12 +155,8 @@ def test_fused_and_foreach_take_float64_parameters(impl):
                        impl=impl, **HP)
     base_hp, meta_hp = split_hp(HP)
     ref = Reference(weights, "AdamW", "Adam", 1e-2, 2e-2, 0.9, block_ids(SHAPES, "scalar"), base_hp, meta_hp)
-    for t in range(30):
-        for p, g in zip(params, grads_at([p.detach() for p in params], [a.double() for a in curvature],
-                                         [n.double() for n in noise[t]])):
-            p.grad = g
-        opt.step()
-        ref.step(grads_at(ref.w, [a.double() for a in curvature], [n.double() for n in noise[t]]))
+    step_with_reference(opt, params, ref, [a.double() for a in curvature],
+                        [[n.double() for n in noise_t] for noise_t in noise], 30)
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.detach(), w, rtol=1e-9, atol=1e-12)
 
@@ -581,14 +587,8 @@ def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
     assert isinstance(opt._impl, CompiledImpl)
     base_hp, meta_hp = split_hp(HP)
     ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups), base_hp, meta_hp)
-    for t in range(30):
-        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
-            p.grad = g
-        opt.step()
-        ref.step(grads_at(ref.w, [a.double() for a in curvature], [n.double() for n in noise[t]]))
-    for p, w in zip(params, ref.w):
-        torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=1e-9)
+    step_with_reference(opt, params, ref, curvature, noise, 30)
+    assert_follows_reference(opt, params, ref)
 
 
 @pytest.mark.parametrize(
