@@ -274,7 +274,11 @@ def test_sbatch_script_text(tmp_path, monkeypatch):
 def test_sbatch_template_and_scripts_pass_shellcheck(tmp_path, monkeypatch):
     """scripts/sweep_job.sh is a real bash file: shellcheck checks it as it stands and as sweep.py fills it in."""
     shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "install shellcheck (Debian: apt-get install shellcheck; .ci/run does)"
+    if shellcheck is None:  # a system tool: skipped on a fresh machine, as the SLURM tests are; CI must run it
+        why = "shellcheck missing (apt-get install -y shellcheck)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the shellcheck test must run: {why}")
+        pytest.skip(why)
     monkeypatch.chdir(tmp_path)
     s = fill_argv(sweep.read_sweep(write(tmp_path / "demo.yaml", SWEEP_YAML.format(out="o u t"))))
     s.jobs[0].argv += ["--data-dir", "/path with 'quotes' and $dollars"]
