@@ -52,6 +52,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plot_idbd  # noqa: E402  (Sutton's tracking task, experiment idbd)
 import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
+from plotting import (  # noqa: E402  (the helpers the figure makers share)
+    DPI,
+    add_curve,
+    diverged_note,
+    figure,
+    label_keys,
+    mean_curve,
+    panel_grid,
+    series_record,
+    slug,
+    value_text,
+    x_key,
+)
 from summarize import (  # noqa: E402  (scripts/ is not a package)
     ArgParser,
     InputError,
@@ -70,8 +83,6 @@ CURVE_METRICS = {"test/acc": "test accuracy (%)", "val/loss": "validation loss",
 ROBUSTNESS_METRICS = ["test/acc", "val/loss", "online/acc", "train/loss"]
 FORMATS = ("png", "pdf")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-DPI = 150
-FIGSIZE = (6.4, 4.2)
 
 
 # --------------------------------------------------------------------------------------
@@ -79,11 +90,6 @@ FIGSIZE = (6.4, 4.2)
 # --------------------------------------------------------------------------------------
 
 
-def _g(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-# each --optimizer's own flags (config keys) start with its prefix; a label shows only its own
 BASELINE_PREFIXES = {"dog": "dog_", "ldog": "dog_", "prodigy": "prodigy_", "mechanic": "mechanic_",
                      "gdtuo": "gdtuo_", "schedulefree": "sf_", "dadaptadam": "dadapt_"}
 
@@ -102,23 +108,6 @@ def _relevant(key: str, optimizer: str) -> bool:
     return optimizer == "adamw" and key in ADAMW_KEYS
 
 
-def label_keys(groups) -> list[str]:
-    """The keys that tell configurations apart beyond their method: varying keys, less those that
-    one (optimizer, base, meta) always has the same value of (e.g. the base's rho)."""
-    configs = [c for c, _ in groups]
-    keys = varying_keys(configs)
-    method = ("optimizer", "alg_base", "alg_meta")
-    out = []
-    for k in keys:
-        values: dict[str, set] = {}
-        for c in configs:
-            values.setdefault(json.dumps([c.get(m) for m in method], default=str), set()).add(
-                json.dumps(c.get(k), default=str))
-        if k in method or any(len(v) > 1 for v in values.values()):
-            out.append(k)
-    return out
-
-
 def method_label(config: dict, keys: list[str]) -> str:
     """A short name for a configuration, e.g. "AdamW+Adam resnet18_blocks" or "Lion fixed α=1e-4"."""
     optimizer = str(config.get("optimizer", "")).lower()
@@ -130,12 +119,12 @@ def method_label(config: dict, keys: list[str]) -> str:
         covered |= {"alg_base", "alg_meta"}
         if str(meta).lower() == "fixed":
             alpha = config.get("alpha0")
-            parts.append(f"{base} fixed" + (f" α={_g(alpha)}" if alpha is not None else ""))
+            parts.append(f"{base} fixed" + (f" α={value_text(alpha)}" if alpha is not None else ""))
             covered |= {"alpha0", "stepsize_groups"}
         else:
             parts.append(f"{base}+{meta}")
     elif optimizer == "adamw" and "lr" in config:
-        parts.append(f"AdamW cosine lr={_g(config['lr'])}")
+        parts.append(f"AdamW cosine lr={value_text(config['lr'])}")
         covered |= {"lr", "alpha0", "alg_base", "alg_meta", "stepsize_groups"}
     elif optimizer:
         parts.append(str(config["optimizer"]))
@@ -146,75 +135,20 @@ def method_label(config: dict, keys: list[str]) -> str:
         if k == "stepsize_groups":
             parts.append(str(config.get(k)))
         elif k == "alpha0":
-            parts.append(f"α0={_g(config.get(k))}")
+            parts.append(f"α0={value_text(config.get(k))}")
         else:
-            parts.append(f"{k}={_g(config.get(k))}")
+            parts.append(f"{k}={value_text(config.get(k))}")
     return " ".join(parts) or "all runs"
-
-
-def slug(text: str) -> str:
-    text = text.replace("α0", "alpha0").replace("α", "alpha").replace("+", "_")
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_") or "run"
-
-
-def x_key(runs: list[Run], metric: str) -> str:
-    """"epoch" when every record holding the metric also has an epoch, else "step"."""
-    records = [r for run in runs for r in run.metrics if metric in r]
-    return "epoch" if records and all("epoch" in r for r in records) else "step"
-
-
-def mean_curve(runs: list[Run], metric: str, x: str = "step"):
-    """(x, mean, std, used runs) of a metric over runs: on the x values every run logged, or, when the
-    runs logged at different points, interpolated onto them over the range they share."""
-    series = [(run, *run.series(metric, x)) for run in runs]
-    series = [(run, xs, ys) for run, xs, ys in series if xs]
-    if not series:
-        return None
-    tables = [dict(zip(xs, ys)) for _, xs, ys in series]
-    common = sorted(set.intersection(*(set(t) for t in tables)))
-    shortest = min(len(t) for t in tables)
-    if len(common) >= max(1, shortest // 2):
-        grid = np.array(common)
-        values = np.array([[t[v] for v in common] for t in tables])
-    else:
-        lo = max(min(xs) for _, xs, _ in series)
-        hi = min(max(xs) for _, xs, _ in series)
-        grid = np.array(sorted({v for _, xs, _ in series for v in xs if lo <= v <= hi}))
-        if not len(grid):
-            return None
-        values = np.array([np.interp(grid, xs, ys) for _, xs, ys in series])
-    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(grid))
-    return grid, values.mean(axis=0), std, [run for run, _, _ in series]
-
-
-def _series_record(label, grid, mean, std, runs) -> dict:
-    return {"label": label, "runs": [r.name for r in runs], "x": [float(v) for v in grid],
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-
-
-def _add_curve(ax, data: dict, label: str, curve, **style) -> None:
-    """Draw a mean_curve result (mean line, +-1 std band) and record it in the figure's data.
-    `style`: matplotlib line properties (color, linestyle)."""
-    grid, mean, std, _ = curve
-    (line,) = ax.plot(grid, mean, label=label, marker="o" if len(grid) <= 20 else None, markersize=3, **style)
-    if np.any(std > 0):
-        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    data["series"].append(_series_record(label, *curve))
-
-
-def _diverged_note(members) -> str:
-    n = sum(r.diverged for r in members)
-    return f" ({n}/{len(members)} diverged)" if n else ""
 
 
 def _add_config_curves(ax, data: dict, groups, keys, metric: str, x: str) -> None:
     """One curve per configuration: its runs (seeds) that did not diverge averaged; each diverged
     run dashed on its own, up to its divergence (an x)."""
     for config, members in groups:
-        label = method_label(config, keys) + _diverged_note(members)
+        label = method_label(config, keys) + diverged_note(members)
         curve = mean_curve([r for r in members if not r.diverged], metric, x)
         if curve is not None:
-            _add_curve(ax, data, label, curve)
+            add_curve(ax, data, label, curve)
         for run in (r for r in members if r.diverged):
             xs, ys = run.series(metric, x)
             keep = [(a, b) for a, b in zip(xs, ys) if math.isfinite(b)]
@@ -232,17 +166,6 @@ def _add_config_curves(ax, data: dict, groups, keys, metric: str, x: str) -> Non
 # --------------------------------------------------------------------------------------
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
 def curve_figures(exp: str, groups, keys) -> dict:
     out = {}
     for metric, ylabel in CURVE_METRICS.items():
@@ -250,7 +173,7 @@ def curve_figures(exp: str, groups, keys) -> dict:
         if not any(run.series(metric)[0] for run in runs):
             continue
         x = x_key(runs, metric)
-        fig, ax = _figure(f"{exp}: {ylabel}", "epoch" if x == "epoch" else "iteration", ylabel)
+        fig, ax = figure(f"{exp}: {ylabel}", "epoch" if x == "epoch" else "iteration", ylabel)
         data = {"kind": "curve", "metric": metric, "x": x, "series": []}
         _add_config_curves(ax, data, groups, keys, metric, x)
         ax.legend(fontsize=7)
@@ -272,13 +195,13 @@ def step_size_figures(exp: str, groups, keys) -> dict:
         if not blocks or len(set(values)) < 2:  # nothing logged, or fixed step sizes
             continue
         label = method_label(config, keys)
-        fig, ax = _figure(f"{exp}: step sizes, {label}", "iteration", "step size")
+        fig, ax = figure(f"{exp}: step sizes, {label}", "iteration", "step size")
         data = {"kind": "step_sizes", "config": label, "x": "step", "series": []}
         for block in blocks:
             curve = mean_curve(members, block, "step")
             if curve is None or np.any(curve[1] <= 0):
                 continue
-            _add_curve(ax, data, block.removeprefix("step_size/").replace("block_", "block "), curve)
+            add_curve(ax, data, block.removeprefix("step_size/").replace("block_", "block "), curve)
         if not data["series"]:
             import matplotlib.pyplot as plt
 
@@ -309,7 +232,7 @@ def robustness_figures(exp: str, groups, keys) -> dict:
     if not lines:
         return {}
     ylabel = CURVE_METRICS.get(metric, metric)
-    fig, ax = _figure(f"{exp}: final {ylabel} against initial step size", "α0 (initial step size)", f"final {ylabel}")
+    fig, ax = figure(f"{exp}: final {ylabel} against initial step size", "α0 (initial step size)", f"final {ylabel}")
     data = {"kind": "alpha0", "metric": metric, "x": "alpha0", "series": []}
     _add_alpha0_points(ax, data, lines)
     ax.set_xscale("log")
@@ -324,11 +247,11 @@ def _add_alpha0_points(ax, data: dict, lines: dict) -> None:
         mean = np.array([np.mean(p[1]) for p in points])
         std = np.array([np.std(p[1], ddof=1) if len(p[1]) > 1 else 0.0 for p in points])
         ax.errorbar(grid, mean, yerr=std, label=label, marker="o", markersize=4, capsize=3)
-        record = _series_record(label, grid, mean, std, [r for p in points for r in p[2]])
+        record = series_record(label, grid, mean, std, [r for p in points for r in p[2]])
         record["diverged"] = [sum(r.diverged for r in p[2]) for p in points]  # left out of each point
         data["series"].append(record)
         for x, y, p in zip(grid, mean, points):
-            if note := _diverged_note(p[2]):
+            if note := diverged_note(p[2]):
                 ax.annotate(note.strip(" ()"), (x, y), textcoords="offset points", xytext=(0, 6), fontsize=6,
                             ha="center")
 
@@ -347,7 +270,7 @@ def continual_figures(exp: str, groups, keys) -> dict:
     runs = [r for _, members in groups for r in members]
     if not any(run.series("online/acc")[0] for run in runs):
         return {}
-    fig, ax = _figure(f"{exp}: accumulated online accuracy", "step", "online accuracy (%)")
+    fig, ax = figure(f"{exp}: accumulated online accuracy", "step", "online accuracy (%)")
     switches = task_switches(runs)
     for i, s in enumerate(switches):
         ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, alpha=0.6, label="task switch" if i == 0 else None)
@@ -367,14 +290,14 @@ def _add_task_end_curves(ax, data: dict, groups, keys) -> None:
         curve = mean_curve(members, "task/test_acc", "task")
         if curve is not None:
             grid, mean, std, used = curve
-            _add_curve(ax, data, method_label(config, keys), (grid + 1, mean, std, used))
+            add_curve(ax, data, method_label(config, keys), (grid + 1, mean, std, used))
     ax.xaxis.get_major_locator().set_params(integer=True)
 
 
 def task_end_figures(exp: str, groups, keys) -> dict:
     if not _has_task_end(groups):
         return {}
-    fig, ax = _figure(f"{exp}: test accuracy at the end of each task", "task", "test accuracy (%)")
+    fig, ax = figure(f"{exp}: test accuracy at the end of each task", "task", "test accuracy (%)")
     data = {"kind": "task_end", "metric": "task/test_acc", "x": "task", "series": []}
     _add_task_end_curves(ax, data, groups, keys)
     ax.legend(fontsize=7)
@@ -389,21 +312,6 @@ KINDS = ("auto", "curves", "base-panels", "block-panels", "step-sizes", "alpha0"
          *plot_idbd.KIND_MAKERS)
 # the metric a figure shows when --metric is not given: the first of these the runs logged
 DEFAULT_METRICS = ["test/acc", "val/loss", "online/acc", "train/loss"]
-
-
-def _panels(n: int, title: str, ncols: int | None = None, sharey: bool = True):
-    import matplotlib.pyplot as plt
-
-    ncols = ncols or min(n, 4)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 3.1 * nrows + 0.5), sharey=sharey, squeeze=False)
-    for ax in axes.flat[n:]:
-        fig.delaxes(ax)
-    fig.suptitle(title, fontsize=10)
-    axes = list(axes.flat[:n])
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    return fig, axes
 
 
 def _metric(runs: list[Run], metric: str | None) -> str:
@@ -435,7 +343,7 @@ def kind_curves(name, groups, keys, metric) -> dict:
     runs = [r for _, members in groups for r in members]
     x = x_key(runs, metric)
     ylabel = CURVE_METRICS.get(metric, metric)
-    fig, ax = _figure(name, "epoch" if x == "epoch" else "iteration", ylabel)
+    fig, ax = figure(name, "epoch" if x == "epoch" else "iteration", ylabel)
     if len(groups) > 10:  # the default cycle has 10 colors
         import matplotlib.pyplot as plt
 
@@ -456,7 +364,7 @@ def kind_base_panels(name, groups, keys, metric) -> dict:
     runs = [r for _, members in groups for r in members]
     x = x_key(runs, metric)
     ylabel = CURVE_METRICS.get(metric, metric)
-    fig, axes = _panels(len(panels), name)
+    fig, axes = panel_grid(len(panels), name)
     data = {"kind": "base_panels", "metric": metric, "x": x, "panels": []}
     for ax, (base, members) in zip(axes, panels.items()):
         panel = {"title": base, "series": []}
@@ -477,7 +385,7 @@ def kind_block_panels(name, groups, keys, metric=None) -> dict:
     if not chosen:
         raise InputError("--kind block-panels: no configuration logged moving step sizes of several blocks")
     blocks = [b for b in blocks if any(b in r for _, m in chosen for run in m for r in run.metrics)]
-    fig, axes = _panels(len(blocks), name, ncols=min(len(blocks), 3))
+    fig, axes = panel_grid(len(blocks), name, ncols=min(len(blocks), 3))
     data = {"kind": "block_panels", "x": "step", "panels": []}
     for ax, block in zip(axes, blocks):
         panel = {"title": block.removeprefix("step_size/").replace("_", " "), "series": []}
@@ -486,7 +394,7 @@ def kind_block_panels(name, groups, keys, metric=None) -> dict:
         for config, members in chosen:
             curve = mean_curve(members, block, "step")
             if curve is not None and np.all(curve[1] > 0):
-                _add_curve(ax, panel, method_label(config, keys), curve)
+                add_curve(ax, panel, method_label(config, keys), curve)
         ax.set_yscale("log")
         data["panels"].append(panel)
     axes[0].set_ylabel("step size")
@@ -516,7 +424,7 @@ def kind_alpha0(name, groups, keys, metric) -> dict:
     runs = [r for _, members in groups for r in members]
     x = x_key(runs, metric)
     ylabel = CURVE_METRICS.get(metric, metric)
-    fig, (ax_curve, ax_final, ax_step) = _panels(3, name, ncols=3, sharey=False)
+    fig, (ax_curve, ax_final, ax_step) = panel_grid(3, name, ncols=3, sharey=False)
     data = {"kind": "alpha0", "metric": metric, "x": x, "panels": []}
     import matplotlib.pyplot as plt
 
@@ -526,22 +434,22 @@ def kind_alpha0(name, groups, keys, metric) -> dict:
     steps = {"title": "step size per α0", "series": []}
     finals = {"title": f"final {ylabel} against α0", "series": []}
     for (config, members), color in zip(moving, colors):
-        label = f"α0={_g(config['alpha0'])}"
+        label = f"α0={value_text(config['alpha0'])}"
         if len(other) and len({method_label(c, other) for c, _ in moving}) > 1:
             label = f"{method_label(config, other)} {label}"
         curve = mean_curve(members, metric, x)
         if curve is not None:
-            _add_curve(ax_curve, curves, label, curve, color=color)
+            add_curve(ax_curve, curves, label, curve, color=color)
         block = next((b for b in _block_keys([(config, members)]) if _moves(members, b)), None)
         if block is not None:
             curve = mean_curve(members, block, "step")
             if curve is not None and np.all(curve[1] > 0):
-                _add_curve(ax_step, steps, label, curve, color=color)
+                add_curve(ax_step, steps, label, curve, color=color)
     for config, members in references:
         label = method_label(config, other + ["alpha0"] if "alpha0" not in other else other)
         curve = mean_curve(members, metric, x)
         if curve is not None:
-            _add_curve(ax_curve, curves, label, curve, color="black", linestyle="--")
+            add_curve(ax_curve, curves, label, curve, color="black", linestyle="--")
         values = [v for r in members if (v := final_value(r, metric)) is not None]
         if values:
             ax_final.axhline(np.mean(values), color="black", linestyle="--", linewidth=1, label=label)
@@ -568,7 +476,7 @@ def kind_task_end(name, groups, keys, metric=None) -> dict:
     if not _has_task_end(groups):
         raise InputError("--kind task-end: no run logged task/test_acc (the continual experiment's metric)")
     runs = [r for _, members in groups for r in members]
-    fig, (ax_online, ax_task) = _panels(2, name, ncols=2, sharey=False)
+    fig, (ax_online, ax_task) = panel_grid(2, name, ncols=2, sharey=False)
     online = {"title": "accumulated online accuracy", "metric": "online/acc", "x": "step",
               "task_switches": task_switches(runs), "series": []}
     for i, s in enumerate(online["task_switches"]):
@@ -590,7 +498,7 @@ def kind_top1_top5(name, groups, keys, metric=None) -> dict:
     runs = [r for _, members in groups for r in members]
     if not any(run.series("test/acc5")[0] for run in runs):
         raise InputError("--kind top1-top5: no run logged test/acc5 (top-5 accuracy: the ImageNet experiment)")
-    fig, axes = _panels(2, name, ncols=2, sharey=False)
+    fig, axes = panel_grid(2, name, ncols=2, sharey=False)
     data = {"kind": "top1_top5", "x": "epoch", "panels": []}
     for ax, (title, metrics) in zip(axes, (("top-1 accuracy", ("test/acc", "train/acc")),
                                            ("top-5 accuracy", ("test/acc5", "train/acc5")))):
@@ -601,7 +509,7 @@ def kind_top1_top5(name, groups, keys, metric=None) -> dict:
                 if curve is None:
                     continue
                 split = "test" if metric_key.startswith("test") else "train"
-                _add_curve(ax, panel, f"{method_label(config, keys)} ({split})", curve, color=f"C{i % 10}",
+                add_curve(ax, panel, f"{method_label(config, keys)} ({split})", curve, color=f"C{i % 10}",
                            linestyle=style)
         ax.set(xlabel="epoch", ylabel=f"{title} (%)", title=title)
         ax.title.set_fontsize(9)
@@ -617,7 +525,7 @@ KIND_MAKERS = {"curves": kind_curves, "base-panels": kind_base_panels, "block-pa
 
 def _matches(value, text: str) -> bool:
     """A config value equals a command-line value: as text, or as numbers (1e-6 == 1e-06 == 0.000001)."""
-    if str(value) == text or _g(value) == text:
+    if str(value) == text or value_text(value) == text:
         return True
     try:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and float(text) == float(value)

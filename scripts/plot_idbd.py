@@ -19,7 +19,8 @@ import re
 import textwrap
 
 import numpy as np
-from summarize import Run, final_value
+import plotting
+from summarize import InputError, Run, final_value, group_runs
 
 EXPERIMENT = "idbd"
 # config keys that only name or count seeds: seeds are pooled over them
@@ -34,11 +35,6 @@ PER_SEED = re.compile(r"^(?P<name>.+)/seed(?P<seed>\d+)$")
 CLIP = 4.0  # the error axis ends at this many times the best LMS error (diverged: an x at the top edge)
 MARKERS = "os^vDPX*h<>"
 
-
-def _plot():
-    import plot  # scripts/plot.py imports this module; its helpers are read at call time
-
-    return plot
 
 
 def parameter(config: dict) -> str:
@@ -74,7 +70,7 @@ def _families(groups):
     for config, members in groups:
         by_method.setdefault(str(config.get("method")), []).append((config, members))
     # per method, the keys that tell configurations of one base and meta apart
-    keys = {method: _plot().label_keys(members) for method, members in by_method.items()}
+    keys = {method: plotting.label_keys(members) for method, members in by_method.items()}
     out: dict[str, list] = {}
     for config, members in groups:
         value = config.get(parameter(config))
@@ -131,7 +127,6 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
     """Sutton's Figure 3: asymptotic error against the step-size parameter, on a linear axis up to
     CLIP x the best LMS (points above it, learners whose weights blew up without diverging, are marked
     at the top edge with their value)."""
-    plot = _plot()
     data = {"kind": "idbd_error", "metric": "asymptotic_mse", "series": []}
     drawn, best_lms = [], None
     for family, points in _families(groups).items():
@@ -149,7 +144,7 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
             if config.get("method") == "lms" and (best_lms is None or means[-1] < best_lms[1]):
                 best_lms = (value, means[-1])
         if xs:
-            record = plot._series_record(family + _runs_note(sum(diverged.values())), np.array(xs),
+            record = plotting.series_record(family + _runs_note(sum(diverged.values())), np.array(xs),
                                          np.array(means), np.array(stds), used)
             record["diverged"] = diverged
             data["series"].append(record)
@@ -158,7 +153,7 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
         return {}
     values = [v for record in data["series"] for v in record["mean"]]
     top = min(CLIP * (best_lms[1] if best_lms else float(np.median(values))), 1.05 * max(values))
-    fig, ax = plot._figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
+    fig, ax = plotting.figure(name, "step-size parameter: α (LMS), θ = meta step size (the others)",
                            "asymptotic mean squared error")
     fig.set_size_inches(9.0, 4.6)
     for i, (record, config) in enumerate(drawn):
@@ -190,7 +185,6 @@ def error_figure(name: str, groups, keys=None, metric=None) -> dict:
 def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
     """Sutton's Figure 4: the step sizes of relevant and irrelevant inputs against examples, per method
     at its best parameter."""
-    plot = _plot()
     panels = []
     for family, points in _families(groups).items():  # in the order of the error figure
         if all(p[1].get("method") == "lms" for p in points):
@@ -206,12 +200,12 @@ def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
             panels.append((f"{family}, {'θ' if parameter(config) == 'meta_stepsize' else 'α'}={value:g}", runs))
     if not panels:
         return {}
-    fig, axes = plot._panels(len(panels), name, ncols=min(len(panels), 3), sharey=False)
+    fig, axes = plotting.panel_grid(len(panels), name, ncols=min(len(panels), 3), sharey=False)
     data = {"kind": "idbd_step_sizes", "x": "step", "panels": []}
     for ax, (title, runs) in zip(axes, panels):
         panel = {"title": title, "series": []}
         for part, style in (("relevant", "-"), ("irrelevant", "--")):
-            curve = plot.mean_curve(seed_runs(runs, f"alpha/{part}"), "value", "step")
+            curve = plotting.mean_curve(seed_runs(runs, f"alpha/{part}"), "value", "step")
             if curve is None or np.any(curve[1] <= 0):
                 continue
             grid, mean, std, used = curve
@@ -220,7 +214,7 @@ def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
             if np.any(std > 0):
                 ax.fill_between(grid, np.maximum(mean - std, mean / 10), mean + std, color=line.get_color(),
                                 alpha=0.2, linewidth=0)
-            panel["series"].append(plot._series_record(f"{part} inputs", grid, mean, std, used))
+            panel["series"].append(plotting.series_record(f"{part} inputs", grid, mean, std, used))
         ax.set(title=textwrap.fill(title, 45), xlabel="examples", ylabel="step size α", yscale="log")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
@@ -230,16 +224,16 @@ def step_size_figure(name: str, groups, keys=None, metric=None) -> dict:
 
 def figures(exp: str, groups, keys) -> dict:
     """Every idbd figure the runs support (plot.py without --kind)."""
-    groups = _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS)
+    groups = group_runs([r for _, m in groups for r in m], SEED_KEYS)
     return {**error_figure(f"{exp}_asymptotic_error", groups), **step_size_figure(f"{exp}_step_sizes", groups)}
 
 
 def _kind(maker, needs: str):
     """A --kind maker of plot.py: the figure from the chosen runs, or an error naming what is missing."""
     def make(name, groups, keys, metric=None):
-        out = maker(name, _plot().group_runs([r for _, m in groups for r in m], SEED_KEYS))
+        out = maker(name, group_runs([r for _, m in groups for r in m], SEED_KEYS))
         if not out:
-            raise _plot().InputError(f"the runs logged no {needs} (runs of idbd/train.py)")
+            raise InputError(f"the runs logged no {needs} (runs of idbd/train.py)")
         return out
     return make
 

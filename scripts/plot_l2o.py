@@ -25,17 +25,13 @@ import math
 from collections import defaultdict
 
 import numpy as np
+import plotting
 from summarize import Run
 
 KINDS = ("rescale", "scale", "translation")
 SMOOTH = 10  # running mean of the per-step mini-batch loss
 PAPER = ("L2O", "Adam", "SGD", "Lion")
 
-
-def _plot():
-    import plot  # scripts/plot.py imports this module; its helpers are read at call time
-
-    return plot
 
 
 def label(config: dict) -> str:
@@ -93,9 +89,8 @@ def _smooth(values: np.ndarray) -> np.ndarray:
 
 
 def _curve(ax, data, runs, key, name, fn=None, **style):
-    plot = _plot()
     runs = _derived(runs, key, fn or (lambda v: v), "value")
-    curve = plot.mean_curve(runs, "value", "step")
+    curve = plotting.mean_curve(runs, "value", "step")
     if curve is None:
         return None
     grid, mean, std, used = curve
@@ -103,7 +98,7 @@ def _curve(ax, data, runs, key, name, fn=None, **style):
     if np.any(std > 0):  # on log axes a band below 0 would vanish: keep its bottom at a tenth of the mean
         lower = np.where((mean > 0) & (mean - std <= 0), mean / 10, mean - std)
         ax.fill_between(grid, lower, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
-    data["series"].append({**plot._series_record(name, grid, mean, std, used), "metric": key})
+    data["series"].append({**plotting.series_record(name, grid, mean, std, used), "metric": key})
     return line
 
 
