@@ -124,8 +124,18 @@ def _read_split(folder: Path, files: list[str], info: dict) -> tuple[Tensor, Ten
             raise DatasetError(
                 f"{folder / fname} has keys {sorted(d)}, expected 'data' and {info['labels_key']!r}"
             )
-        data = np.asarray(d["data"], dtype=np.uint8)
-        labels = np.asarray(d[info["labels_key"]], dtype=np.int64)
+        data = np.asarray(d["data"])
+        # the format is uint8 pixels: a cast would silently turn floats in [0, 1] into 0 and wrap 256 to 0
+        if data.dtype != np.uint8:
+            integral = np.issubdtype(data.dtype, np.integer)
+            if not integral or (data.size and (int(data.min()) < 0 or int(data.max()) > 255)):
+                what = f"{data.dtype} values" + (f" in [{data.min()}, {data.max()}]" if data.size else "")
+                raise DatasetError(f"{folder / fname}: 'data' holds {what}; the format is uint8 pixels in [0, 255]")
+            data = data.astype(np.uint8)
+        labels = np.asarray(d[info["labels_key"]])
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(f"{folder / fname}: labels are {labels.dtype}, expected integers")
+        labels = labels.astype(np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise DatasetError(
                 f"{folder / fname}: data has shape {data.shape} and {len(labels)} labels, "
@@ -200,6 +210,9 @@ def load_cifar(name, data_dir, *, download=True) -> ImageData:
     if info["classes_key"] not in meta:
         raise DatasetError(f"{folder / info['meta_file']} has no {info['classes_key']!r} entry")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[info["classes_key"]]]
+    if len(classes) != info["num_classes"]:
+        raise DatasetError(f"{folder / info['meta_file']}: {info['classes_key']!r} names {len(classes)} classes, "
+                           f"{name} has {info['num_classes']}")
     return ImageData(train_x, train_y, test_x, test_y, classes)
 
 

@@ -377,3 +377,41 @@ def test_device_batches_cuda_no_sync():
     )
     out = random_crop_flip(x[:8].cuda(), torch.Generator().manual_seed(0))
     assert out.is_cuda and torch.equal(out.cpu(), random_crop_flip(x[:8], torch.Generator().manual_seed(0)))
+
+
+# ---- files in the CIFAR layout that do not hold what the format says -------------------------
+
+
+def _rewrite(path: Path, **changes):
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    d.update({k.encode(): v for k, v in changes.items()})
+    with open(path, "wb") as f:
+        pickle.dump(d, f)
+
+
+def test_cifar_meta_with_the_wrong_number_of_class_names_is_one_error(tmp_path):
+    root = write_fake_cifar10(tmp_path, n_train=10, n_test=5)
+    _rewrite(root / "cifar-10-batches-py" / "batches.meta", label_names=[b"a", b"b", b"c", b"d", b"e"])
+    with pytest.raises(DatasetError, match=r"batches.meta: 'label_names' names 5 classes, cifar10 has 10"):
+        load_cifar("cifar10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("data, what", [
+    (np.full((2, 3072), 0.5, dtype=np.float32), r"float32 values in \[0.5, 0.5\]"),  # a cast would make them all 0
+    (np.full((2, 3072), 300, dtype=np.int64), r"int64 values in \[300, 300\]"),  # a cast would wrap to 44
+    (np.full((2, 3072), -1, dtype=np.int16), r"int16 values in \[-1, -1\]"),
+])
+def test_cifar_pixels_that_are_not_uint8_values_are_one_error(tmp_path, data, what):
+    root = write_fake_cifar10(tmp_path, n_train=10, n_test=2)
+    _rewrite(root / "cifar-10-batches-py" / "test_batch", data=data, labels=[0, 1])
+    with pytest.raises(DatasetError, match=rf"test_batch: 'data' holds {what}; the format is uint8 pixels"):
+        load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_cifar_pixels_as_wider_integers_in_range_load(tmp_path):
+    root = write_fake_cifar10(tmp_path, n_train=10, n_test=2)
+    _rewrite(root / "cifar-10-batches-py" / "test_batch", data=np.full((2, 3072), 255, dtype=np.int64),
+             labels=[0, 1])
+    data = load_cifar("cifar10", tmp_path, download=False)
+    assert data.test_x.dtype == torch.uint8 and int(data.test_x.min()) == 255
