@@ -493,3 +493,19 @@ def test_benchmark_script_runs(tmp_path):
     recorded = json.loads((tmp_path / "rec.json").read_text())  # --record: the same numbers, with the command
     assert recorded["raw"]["tokens_per_s"] == result["tokens_per_s"] and "--record" in recorded["command"]
     assert "| MetaOptimize (AdamW, Lion) |" in (tmp_path / "rec.md").read_text()
+
+
+def test_token_ids_past_the_vocabulary_are_one_error_line(data_dir, tmp_path):
+    """Shards tokenized with a larger vocabulary (or corrupt) would index past the embedding."""
+    d = tmp_path / "data"
+    shutil.copytree(data_dir / f"tok{VOCAB}", d / f"tok{VOCAB}")
+    shard = d / f"tok{VOCAB}" / "data01.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[len(tokens) // 2] = VOCAB + 7  # the file keeps its size, so the manifest still fits it
+    tokens.tofile(shard)
+    with pytest.raises(ValueError, match=rf"data01.bin: token id {VOCAB + 7} is outside the vocabulary"):
+        load("prepare").TokenShards(d, VOCAB, "train")
+    proc = py("train", "--data-dir", d, *TINY, "--max-iters", 1, "--save-directory", tmp_path / "out", check=False)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "data01.bin: token id" in lines[0] and f"--vocab-size {VOCAB}" in lines[0]

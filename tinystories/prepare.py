@@ -273,6 +273,12 @@ class TokenShards:
         files = files[:1] if split == "val" else files[1:]
         self.arrays = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
         self.files = files
+        for f, a in zip(files, self.arrays):  # one read of each shard: a token past the vocabulary is no index
+            top = int(a.max()) if len(a) else -1
+            if top >= vocab_size:
+                raise ValueError(f"{f}: token id {top} is outside the vocabulary of --vocab-size {vocab_size}; "
+                                 f"tokenize with the tok{vocab_size}.model tokenizer, or pass the --vocab-size "
+                                 f"the shards were made with")
 
     def batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and next-token targets, (batch_size, seq_len) int64 each."""
