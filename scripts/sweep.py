@@ -355,6 +355,8 @@ def read_sweep(path, overrides: list[str] = ()) -> Sweep:
     for key, value in fixed.items():
         _check_scalar(value, f"{path}: fixed.{key}")
     grid = _mapping(data.get("grid"), f"{path}: grid")
+    if "grid" in data and not grid:  # an empty grid would quietly run the fixed flags alone
+        raise SweepError(f"{path}: grid is empty; give it flag: values to sweep, or remove it")
     configs = data.get("configs")
     if configs is None:
         configs = [{}]

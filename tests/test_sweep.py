@@ -161,6 +161,8 @@ BAD_FILES = [
     ("bad.yaml", "experiment: mnist\n", "experiment 'mnist' has no train.py; accepted: cifar10"),
     ("bad.yaml", "experiment: cifar10\ngrid: [alpha0, 1]\n", "grid must be a mapping"),
     ("bad.yaml", "experiment: cifar10\ngrid: {alpha0: []}\n", "grid.alpha0: empty list"),
+    ("bad.yaml", "experiment: cifar10\ngrid: {}\n", "grid is empty"),
+    ("bad.yaml", "experiment: cifar10\ngrid:\n", "grid is empty"),
     ("bad.yaml", "experiment: cifar10\nfixed: {alpha0: {a: 1}}\n", "fixed.alpha0: values must be"),
     ("bad.yaml", "experiment: cifar10\nconfigs: {alpha0: 1}\n", "configs must be a non-empty list"),
     ("bad.yaml", "experiment: cifar10\nseeds: [0, x]\n", "seeds must be a list of integers"),
