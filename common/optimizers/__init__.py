@@ -10,6 +10,7 @@ thin optimizer class; `reference` a plain float64 statement of the spec that the
 implementation against; `packaged` the authors' pip class. The maths: ../shared/spec/metaoptimize.md.
 """
 
+from .around import MetaOptimizeAround
 from .blocks import GROUP_KINDS, NAMED_STEPSIZE_GROUPS, resolve_stepsize_groups
 from .metaoptimize import BASE_ALGS, META_ALGS, MetaOptimize
 from .packaged import MetaOptimize_AdamW_Lion_hg
@@ -24,6 +25,7 @@ __all__ = [
     "META_RULES",
     "NAMED_STEPSIZE_GROUPS",
     "MetaOptimize",
+    "MetaOptimizeAround",
     "MetaOptimize_AdamW_Lion_hg",
     "resolve_stepsize_groups",
 ]
