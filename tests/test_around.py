@@ -292,3 +292,71 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="alpha0"):
         MetaOptimize.around(torch.optim.Adam(p), alpha0=-1.0)
     assert math.isclose(MetaOptimize.around(torch.optim.Adam(p), alpha0=0.5).step_sizes().item(), 0.5, rel_tol=1e-6)
+
+
+# ---- torch's generic checks, on the wrapper around each torch optimizer ----------------------
+# torch's own OptimizerInfo inputs (test/test_optim.py), foreach and fused variants included: each
+# base built with them and wrapped (alg_meta Adam, alpha0 1); LBFGS (a closure-driven line search)
+# and SparseAdam (sparse gradients) are not first-order dense steps and are left out.
+
+from test_optim_generic import _fwd_bwd, linear_problem  # noqa: E402  (it thaws torch's backend flags)
+from torch.testing._internal.common_optimizers import (  # noqa: E402
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
+
+TORCH_INFOS = [i for i in optim_db if i.name not in ("LBFGS", "SparseAdam")]
+
+
+def torch_inputs(info):
+    return [i for i in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info,
+                                                                          skip=("differentiable",))
+            if not i.kwargs.get("capturable")]
+
+
+def wrapped(info, params, kwargs):
+    if info.name == "Muon":  # 2-D weights only: the bias keeps its value
+        params = [p for p in params if p.dim() == 2]
+    return MetaOptimize.around(info.optim_cls(params, **kwargs), alpha0=1.0, meta_stepsize=1e-3)
+
+
+@pytest.mark.parametrize("info", TORCH_INFOS, ids=lambda i: i.name)
+def test_torch_generic_loss_decreases_and_resume_is_exact(info):
+    """torch's test_forloop_goes_right_direction and test_state_dict_deterministic, wrapped."""
+    for optim_input in torch_inputs(info):
+        weight, bias, x = linear_problem("cpu")
+        opt = wrapped(info, [weight, bias], optim_input.kwargs)
+        sign = -1.0 if optim_input.kwargs.get("maximize") else 1.0
+
+        def closure(opt=opt, weight=weight, bias=bias, sign=sign, x=x):
+            return sign * _fwd_bwd(opt, weight, bias, x)
+
+        initial = closure().item()
+        for _ in range(20):
+            returned = opt.step(closure)
+        assert torch.is_tensor(returned), optim_input.desc
+        assert closure().item() < initial, optim_input.desc
+        # a fresh wrapper around a fresh base, loaded from the state dict, continues the same
+        w2, b2 = (nn.Parameter(t.detach().clone()) for t in (weight, bias))
+        opt2 = wrapped(info, [w2, b2], optim_input.kwargs)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+        def closure2(opt=opt2, weight=w2, bias=b2, sign=sign, x=x):
+            return sign * _fwd_bwd(opt, weight, bias, x)
+
+        for _ in range(3):
+            opt.step(closure)
+            opt2.step(closure2)
+        assert torch.equal(weight, w2) and torch.equal(bias, b2), optim_input.desc
+        assert torch.equal(opt.step_sizes(), opt2.step_sizes()), optim_input.desc
+
+
+@pytest.mark.parametrize("info", TORCH_INFOS, ids=lambda i: i.name)
+def test_torch_generic_step_is_noop_without_grads(info):
+    for optim_input in torch_inputs(info)[:2]:
+        weight, bias, _ = linear_problem("cpu")
+        opt = wrapped(info, [weight, bias], optim_input.kwargs)
+        before = [weight.detach().clone(), bias.detach().clone()]
+        opt.step()
+        assert torch.equal(weight, before[0]) and torch.equal(bias, before[1]), optim_input.desc
+        assert torch.equal(opt.step_sizes(), torch.ones(1))
