@@ -360,3 +360,24 @@ def test_torch_generic_step_is_noop_without_grads(info):
         opt.step()
         assert torch.equal(weight, before[0]) and torch.equal(bias, before[1]), optim_input.desc
         assert torch.equal(opt.step_sizes(), torch.ones(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("groups", ["scalar", "layerwise", "nodewise", "weightwise", [2, 2]], ids=str)
+def test_cuda_step_never_synchronises_with_the_host(groups):
+    """torch's sync debug mode raises on any host-device synchronisation inside step() (here around
+    torch's AdamW, whose own step does not synchronise)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).cuda()
+    opt = MetaOptimize.around(torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True), stepsize_groups=groups)
+    x = torch.randn(32, 8, device="cuda")
+    for _ in range(3):  # warm-up: state, cached index tensors and masks
+        model(x).square().mean().backward()
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+        opt.step_sizes()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
