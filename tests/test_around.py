@@ -381,3 +381,17 @@ def test_cuda_step_never_synchronises_with_the_host(groups):
         opt.step_sizes()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_step_and_state_dict_hooks_are_called():
+    model, opt = small_run()
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("step_pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("step_post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd_post"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    train(model, opt, 1)
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]

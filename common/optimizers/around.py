@@ -164,13 +164,24 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """{"base": the base optimizers' state dicts, "meta": beta, the meta state, step, traces}; the
+        hooks of register_state_dict_pre_hook / _post_hook are called as torch calls them."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
         traces = [self.state[p].get("trace") if p in self.state else None for p in self._params]
-        return {"base": [b.state_dict() for b in self.bases],
-                "meta": {"format": META_STATE_FORMAT, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
-                         "step": self._meta_step, "beta": self._beta,
-                         **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}, "trace": traces}}
+        state_dict = {"base": [b.state_dict() for b in self.bases],
+                      "meta": {"format": META_STATE_FORMAT, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
+                               "step": self._meta_step, "beta": self._beta,
+                               **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}, "trace": traces}}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
         meta = state_dict.get("meta") if isinstance(state_dict, dict) else None
         if meta is None or "base" not in state_dict:
             raise ValueError("not a MetaOptimizeAround state dict (no 'base' and 'meta' entries)")
@@ -191,6 +202,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 if h is not None:
                     state["trace"] = h.to(device=p.device, dtype=p.dtype, copy=True)
         self._meta_step = int(meta["step"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def __getstate__(self):  # copy, deepcopy, pickle: all of it (torch's keeps only its own three entries)
         return dict(self.__dict__)
