@@ -395,3 +395,15 @@ def test_step_and_state_dict_hooks_are_called():
     train(model, opt, 1)
     opt.load_state_dict(opt.state_dict())
     assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_block_lists_over_several_groups_need_the_model():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    two_d = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
+    with pytest.raises(ValueError, match="model="):
+        MetaOptimize.around([torch.optim.Muon(two_d), torch.optim.AdamW(rest)], stepsize_groups=[2, 2])
+    opt = MetaOptimize.around([torch.optim.Muon(two_d), torch.optim.AdamW(rest)], stepsize_groups=[2, 2], model=model)
+    assert opt._layout.starts == [0, 0, 1, 1]  # Linear(4, 8) in block 0, Linear(8, 2) in block 1
+    with pytest.raises(ValueError, match="model"):
+        MetaOptimize.around(torch.optim.AdamW(rest), model=nn.Linear(2, 2))
