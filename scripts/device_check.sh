@@ -2,7 +2,8 @@
 # The GPU checks, as one prepared call on a machine with a CUDA device (about 6 minutes):
 #   bash scripts/device_check.sh [OUT_DIR]
 # 1. the CUDA tests (tests/test_cuda.py: every step implementation against the float64 reference,
-#    no host-device synchronisation inside step(), bit-exact resume; the CUDA data test);
+#    no host-device synchronisation inside step() (MetaOptimize and MetaOptimize.around), bit-exact
+#    resume; the CUDA data test);
 # 2. the optimizer step on the ResNet-18 and 15M-transformer parameter sets against torch's fused AdamW;
 # 3. CIFAR-10 images/s and the projected epoch time, and TinyStories tokens/s, against fused AdamW.
 # Everything it prints goes to OUT_DIR/device_check.txt too (OUT_DIR: $OUT where the device tool
@@ -26,7 +27,7 @@ part() {  # part SECONDS TITLE COMMAND...
     echo "device_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-    part 150 "CUDA tests" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_data.py -k "cuda"
+    part 150 "CUDA tests" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_around.py tests/test_data.py -k "cuda"
     part 120 "optimizer step, ResNet-18 and 15M transformer" \
         python3 scripts/bench_optimizer.py --device cuda --quick --rounds 15 --skip-loop
     part 90 "CIFAR-10 training throughput" \

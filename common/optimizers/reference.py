@@ -7,6 +7,9 @@ written apart from `rules.py` on purpose: the tests hold every step implementati
     ref = Reference(weights, "AdamW", "Lion", alpha0=1e-2, eta=1e-2, gamma=1.0,
                     block_ids=block_ids(shapes, "scalar"), hp=..., meta_hp=...)
     ref.step(grads)        # w, h, beta, ... as float64 tensors
+
+`AroundReference` is section 10 (MetaOptimize around any optimizer): it runs a base optimizer
+built on float64 copies of the weights and scales the change that its step makes.
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ class Reference:
                 self.m[i] = rho * self.m[i] + (1 - rho) * g
             self.w[i] = w - delta
             self.h[i] = self.gamma * (1 - k * a) * self.h[i] - delta
+        self.meta_update(z, active)
+
+    def meta_update(self, z, active):
+        """Step 5 of spec section 2: the meta update of beta with z (section 4)."""
         if self.meta == "fixed":
             return
         self.meta_t += 1
@@ -115,3 +122,45 @@ class Reference:
         self.beta = torch.where(active, beta, self.beta)
         self.mb = torch.where(active, mb, self.mb)
         self.vb = torch.where(active, vb, self.vb)
+
+
+class AroundReference(Reference):
+    """Spec section 10 in float64: `base` is a torch optimizer (or a list of them) built on float64
+    parameters `weights`, in the order of `block_ids`; ell and kappa are read from its param groups.
+
+        ref = AroundReference(weights64, torch.optim.Adam(weights64, lr=1e-2), "Adam", alpha0=1.0, eta=1e-2,
+                              gamma=1.0, block_ids=block_ids(shapes, "scalar"), meta_hp=...)
+        ref.step(grads)
+    """
+
+    def __init__(self, weights, base, meta, alpha0, eta, gamma, block_ids, meta_hp):
+        super().__init__(weights, None, meta, alpha0, eta, gamma, block_ids, {}, meta_hp)
+        self.params = list(weights)
+        assert all(p.dtype == torch.float64 for p in self.params)
+        self.bases = list(base) if isinstance(base, (list, tuple)) else [base]
+        self.w = [p.detach() for p in self.params]
+
+    def step(self, grads):
+        alpha_all = torch.exp(self.beta)  # 1. beta before this step
+        z = torch.zeros_like(self.beta)
+        active = torch.zeros_like(self.beta, dtype=torch.bool)
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            p.grad = None if g is None else g.clone()
+            if g is not None:  # z with h before this step
+                z.index_add_(0, self.ids[i].reshape(-1), (self.h[i] * g).reshape(-1))
+                active[self.ids[i].reshape(-1)] = True
+        w0 = [p.detach().clone() for p in self.params]  # 2. the base's own step
+        for b in self.bases:
+            b.step()
+        group = {p: g for b in self.bases for g in b.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(self.params, grads)):
+                if g is None:
+                    continue
+                a = alpha_all[self.ids[i]]
+                u = p.detach() - w0[i]
+                p.copy_(w0[i] + a * u)  # 3. w = w0 + alpha u
+                lr, k = group[p].get("lr", 0.0), group[p].get("weight_decay", 0.0) or 0.0
+                self.h[i] = self.gamma * (1 - a * lr * k) * self.h[i] + a * u  # 4.
+        self.w = [p.detach() for p in self.params]
+        self.meta_update(z, active)  # 5.

@@ -1,0 +1,288 @@
+"""`MetaOptimizeAround`: MetaOptimize around any constructed `torch.optim.Optimizer` (spec section 10).
+
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = MetaOptimize.around(base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+
+import torch
+from torch import Tensor
+
+from .blocks import layout, resolve_stepsize_groups
+from .impl import Layout, _reduce_into
+from .rules import META_RULES
+
+META_STATE_FORMAT = 1
+
+
+class MetaOptimizeAround(torch.optim.Optimizer):
+    r"""MetaOptimize around a base optimizer (spec section 10): the Hessian-free trace from the
+    change the base's own ``step()`` makes to the weights.
+
+    .. math::
+        \begin{aligned}
+            &\alpha_b = e^{\beta_b}, \quad \beta_b = \log \alpha_0 \text{ at the start} \\
+            &z_b = \textstyle\sum_{i \in b} h_i g_i \quad (h \text{ before this step}) \\
+            &w^0 = w; \quad \text{base.step()} \rightarrow w^1; \quad u = w^1 - w^0 \\
+            &w \leftarrow w^0 + \alpha \odot u \\
+            &h \leftarrow \gamma (1 - \alpha \ell \kappa) h + \alpha \odot u \\
+            &\beta \leftarrow \text{alg\_meta}(\beta, z) \quad \text{(spec section 4; blocks without a gradient keep theirs)}
+        \end{aligned}
+
+    where :math:`\ell` and :math:`\kappa` are the base param group's ``lr`` and ``weight_decay``
+    (0 when the group has none). Nothing of the base's internals is used, so torch's SGD, Adam,
+    AdamW, NAdam, RAdam, Adagrad, RMSprop, Adafactor, Muon and third-party optimizers all work.
+
+    Args:
+        base: a constructed ``torch.optim.Optimizer`` or a list of them (Muon for the 2-D weights,
+            AdamW for the rest): one set of blocks over all their tensors.
+        alg_meta: fixed, SGD, RMSProp, Adam, Lion (case-insensitive).
+        alpha0: initial step-size multiplier (1: exactly the base optimizer at the start).
+        meta_stepsize: eta. gamma: discount of the trace, in [0, 1].
+        stepsize_groups: as MetaOptimize's ("scalar", "layerwise", "nodewise", "weightwise",
+            "param_groups", "last_layer_and_others", named lists, lists of tensor counts).
+        weight_decay_meta, normalizer_param_meta, momentum_param_meta, lion_beta2_meta: the meta
+            update's hyperparameters, as MetaOptimize's.
+        model: the module whose parameter order block lists follow (else the order of the
+            concatenated base param groups).
+
+    ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
+    gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
+    alpha per block as a device tensor (no host sync). ``state_dict()`` holds the base state dicts
+    and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
+    """
+
+    def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
+                 weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
+                 *, model: torch.nn.Module | None = None):
+        from .metaoptimize import META_ALGS, _check, _check_hyperparameter, _positional, canonical
+
+        bases = list(base) if isinstance(base, (list, tuple)) else [base]
+        if not bases or not all(isinstance(b, torch.optim.Optimizer) for b in bases):
+            raise ValueError("base: a constructed torch.optim.Optimizer or a list of them")
+        alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
+        _check("alpha0", alpha0, low=0.0, low_open=True)
+        _check("gamma", gamma, low=0.0, high=1.0)
+        meta_hp = {"meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
+                   "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
+                   "lion_beta2": lion_beta2_meta}
+        meta = META_RULES[alg_meta]
+        for key in meta.hyperparameters:
+            _check_hyperparameter(key if key == "meta_stepsize" else key + "_meta", meta_hp[key],
+                                  f"alg_meta={alg_meta!r}")
+        self.bases, self.alg_meta = bases, alg_meta
+        self.alpha0, self.gamma = float(alpha0), float(gamma)
+        self.meta_hp = {k: meta_hp[k] for k in meta.hyperparameters}
+        self.stepsize_groups = stepsize_groups
+        # what torch.optim.Optimizer.__init__ sets, without making param groups of our own
+        self.defaults = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.state = defaultdict(dict)  # per tensor: "trace" (h) and "w0" (the reused scratch buffer)
+
+        groups = self.param_groups
+        in_groups = [p for g in groups for p in g["params"]]
+        if not in_groups:
+            raise ValueError("base: the base optimizer has no parameters")
+        if len(set(in_groups)) != len(in_groups):
+            raise ValueError("base: a parameter is in more than one param group")
+        if model is not None:
+            chosen = set(in_groups)
+            order = [p for p in model.parameters() if p in chosen]
+            if len(order) != len(chosen):
+                raise ValueError(f"model: {len(chosen) - len(order)} parameter(s) of the base are not the model's")
+            self._params = order
+        else:
+            if len(groups) > 1 and _positional(stepsize_groups):
+                raise ValueError(
+                    f"stepsize_groups={stepsize_groups!r} counts tensors in the model's order, but the base "
+                    f"parameters come in {len(groups)} param groups, which may order them otherwise; pass model=")
+            self._params = in_groups
+        if len({p.device for p in self._params}) > 1:
+            raise ValueError("base: MetaOptimize needs all parameters on one device")
+        self._index = {p: i for i, p in enumerate(self._params)}
+        group_of = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
+        shapes = [tuple(p.shape) for p in self._params]
+        kind, counts = resolve_stepsize_groups(stepsize_groups, len(self._params), [len(g["params"]) for g in groups])
+        if kind == "tensor":
+            if isinstance(stepsize_groups, str) and stepsize_groups.strip().lower() == "param_groups":
+                starts = [group_of[p] for p in self._params]
+            else:
+                starts = [b for b, c in enumerate(counts) for _ in range(c)]
+            num_blocks, units = len(counts), [1] * len(shapes)
+        else:
+            num_blocks, starts, units = layout(kind, counts, shapes)
+        self._layout = Layout(kind, starts, units, shapes)
+        self.num_blocks = num_blocks
+        device = self._params[0].device
+        dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
+        self._beta = torch.full((num_blocks,), math.log(self.alpha0), device=device, dtype=dtype)
+        self._meta_state = {k: torch.zeros(num_blocks, device=device, dtype=dtype) for k in meta.state}
+        self._meta_step = 0
+        self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
+        self._masks = {}
+
+    # ---- param groups: the base's own dicts ------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for b in self.bases for g in b.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value):
+        raise AttributeError("param_groups of MetaOptimizeAround are the base optimizers'; change those")
+
+    def add_param_group(self, param_group: dict):
+        raise NotImplementedError("MetaOptimizeAround: add the param group to the base optimizer before wrapping it")
+
+    def zero_grad(self, set_to_none: bool = True):
+        for b in self.bases:
+            b.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self):
+        meta = ", ".join(f"{k}={v}" for k, v in self.meta_hp.items())
+        bases = ", ".join(type(b).__name__ for b in self.bases)
+        return (f"MetaOptimizeAround(base=[{bases}], alg_meta={self.alg_meta}, alpha0={self.alpha0:g}, "
+                f"gamma={self.gamma:g}, stepsize_groups={self.stepsize_groups!r} ({self.num_blocks} blocks), "
+                f"meta: {meta or 'none'})")
+
+    # ---- logging ---------------------------------------------------------------------------
+
+    def step_sizes(self) -> Tensor:
+        """alpha per block (multiplying the base's lr), a device tensor (no host sync)."""
+        return torch.exp(self._beta)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """{"base": the base optimizers' state dicts, "meta": beta, the meta state, step, traces}; the
+        hooks of register_state_dict_pre_hook / _post_hook are called as torch calls them."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        traces = [self.state[p].get("trace") if p in self.state else None for p in self._params]
+        state_dict = {"base": [b.state_dict() for b in self.bases],
+                      "meta": {"format": META_STATE_FORMAT, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
+                               "step": self._meta_step, "beta": self._beta,
+                               **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}, "trace": traces}}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
+        meta = state_dict.get("meta") if isinstance(state_dict, dict) else None
+        if meta is None or "base" not in state_dict:
+            raise ValueError("not a MetaOptimizeAround state dict (no 'base' and 'meta' entries)")
+        if (meta["num_blocks"], meta["alg_meta"]) != (self.num_blocks, self.alg_meta):
+            raise ValueError(f"state dict is for alg_meta={meta['alg_meta']} with {meta['num_blocks']} blocks; "
+                             f"this optimizer is alg_meta={self.alg_meta} with {self.num_blocks} blocks")
+        if len(state_dict["base"]) != len(self.bases) or len(meta["trace"]) != len(self._params):
+            raise ValueError("state dict is for another number of base optimizers or parameters")
+        for b, s in zip(self.bases, state_dict["base"]):
+            b.load_state_dict(s)
+        with torch.no_grad():
+            self._beta.copy_(meta["beta"])
+            for k, buf in self._meta_state.items():
+                buf.copy_(meta[k])
+            for p, h in zip(self._params, meta["trace"]):
+                state = self.state[p]
+                state.pop("trace", None)
+                if h is not None:
+                    state["trace"] = h.to(device=p.device, dtype=p.dtype, copy=True)
+        self._meta_step = int(meta["step"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self):  # copy, deepcopy, pickle: all of it (torch's keeps only its own three entries)
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def _buffers(self, p: Tensor, track: bool):
+        state = self.state[p]
+        if "w0" not in state:
+            state["w0"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        if track and "trace" not in state:
+            state["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        track = self._z is not None
+        hp = {p: (g.get("lr", 0.0), g.get("weight_decay", 0.0) or 0.0) for g in self.param_groups for p in g["params"]}
+        active = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
+        if not active:
+            for b in self.bases:  # nothing to scale; the base may still count its step
+                b.step()
+            return loss
+        params = [self._params[i] for i in active]
+        states = [self._buffers(p, track) for p in params]
+        lay = self._layout
+        alpha = torch.exp(self._beta)  # 1. beta as it is before this step
+        alphas = [lay.view(alpha, i) for i in active]
+        z = self._z
+        if track:  # z_b = sum h g, with h before this step
+            z.zero_()
+            traces = [s["trace"] for s in states]
+            grads = [p.grad for p in params]
+            _reduce_into(lay, z, [(i,) for i in active], traces, grads)
+        w0 = [s["w0"] for s in states]
+        torch._foreach_copy_(w0, params)  # 2. w0 = w; the base's own step leaves w1
+        for b in self.bases:
+            b.step()
+        torch._foreach_sub_(params, w0)  # u = w1 - w0
+        torch._foreach_mul_(params, alphas)  # alpha u
+        if track:  # 4. h <- gamma (1 - alpha lr kappa) h + alpha u
+            lrk = [hp[p][0] * hp[p][1] for p in params]
+            if any(not isinstance(x, (int, float)) or x != 0 for x in lrk):
+                decay = torch._foreach_mul(alphas, [-self.gamma * x for x in lrk])
+                torch._foreach_add_(decay, self.gamma)
+                torch._foreach_mul_(traces, decay)
+            elif self.gamma != 1.0:
+                torch._foreach_mul_(traces, self.gamma)
+            torch._foreach_add_(traces, params)
+        torch._foreach_add_(params, w0)  # 3. w = w0 + alpha u
+        if track:  # 5. meta update of beta with z
+            self._meta_step += 1
+            beta, state = META_RULES[self.alg_meta].rule(self._beta, z, self._meta_state, self.meta_hp,
+                                                         self._meta_step)
+            mask = self._mask(active)
+            for buf, new in ((self._beta, beta), *((self._meta_state[k], v) for k, v in state.items())):
+                if mask is None:
+                    buf.copy_(new)
+                else:  # blocks without any gradient this step keep their meta state
+                    torch.where(mask, new, buf, out=buf)
+        return loss
+
+    def _mask(self, active: tuple):
+        """None when every parameter has a gradient, else the blocks that have one (on the device)."""
+        if len(active) == len(self._params):
+            return None
+        mask = self._masks.get(active)
+        if mask is None:
+            host = torch.zeros(self.num_blocks, dtype=torch.bool)
+            lay = self._layout
+            for i in active:
+                host[lay.starts[i]:lay.starts[i] + lay.units[i]] = True
+            mask = self._masks[active] = host.to(self._beta.device)
+        return mask
