@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import json
 import math
 import re
 
@@ -60,7 +62,9 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "; or a learning-rate-free baseline: " + ", ".join(_baselines().BASELINES))
     g.add_argument("--alg-base", default="AdamW", help="base update: SGD, SGDm, RMSProp, AdamW (alias Adam), Lion")
     g.add_argument("--alg-meta", default="Lion", help="meta update of the log step sizes: fixed, SGD, RMSProp, Adam, Lion")
-    g.add_argument("--alpha0", type=float, default=1e-6, help="[alpha0] initial step size (fixed step when --alg-meta fixed)")
+    g.add_argument("--alpha0", type=float, default=None,
+                   help="[alpha0] initial step size (fixed step when --alg-meta fixed); default 1e-6, and 1 with "
+                        "--base-optimizer (there alpha multiplies the base's own lr)")
     g.add_argument("--meta-stepsize", type=float, default=1e-3, help="[eta] meta step size")
     g.add_argument("--gamma", type=float, default=1.0, help="[gamma] discount of future losses, in [0, 1]")
     g.add_argument("--stepsize-groups", default="scalar",
@@ -87,6 +91,16 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "step took 4-6x as long on a CPU); block_diagonal = one product per step-size block (the "
                         "exact diagonal for weightwise blocks, small models only). Not with --amp fp16, --compile "
                         "or DDP")
+    g.add_argument("--base-optimizer", default=None,
+                   help="MetaOptimize around an optimizer's own step (spec section 10) instead of --alg-base: a "
+                        "torch.optim name (AdamW, NAdam, RAdam, Adafactor, SGD, Muon, ...), module.Class of another "
+                        "package (lion_pytorch.Lion), or A+B: A for the 2-D weight matrices, B for the other tensors "
+                        "(Muon+AdamW)")
+    g.add_argument("--base-args", default="{}",
+                   help='keyword arguments of --base-optimizer as a JSON object, e.g. \'{"lr": 1e-3, "betas": [0.9, '
+                        '0.95], "weight_decay": 0.1}\' (for A+B: those of A)')
+    g.add_argument("--base-args-rest", default="{}",
+                   help="with --base-optimizer A+B: the keyword arguments of B, as a JSON object")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the --optimizer AdamW baseline")
     g.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps of the --optimizer AdamW baseline")
     _baselines().add_baseline_args(parser)
@@ -130,11 +144,16 @@ def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
     """Turn parsed command-line arguments (see `add_optimizer_args`) into an optimizer."""
     name = _canonical_optimizer(args.optimizer)
     params = _params_of(model_or_params)
+    if getattr(args, "base_optimizer", None):
+        if name != "HF":
+            raise ValueError(f"--base-optimizer: MetaOptimize's base (--optimizer HF), not one of --optimizer "
+                             f"{args.optimizer}")
+        return _build_around(model_or_params, params, args)
     if name == "HF":
         try:
             return MetaOptimize(
                 params,
-                alg_base=args.alg_base, alg_meta=args.alg_meta, alpha0=args.alpha0,
+                alg_base=args.alg_base, alg_meta=args.alg_meta, alpha0=alpha0_of(args),
                 meta_stepsize=_unset(args.meta_stepsize), gamma=args.gamma, stepsize_groups=args.stepsize_groups,
                 weight_decay_base=_unset(args.weight_decay_base), normalizer_param_base=_unset(args.normalizer_param_base),
                 momentum_param_base=_unset(args.momentum_param_base), lion_beta2_base=_unset(args.Lion_beta2_base),
@@ -164,6 +183,78 @@ def build_optimizer(model_or_params, args) -> torch.optim.Optimizer:
                              fused=True)
 
 
+def alpha0_of(args) -> float:
+    """--alpha0, or its default: 1e-6 for the built-in bases (the paper's), 1 around --base-optimizer."""
+    if getattr(args, "alpha0", None) is not None:
+        return args.alpha0
+    return 1.0 if getattr(args, "base_optimizer", None) else 1e-6
+
+
+def _json_object(flag: str, text) -> dict:
+    if isinstance(text, dict):  # a namespace made in code
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: not valid JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
+def base_optimizer_class(name: str, flag: str = "--base-optimizer") -> type:
+    """A torch.optim optimizer by name (case-insensitive), or module.Class of another package."""
+    text = str(name).strip()
+    if "." in text:
+        module_name, _, cls_name = text.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"{flag}: cannot import {text!r} ({err})") from None
+    else:
+        found = {k.lower(): v for k, v in vars(torch.optim).items()
+                 if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer}
+        cls = found.get(text.lower())
+        if cls is None:
+            raise ValueError(f"{flag}: unknown optimizer {name!r}; accepted: a torch.optim name "
+                             f"({', '.join(sorted(c.__name__ for c in found.values()))}), module.Class of another "
+                             "package, or A+B (e.g. Muon+AdamW)")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"{flag}: {text!r} is not a torch.optim.Optimizer class")
+    return cls
+
+
+def _build_around(model_or_params, params, args) -> torch.optim.Optimizer:
+    """MetaOptimize around --base-optimizer (one optimizer, or A for the 2-D weights and B for the rest)."""
+    names = str(args.base_optimizer).split("+")
+    if len(names) > 2 or not all(n.strip() for n in names):
+        raise ValueError(f"--base-optimizer: {args.base_optimizer!r} is not NAME or A+B")
+    classes = [base_optimizer_class(n) for n in names]
+    kwargs = [_json_object("--base-args", getattr(args, "base_args", "{}")),
+              _json_object("--base-args-rest", getattr(args, "base_args_rest", "{}"))]
+    params = list(params)
+    parts = [params] if len(classes) == 1 else [[p for p in params if p.dim() == 2],
+                                                 [p for p in params if p.dim() != 2]]
+    bases = []
+    for cls, part, kw, flag in zip(classes, parts, kwargs, ("--base-args", "--base-args-rest")):
+        if not part:
+            continue  # A+B on a model with no tensor for one side
+        try:
+            bases.append(cls(part, **kw))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{flag}: {cls.__name__}: {err}") from None
+    model = model_or_params if isinstance(model_or_params, torch.nn.Module) else None
+    try:
+        return MetaOptimize.around(
+            bases if len(bases) > 1 else bases[0], alg_meta=args.alg_meta, alpha0=alpha0_of(args),
+            meta_stepsize=_unset(args.meta_stepsize), gamma=args.gamma, stepsize_groups=args.stepsize_groups,
+            weight_decay_meta=_unset(args.weight_decay_meta), normalizer_param_meta=_unset(args.normalizer_param_meta),
+            momentum_param_meta=_unset(args.momentum_param_meta), lion_beta2_meta=_unset(args.Lion_beta2_meta),
+            model=model)
+    except ValueError as err:
+        raise ValueError(as_flags(str(err))) from None
+
+
 def check_optimizer_args(args) -> None:
     """Check the optimizer flags before any data or model is made; raises ValueError naming the flag.
 
@@ -176,10 +267,17 @@ def check_optimizer_args(args) -> None:
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
     check_hessian_args(args)
+    if getattr(args, "base_optimizer", None) and _hessian(args) != "none":
+        raise ValueError("--hessian: a trace option of MetaOptimize's built-in bases (--alg-base), not of "
+                         "--base-optimizer (its trace is Hessian-free)")
+    args.alpha0 = alpha0_of(args)  # resolved here, so config.json records the value the run uses
     dummy = argparse.Namespace(**{**vars(args), "stepsize_groups": "scalar", "optimizer_impl": "foreach"})
     if getattr(args, "rectify", False):  # its rule on the blocks (weight-wise) waits for the model
         dummy.stepsize_groups = "weightwise"
-    build_optimizer([torch.nn.Parameter(torch.zeros(2))], dummy)
+    dummy_params = [torch.nn.Parameter(torch.zeros(2))]
+    if getattr(args, "base_optimizer", None):  # a matrix too: both sides of A+B get their arguments checked
+        dummy_params.insert(0, torch.nn.Parameter(torch.zeros(2, 2)))
+    build_optimizer(dummy_params, dummy)
 
 
 def check_hessian_args(args) -> None:
