@@ -407,3 +407,19 @@ def test_block_lists_over_several_groups_need_the_model():
     assert opt._layout.starts == [0, 0, 1, 1]  # Linear(4, 8) in block 0, Linear(8, 2) in block 1
     with pytest.raises(ValueError, match="model"):
         MetaOptimize.around(torch.optim.AdamW(rest), model=nn.Linear(2, 2))
+
+
+def test_a_tensor_lr_in_one_group_follows_the_reference():
+    weights, curvature, noise = make_problem()
+    params, params64 = make_params(weights), make_params(weights, torch.float64)
+
+    def make(p):
+        return torch.optim.AdamW([{"params": p[:2], "lr": torch.tensor(1e-2)}, {"params": p[2:]}], lr=2e-2,
+                                 weight_decay=0.1, foreach=False)
+
+    opt = MetaOptimize.around(make(params), alpha0=1.0, meta_stepsize=2e-2, gamma=0.95, stepsize_groups="nodewise",
+                              **META_HP)
+    ref = AroundReference(params64, make(params64), META, 1.0, 2e-2, 0.95, block_ids(SHAPES, "nodewise"),
+                          split_hp(HP)[1])
+    step_with_reference(opt, params, ref, curvature, noise, 20)
+    assert_follows_reference(opt, params, ref)

@@ -254,7 +254,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         torch._foreach_mul_(params, alphas)  # alpha u
         if track:  # 4. h <- gamma (1 - alpha lr kappa) h + alpha u
             lrk = [hp[p][0] * hp[p][1] for p in params]
-            if any(not isinstance(x, (int, float)) or x != 0 for x in lrk):
+            if not all(isinstance(x, (int, float)) for x in lrk):  # a Tensor lr (torch allows it)
+                torch._foreach_mul_(traces, [self.gamma * (1 - a * x) for a, x in zip(alphas, lrk)])
+            elif any(x != 0 for x in lrk):
                 decay = torch._foreach_mul(alphas, [-self.gamma * x for x in lrk])
                 torch._foreach_add_(decay, self.gamma)
                 torch._foreach_mul_(traces, decay)
