@@ -72,6 +72,7 @@ class MetaOptimize(torch.optim.Optimizer):
     Args (the paper's flags in snake case; algorithm names are case-insensitive; hyperparameters
     the chosen algorithms do not read are ignored, so None is fine for them):
         params: parameters, named parameters, param groups, or a module (its trainable parameters).
+            Complex parameters step as their real views (torch.view_as_real), as in torch's optimizers.
         alg_base: SGD, SGDm, RMSProp, AdamW (alias Adam), Lion.
         alg_meta: fixed (beta never moves), SGD, RMSProp, Adam, Lion.
         alpha0: initial step size. meta_stepsize: eta (0 freezes beta). gamma: discount in [0, 1].
@@ -92,8 +93,9 @@ class MetaOptimize(torch.optim.Optimizer):
             ranks, run the forward through the module itself (DDP's reducer cannot take a double
             backward): the optimizer averages the gradients and the products across ranks.
         rectify: with hessian="block_diagonal" and weight-wise blocks, IDBD's (1 - alpha H_ii)^+.
-        impl: "auto" (default: "fused" where it runs, else "foreach"), "fused" (one pass per tensor:
-            a compiled C loop on CPU, torch.compile on CUDA), or "foreach" (torch._foreach_* passes).
+        impl: "auto" (default: "fused" where it runs, else "foreach", with one warning; also when
+            torch.compile fails at its first call), "fused" (one pass per tensor: a compiled C loop on
+            CPU, torch.compile on CUDA; raises where it cannot run), or "foreach" (torch._foreach_*).
         state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory);
             None keeps the parameters' dtype.
 
