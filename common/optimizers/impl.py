@@ -50,7 +50,7 @@ class Layout:
 
 
 def _subsets(items):
-    """Items grouped by (hyperparameters, step count, dtype): one foreach or compiled call each."""
+    """Items grouped by (hyperparameters, step count, dtype): one foreach call each."""
     out: dict = {}
     for item in items:
         _, w, _, _, hp, t = item
