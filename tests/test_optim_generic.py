@@ -10,7 +10,8 @@ how it differs:
 - lr is a multiplier on the tuned step size (1 by default), so a group without one gets 1, not 1e-3;
 - the implementations are "foreach" and "fused" (`impl=`): torch's flag `fused` maps onto them
   (fused=False is foreach), and foreach-vs-fused takes the place of foreach-vs-for-loop;
-- a Tensor lr and complex parameters are refused with a clear error (torch supports both);
+- a Tensor lr is refused with a clear error (torch supports it), and so are complex parameters by
+  MetaOptimize_AdamW_Lion_hg (MetaOptimize steps them as their real views, as torch does);
 - "older state dicts" are those saved before lr and weight_decay were param-group keys.
 """
 
@@ -105,7 +106,7 @@ def optim_error_inputs_func_metaoptimize(device, dtype):
             error({}, "param group key 'betas' is not a MetaOptimize setting",
                   params=[{"params": [p()], "betas": (0.9, 0.99)}]),
             error({}, "lr must be a finite number", params=[{"params": [p()], "lr": -1.0}]),
-            error({}, "complex parameters are not supported",
+            error(dict(hessian="hvp", alg_meta="SGD"), "hessian='hvp' does not support complex parameters",
                   params=[Parameter(torch.randn(3, device=device, dtype=torch.complex64))]),
             error({}, "does not support sparse gradients", params=[sparse], error_type=RuntimeError,
                   on=OptimizerErrorEnum.STEP_ERROR),
@@ -169,7 +170,7 @@ optim_db = [
                            lambda opt: CosineAnnealingLR(opt, T_max=20)]),
         supported_impls=("fused",),  # fused=False: foreach
         supports_fused_on=("cpu", "cuda"),
-        supports_complex=False,
+        supports_complex=True,
         supports_multiple_devices=False,
     ),
     OptimizerInfo(
@@ -305,15 +306,30 @@ def _log_alpha(optimizer):
 
 
 @parametrize_optims
-def test_complex_parameters_are_refused(optim_info):
-    """torch's test_complex compares complex with view_as_real runs; these classes refuse complex
-    parameters at construction, naming the way out."""
-    assert not optim_info.supports_complex
+def test_complex_parameters(optim_info):
+    """torch's test_complex: MetaOptimize steps complex parameters as their real views, so a run
+    equals the run on the view_as_real tensors; MetaOptimize_AdamW_Lion_hg refuses them at
+    construction, naming the way out."""
     params = [torch.randn(10, 5, dtype=torch.complex64, requires_grad=True),
               torch.randn(10, 5, requires_grad=True)]
     for optim_input in all_inputs("cpu", optim_info):
-        with pytest.raises(ValueError, match="complex parameters are not supported.*view_as_real"):
-            make(optim_info, params, optim_input.kwargs)
+        if optim_info.optim_cls is not MetaOptimize:
+            with pytest.raises(ValueError, match="complex parameters are not supported.*view_as_real"):
+                make(optim_info, params, optim_input.kwargs)
+            continue
+        cps = [p.detach().clone().requires_grad_() for p in params]
+        rps = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone().requires_grad_() for p in cps]
+        copt, ropt = make(optim_info, cps, optim_input.kwargs), make(optim_info, rps, optim_input.kwargs)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            for cp, rp in zip(cps, rps):
+                rp.grad = torch.randn(rp.shape, generator=gen)
+                cp.grad = torch.view_as_complex(rp.grad.clone()) if cp.is_complex() else rp.grad.clone()
+            copt.step()
+            ropt.step()
+        for cp, rp in zip(cps, rps):
+            assert torch.equal(torch.view_as_real(cp) if cp.is_complex() else cp, rp), optim_input.desc
+        assert torch.equal(copt.step_sizes(), ropt.step_sizes()), optim_input.desc
 
 
 def _model_with_odd_params(device, dtype):

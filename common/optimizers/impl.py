@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import subprocess
+import types
 import warnings
 
 import torch
@@ -49,7 +50,7 @@ class Layout:
 
 
 def _subsets(items):
-    """Items grouped by (hyperparameters, step count, dtype): one foreach or compiled call each."""
+    """Items grouped by (hyperparameters, step count, dtype): one foreach call each."""
     out: dict = {}
     for item in items:
         _, w, _, _, hp, t = item
@@ -216,44 +217,98 @@ class CImpl:
                      keep.data_ptr() if keep is not None else None, torch.get_num_threads())
 
 
+# test hooks, private: the compiled step on CPU, and the backend torch.compile uses
+_FORCE_COMPILED = False
+_COMPILE_BACKEND = "inductor"
+
+
+def _one_tensor_step(prog, kind):
+    """The program over one tensor's streams (returns its z terms: summed for tensor blocks)."""
+
+    def step(tensors, alpha, scalars):
+        meta_grad = kernels.run_program(prog, tensors, alpha, scalars)
+        if meta_grad is not None and kind == "tensor":
+            return meta_grad.sum()
+        return meta_grad  # nodewise rows are summed outside (an inductor KeyError on row sums)
+
+    return step
+
+
 class CompiledImpl:
-    """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel. The
-    scalars enter as Python floats, which dynamo keeps symbolic: a changing lr or bias correction
-    does not recompile."""
+    """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel.
 
-    name = "fused"
+    One compiled function per (shapes, dtypes, strides) of a tensor's streams, each with its own
+    code object: dynamo's cache limit (8) counts per code object, so functions sharing one (or one
+    per subset of tensors with gradients) would silently fall to eager. dynamic=None: the scalars
+    (lr, bias corrections) become symbolic at their first change, one recompile per function.
 
-    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None):
-        self.prog, self.layout = program(base, track, curvature_kind), layout
+    A function's first call runs on copies of the tensors, so a failure to compile or run it
+    leaves the state untouched; then the step goes on with foreach for the rest of the run (one
+    warning), or raises (strict, impl="fused")."""
+
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False):
+        self.prog, self.layout, self.strict = program(base, track, curvature_kind), layout, strict
+        self._args = (base, track, layout, curvature_kind)
         self._compiled = {}
+        self._fallback = None
+
+    @property
+    def name(self):
+        return "fused" if self._fallback is None else "foreach"
 
     def reset(self):
         pass
 
-    def _fn(self, indices):
-        fn = self._compiled.get(indices)
-        if fn is None:
-            prog, layout = self.prog, self.layout
-            alpha_views = [functools.partial(layout.view, i=i) for i in indices]
-
-            def step(streams, alpha, scalars):
-                out = []
-                for k, view in enumerate(alpha_views):
-                    tensors = {name: streams[name][k] for name in prog.streams}
-                    meta_grad = kernels.run_program(prog, tensors, view(alpha), scalars)
-                    if meta_grad is not None:  # nodewise rows are summed outside (an inductor KeyError on
-                        out.append(meta_grad.sum() if layout.kind == "tensor" else meta_grad)  # row sums)
-                return out
-
-            fn = self._compiled[indices] = torch.compile(step, dynamic=False)
+    def _build(self, key, tensors, alpha, scalars):
+        step = _one_tensor_step(self.prog, self.layout.kind)
+        code = step.__code__.replace(co_name=f"metaoptimize_step_{len(self._compiled)}")
+        fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+        fn = torch.compile(fn, dynamic=None, backend=_COMPILE_BACKEND)
+        copies = {name: t.clone() for name, t in tensors.items()}
+        fn(copies, alpha, scalars)  # compiles and runs, writing only copies
+        if scalars:  # and the recompile with symbolic scalars that the next step would make
+            fn(copies, alpha, [v + 0.5 for v in scalars])
+        self._compiled[key] = fn
         return fn
 
     def step(self, items, alpha, gamma, z):
-        for subset in _subsets(items):
-            scalars = self.prog.scalars(_scalar_values(subset, gamma))
-            meta_grad = self._fn(tuple(it[0] for it in subset))(_streams(self.prog, subset), alpha, scalars)
-            if self.prog.track:
-                _reduce_into(self.layout, z, subset, meta_grad)
+        if self._fallback is not None:
+            return self._fallback.step(items, alpha, gamma, z)
+        prog, layout = self.prog, self.layout
+        scalars, done, out = {}, [], []
+        for k, it in enumerate(items):
+            i, w, g, streams, hp, t = it
+            # detached: the same tensor kind (no Parameter, no requires_grad) for the copies and the real call
+            tensors = {"w": w.detach(), "g": g.detach(), **{n: streams[n].detach() for n in prog.streams[2:]}}
+            view = layout.view(alpha, i)
+            values = scalars.get((id(hp), t))
+            if values is None:
+                values = scalars[(id(hp), t)] = prog.scalars({**hp, "t": t, "gamma": gamma})
+            key = (tuple(view.shape), view.dtype, *((x.shape, x.dtype, x.stride()) for x in tensors.values()))
+            fn = self._compiled.get(key)
+            if fn is None:
+                try:
+                    fn = self._build(key, tensors, view, values)
+                except Exception as err:  # any failure of dynamo, inductor, triton or the driver
+                    if done and prog.track:
+                        _reduce_into(layout, z, done, out)
+                    return self._fail(err, items[k:], alpha, gamma, z)
+            meta_grad = fn(tensors, view, values)
+            if prog.track:
+                done.append(it)
+                out.append(meta_grad)
+        if done and prog.track:
+            _reduce_into(layout, z, done, out)
+
+    def _fail(self, err, items, alpha, gamma, z):
+        """The compiled step failed on its first call for some tensors (their state untouched): they,
+        and every later step, go to foreach."""
+        why = f"the compiled step (torch.compile) failed: {type(err).__name__}: {err}"
+        if self.strict:
+            raise RuntimeError(f"impl='fused': {why}") from err
+        warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=4)
+        self._fallback = ForeachImpl(*self._args)
+        self._fallback.step(items, alpha, gamma, z)
 
 
 def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
@@ -268,18 +323,19 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
     why = None
     if not dtypes <= set(FUSED_DTYPES):
         why = f"dtypes {sorted(str(d) for d in dtypes - set(FUSED_DTYPES))} are not supported by the fused step"
-    elif device.type == "cpu":
+    elif device.type == "cpu" and not _FORCE_COMPILED:
         try:
             return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta)
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:
             why = f"the fused CPU step could not be built: {err}"
     else:
         try:
-            import triton  # noqa: F401  (torch.compile's GPU backend)
+            if device.type == "cuda":
+                import triton  # noqa: F401  (torch.compile's GPU backend)
         except ImportError:
             why = "torch.compile needs triton on CUDA"
-        else:
-            return CompiledImpl(base, track, layout, curvature_kind)
+        else:  # a failure at its first call falls back then (or raises: impl="fused")
+            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused")
     if impl == "fused":
         raise RuntimeError(f"impl='fused' is not available: {why}")
     warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)

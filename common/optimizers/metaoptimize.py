@@ -72,6 +72,7 @@ class MetaOptimize(torch.optim.Optimizer):
     Args (the paper's flags in snake case; algorithm names are case-insensitive; hyperparameters
     the chosen algorithms do not read are ignored, so None is fine for them):
         params: parameters, named parameters, param groups, or a module (its trainable parameters).
+            Complex parameters step as their real views (torch.view_as_real), as in torch's optimizers.
         alg_base: SGD, SGDm, RMSProp, AdamW (alias Adam), Lion.
         alg_meta: fixed (beta never moves), SGD, RMSProp, Adam, Lion.
         alpha0: initial step size. meta_stepsize: eta (0 freezes beta). gamma: discount in [0, 1].
@@ -92,8 +93,9 @@ class MetaOptimize(torch.optim.Optimizer):
             ranks, run the forward through the module itself (DDP's reducer cannot take a double
             backward): the optimizer averages the gradients and the products across ranks.
         rectify: with hessian="block_diagonal" and weight-wise blocks, IDBD's (1 - alpha H_ii)^+.
-        impl: "auto" (default: "fused" where it runs, else "foreach"), "fused" (one pass per tensor:
-            a compiled C loop on CPU, torch.compile on CUDA), or "foreach" (torch._foreach_* passes).
+        impl: "auto" (default: "fused" where it runs, else "foreach", with one warning; also when
+            torch.compile fails at its first call), "fused" (one pass per tensor: a compiled C loop on
+            CPU, torch.compile on CUDA; raises where it cannot run), or "foreach" (torch._foreach_*).
         state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory);
             None keeps the parameters' dtype.
 
@@ -204,10 +206,9 @@ class MetaOptimize(torch.optim.Optimizer):
     def _check_group(self, group, index):
         where = f" (param group {index})" if len(self.param_groups) > 1 else ""
         self._hyperparameters(group, where)
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError("params: complex parameters are not supported (view them as real with "
-                                 "torch.view_as_real)")
+        if self.hessian is not None and any(p.is_complex() for p in group["params"]):
+            raise ValueError(f"hessian={self.hessian!r} does not support complex parameters (view them as real "
+                             "with torch.view_as_real)")
 
     def _adopt_new_params(self):
         """Give blocks to tensors put into `param_groups` without add_param_group (Lightning's
@@ -264,7 +265,7 @@ class MetaOptimize(torch.optim.Optimizer):
         self._check_hessian()
         device = self._params[0].device
         # beta and the meta state: float32, or float64 for float64 parameters (then exact to ~1e-15)
-        dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
+        dtype = torch.float64 if torch.float64 in {p.dtype.to_real() for p in self._params} else torch.float32
         num_blocks = len(counts) if kind == "tensor" else 0
         self._beta = torch.empty(0, device=device, dtype=dtype)
         self._meta_state = {k: torch.empty(0, device=device, dtype=dtype) for k in META_RULES[self.alg_meta].state}
@@ -293,7 +294,7 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _relayout(self, num_tensor_blocks):
         """(Re)make the layout for self._params; beta and the meta state keep their values and grow."""
-        shapes = [tuple(p.shape) for p in self._params]
+        shapes = [_real_shape(p) for p in self._params]
         if self._kind == "tensor":
             num_blocks, starts, units = num_tensor_blocks, list(self._tensor_blocks), [1] * len(shapes)
         else:
@@ -338,7 +339,7 @@ class MetaOptimize(torch.optim.Optimizer):
     def _make_impl(self):
         return make_impl(self.impl_name, BASE_RULES[self.alg_base], self.alg_meta != "fixed",
                          self._sharding.layout if self._sharding else self._layout, self._beta.device,
-                         [p.dtype for p in self._params], self.state_dtype, self._beta.dtype, self._curvature_kind,
+                         [p.dtype.to_real() for p in self._params], self.state_dtype, self._beta.dtype, self._curvature_kind,
                          META_RULES[self.alg_meta])
 
     @property
@@ -366,9 +367,11 @@ class MetaOptimize(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             dtype = self.state_dtype or p.dtype
+            # complex: complex state as torch keeps it, or its real view in a real state_dtype
+            like = torch.view_as_real(p) if p.is_complex() and self.state_dtype is not None else p
             names = BASE_RULES[self.alg_base].state + (("trace",) if self.alg_meta != "fixed" else ())
             for name in names:
-                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state[name] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             self._impl.reset()
         return state
 
@@ -473,8 +476,8 @@ class MetaOptimize(torch.optim.Optimizer):
                     raise RuntimeError("MetaOptimize does not support sparse gradients")
                 state = self._state_for(p)
                 state["step"] += 1
-                streams = {k: local(v) for k, v in state.items() if k != "step"}
-                items.append((self._index[p], local(p), local(g), streams, hp, state["step"]))
+                streams = {k: _real(local(v)) for k, v in state.items() if k != "step"}
+                items.append((self._index[p], _real(local(p)), _real(local(g)), streams, hp, state["step"]))
         if not items:
             return loss
         if self.hessian is not None:
@@ -557,6 +560,15 @@ class MetaOptimize(torch.optim.Optimizer):
             _average_across_ranks(grads + products)  # DDP's reducer cannot take a double backward
         for it, product in zip(items, products):
             it[3]["curvature"] = product
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (..., 2), as torch's optimizers step it."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_shape(p: Tensor) -> tuple:
+    return tuple(p.shape) + ((2,) if p.is_complex() else ())
 
 
 def _average_across_ranks(tensors):
