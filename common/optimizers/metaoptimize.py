@@ -62,6 +62,61 @@ def _positional(spec) -> bool:
     return low == "last_layer_and_others" or low in NAMED_STEPSIZE_GROUPS or low.strip("[]() ")[:1].isdigit()
 
 
+def check_param_states(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple[str, ...]) -> None:
+    """ValueError (naming the parameter and the key) unless every parameter's state in `state_dict`
+    holds "step" and `keys`, each a floating-point tensor of its parameter's shape, and the param
+    groups match `optimizer`'s. For a load_state_dict pre-hook: torch maps saved states to the
+    parameters by position and casts them to the parameter's dtype and device, so a wrong shape or
+    a missing key would only show at step() (or as out-of-bounds writes of a fused step)."""
+    groups, states = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(states, dict):
+        raise ValueError("state dict: needs 'state' (a dict) and 'param_groups' (a list)")
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"state dict has {len(groups)} param groups; this optimizer has {len(optimizer.param_groups)}")
+    ids, params = [], []
+    for g, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        saved_ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(saved_ids, list) or len(saved_ids) != len(mine["params"]):
+            n = len(saved_ids) if isinstance(saved_ids, list) else "no"
+            raise ValueError(f"state dict: param group {g} has {n} parameters; this optimizer's has {len(mine['params'])}")
+        ids += saved_ids
+        params += mine["params"]
+    unknown = set(states) - set(ids)
+    if unknown:
+        raise ValueError(f"state dict: state for parameter id {sorted(map(str, unknown))[0]} that no param group names")
+    for index, (pid, p) in enumerate(zip(ids, params)):
+        state = states.get(pid)
+        if state is None:  # no step taken for it yet
+            continue
+        where = f"state dict: parameter {index} (shape {tuple(p.shape)})"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: its state is a {type(state).__name__}, not a dict")
+        step = state.get("step")
+        if torch.is_tensor(step):
+            step = step.item() if step.numel() == 1 else None
+        if not (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and step >= 0):
+            raise ValueError(f"{where}: 'step' must be a number >= 0, got {state.get('step')!r}")
+        for key in keys:
+            if key not in state:
+                raise ValueError(f"{where}: no {key!r} in its state (needed by this optimizer's rule)")
+            v = state[key]
+            if not torch.is_tensor(v) or not v.is_floating_point():
+                what = f"a {v.dtype} tensor" if torch.is_tensor(v) else type(v).__name__
+                raise ValueError(f"{where}: {key!r} must be a floating-point tensor, got {what}")
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"{where}: {key!r} has shape {tuple(v.shape)}, not the parameter's")
+            if v.device.type == "meta":
+                raise ValueError(f"{where}: {key!r} is on the meta device (it holds no values)")
+
+
+def _check_vector(meta: dict, key: str, size: int) -> None:
+    v = meta.get(key)
+    if not torch.is_tensor(v) or not v.is_floating_point() or v.numel() != size or v.device.type == "meta":
+        what = f"a {v.dtype} tensor of {v.numel()} values" if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"state dict: meta {key!r} must be a floating-point tensor of {size} values "
+                         f"(one per block), got {what}")
+
+
 class MetaOptimize(torch.optim.Optimizer):
     r"""MetaOptimize (spec sections 2-5 and 9; the rules: `rules.py`).
 
@@ -355,11 +410,14 @@ class MetaOptimize(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             dtype = self.state_dtype or p.dtype
-            names = BASE_RULES[self.alg_base].state + (("trace",) if self.alg_meta != "fixed" else ())
-            for name in names:
+            for name in self._state_names():
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             self._impl.reset()
         return state
+
+    def _state_names(self) -> tuple[str, ...]:
+        """The state tensors of each parameter: the base rule's, and the trace h (not for a fixed step size)."""
+        return BASE_RULES[self.alg_base].state + (("trace",) if self.alg_meta != "fixed" else ())
 
     @staticmethod
     def _save_meta(self, state_dict):
@@ -375,10 +433,19 @@ class MetaOptimize(torch.optim.Optimizer):
         if meta is None:
             raise ValueError("not a MetaOptimize state dict (no 'meta' entry)")
         self._adopt_new_params()
+        # everything is checked here, before torch loads anything: a failed load changes nothing
+        missing = [k for k in ("num_blocks", "alg_base", "alg_meta", "step", "beta") if k not in meta]
+        if missing:
+            raise ValueError(f"state dict: meta has no {missing[0]!r}")
         if (meta["num_blocks"], meta["alg_base"], meta["alg_meta"]) != (self.num_blocks, self.alg_base, self.alg_meta):
             raise ValueError(
                 f"state dict is for ({meta['alg_base']}, {meta['alg_meta']}) with {meta['num_blocks']} blocks; "
                 f"this optimizer is ({self.alg_base}, {self.alg_meta}) with {self.num_blocks} blocks")
+        for key in ("beta", *self._meta_state):
+            _check_vector(meta, key, self.num_blocks)
+        if meta.get("format", 1) == 1 and meta.get("trace_scale") is not None:
+            _check_vector(meta, "trace_scale", len(self._params))
+        check_param_states(self, state_dict, self._state_names())
         self._loading = meta
         return state_dict
 
@@ -396,9 +463,9 @@ class MetaOptimize(torch.optim.Optimizer):
                 for k, v in state.items():
                     if torch.is_tensor(v) and k != "step" and self.state_dtype is not None:
                         state[k] = v.to(self.state_dtype)
-            self._beta.copy_(meta["beta"])
+            self._beta.copy_(meta["beta"].reshape(-1))
             for k, buf in self._meta_state.items():
-                buf.copy_(meta[k])
+                buf.copy_(meta[k].reshape(-1))
         self._meta_step = int(meta["step"])
         self._impl.reset()
 
