@@ -54,6 +54,23 @@ def _check_hyperparameter(name: str, value, needed_by: str):
         _check(name, value, low=0.0, high=1.0, high_open=True)
 
 
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+
+
+def _state_dtype(value) -> torch.dtype | None:
+    """state_dtype: None, a floating torch dtype, or its name ("bfloat16", "torch.bfloat16")."""
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key not in STATE_DTYPES:
+            raise ValueError(f"state_dtype: unknown value {value!r}; accepted: None, {', '.join(STATE_DTYPES)}")
+        return STATE_DTYPES[key]
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"state_dtype must be None or a floating torch dtype ({', '.join(STATE_DTYPES)}), "
+                         f"got {value!r}")
+    return value
+
+
 def _positional(spec) -> bool:
     """Whether a stepsize_groups value counts tensors in order (so the order of the parameters matters)."""
     if not isinstance(spec, str):
@@ -149,8 +166,9 @@ class MetaOptimize(torch.optim.Optimizer):
         rectify: with hessian="block_diagonal" and weight-wise blocks, IDBD's (1 - alpha H_ii)^+.
         impl: "auto" (default: "fused" where it runs, else "foreach"), "fused" (one pass per tensor:
             a compiled C loop on CPU, torch.compile on CUDA), or "foreach" (torch._foreach_* passes).
-        state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory);
-            None keeps the parameters' dtype.
+        state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory):
+            a floating torch dtype or its name ("bfloat16", "float16", "float32", "float64"); None
+            keeps the parameters' dtype. Anything else is a ValueError.
 
     `step_sizes()` returns lr alpha per block (lr of the block's first param group) as a device
     tensor (no host sync): `.tolist()` it when you log. State per tensor: "step", "momentum" and
@@ -189,6 +207,14 @@ class MetaOptimize(torch.optim.Optimizer):
         alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
         alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
         _check("alpha0", alpha0, low=0.0, low_open=True)
+        # beta = log(alpha0) lives in float32 (for float32 weights): exp(beta) must be a positive finite number
+        alpha32 = torch.exp(torch.tensor(math.log(alpha0), dtype=torch.float32)).item()
+        if not (math.isfinite(alpha32) and alpha32 > 0):
+            raise ValueError(f"alpha0 must be a step size float32 can hold (about 1e-38 to 3e38), got {alpha0!r}")
+        if stepsize_groups is None:
+            raise ValueError("stepsize_groups: None is not a block layout; use 'scalar' (one step size), "
+                             "'layerwise', 'nodewise', 'weightwise', 'param_groups' or a list of tensor counts")
+        state_dtype = _state_dtype(state_dtype)
         _check("gamma", gamma, low=0.0, high=1.0)
         if hessian not in HESSIANS:
             raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
@@ -519,14 +545,15 @@ class MetaOptimize(torch.optim.Optimizer):
                 loss = closure()
         self._adopt_new_params()
         items, local = [], self._sharding.local if self._sharding else (lambda x: x)
+        # every gradient is checked before any state is touched: an error leaves the optimizer as it was
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("MetaOptimize does not support sparse gradients")
         for group in self.param_groups:
             hp = self._hyperparameters(group, None)
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse:
-                    raise RuntimeError("MetaOptimize does not support sparse gradients")
                 state = self._state_for(p)
                 state["step"] += 1
                 streams = {k: local(v) for k, v in state.items() if k != "step"}
