@@ -832,7 +832,7 @@ class Run:
         None on a fresh start. A checkpoint that does not fit (other model flags) is one error line.
         """
         self._objects = (model, optimizer, scheduler, scaler)
-        state = self.load_checkpoint()
+        state, meta = self._read_checkpoint()
         if state is None:
             return None
         shards = state.get("sharded")
@@ -843,6 +843,7 @@ class Run:
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
                              f"the flags the run started with (see {self.dir / CONFIG})") from None
+        self._apply_checkpoint(state, meta)  # only now the folder changes (metrics cut back)
         return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "sharded")}
 
     def checkpoint(self, progress: dict) -> None:
@@ -916,6 +917,7 @@ class Run:
                 "elapsed": self.elapsed(),
                 "run_name": self.name,
                 "experiment": self.experiment,
+                "config_hash": self._config_id(),
             }
             atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f))
         if self.world_size > 1:
@@ -923,26 +925,60 @@ class Run:
 
             dist.barrier()
 
+    def _config_id(self) -> str:
+        """The hash of this run's configuration as it started (config.json, written at the first start
+        and kept by resumes; the flags when there is none yet): every checkpoint of the run carries it."""
+        saved = runfolder.read_config(self.dir)
+        if saved is None:
+            saved = {k: _to_python(v) for k, v in vars(self.args).items()}
+        return runfolder.config_hash(saved)
+
     def load_checkpoint(self) -> dict | None:
         """With --resume: the saved state (RNG states restored, metrics.jsonl cut back to the checkpoint).
 
         None without --resume, or when the run folder has no checkpoint (a fresh start: the folder
-        holds no results then, see `_claim_folder`). Tensors come back on the CPU.
+        holds no results then, see `_claim_folder`). Tensors come back on the CPU. A checkpoint of
+        another run is refused (UsageError) before anything changes.
         """
+        state, meta = self._read_checkpoint()
+        if state is not None:
+            self._apply_checkpoint(state, meta)
+        return state
+
+    def _read_checkpoint(self) -> tuple[dict | None, dict | None]:
+        """checkpoint.pt split into (state, harness entries), checked to be this run's (run name,
+        experiment, configuration hash) and to cut metrics.jsonl at a line; changes nothing."""
         if not self.resume_requested:
-            return None
+            return None, None
         path = self.dir / CHECKPOINT
         if not path.exists():
-            return None
+            return None, None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {cli.first_line(e)})") from None
-        meta = state.pop("harness", None)
-        if meta is None:
+        meta = state.pop("harness", None) if isinstance(state, dict) else None
+        if not isinstance(meta, dict):
             raise UsageError(f"--resume: {path} was not written by common.harness")
+        # checkpoints written before the identity was saved lack some entries: unknown, accepted
         if meta.get("experiment") not in (None, self.experiment):
             raise UsageError(f"--resume: {path} is a {meta['experiment']} run, not {self.experiment}")
+        if meta.get("run_name") not in (None, self.name):
+            raise UsageError(f"--resume: {path} belongs to the run {meta['run_name']!r}, not {self.name!r}; "
+                             f"it was copied or moved here: resume it under its own --run-name")
+        if meta.get("config_hash") not in (None, self._config_id()):
+            raise UsageError(f"--resume: {path} belongs to another configuration than {self.dir / CONFIG} "
+                             f"(another run's checkpoint copied in?); nothing was changed")
+        offset = int(meta["metrics_offset"])
+        if self.is_main and not runfolder.ends_at_line(self.dir / METRICS, offset):
+            raise UsageError(f"--resume: {path} does not match {self.dir / METRICS} (its offset {offset} falls "
+                             f"inside a line); nothing was changed")
+        if self.is_main:
+            self._warn_changed_flags()
+        return state, meta
+
+    def _apply_checkpoint(self, state: dict, meta: dict) -> None:
+        """Restore the RNG states and elapsed time of a checked checkpoint; cut metrics.jsonl back to it."""
         torch.set_rng_state(meta["rng_torch"])
         if meta["rng_cuda"] and torch.cuda.is_available() and len(meta["rng_cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(meta["rng_cuda"])
@@ -955,8 +991,6 @@ class Run:
             metrics = self.dir / METRICS
             if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
                 os.truncate(metrics, meta["metrics_offset"])
-            self._warn_changed_flags()
-        return state
 
     def _warn_changed_flags(self):
         """A resumed run keeps its first config.json; say on stderr which flags differ from it."""

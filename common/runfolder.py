@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import os
 import re
@@ -38,6 +39,44 @@ RESULT_FILES = (SUMMARY, CHECKPOINT, METRICS, CONFIG, WANDB_ID)  # a fresh start
 SAME_TASK_WAIT = 120  # s a requeued SLURM task waits for its own earlier attempt to let go of the lock
 _TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # ".<file>.<8 random chars>.tmp"
 _SHARDS = re.compile(r"^checkpoint\.[0-9a-f]{8}\.dcp$")  # SHARDS with 8 random hex digits
+
+
+# flags (config.json keys) that say how to run, not what the run is: a checkpoint's identity leaves them out
+RUN_CONTROL = frozenset({
+    "resume", "start_over", "max_time", "stop_at_step", "save_directory", "run_name", "device", "log_every",
+    "compile", "wandb", "wandb_project", "wandb_entity", "threads", "workers", "data_dir", "no_download",
+    "command", "start_time", "experiment"})
+
+
+def config_hash(config: dict) -> str:
+    """The identity of a run's configuration (config.json's keys but RUN_CONTROL): 16 hex digits, the
+    same for the args at the start and for config.json read back (values compared as JSON)."""
+    meaning = {k: v for k, v in config.items() if k not in RUN_CONTROL}
+    text = json.dumps(json.loads(json.dumps(meaning, default=str)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_config(run_dir) -> dict | None:
+    """config.json as a dict; None when missing or unreadable."""
+    try:
+        config = json.loads((Path(run_dir) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def ends_at_line(path, offset: int) -> bool:
+    """True when cutting the file `path` at `offset` keeps whole lines (offset 0, the byte before it a
+    newline, or the file no longer than that)."""
+    if offset <= 0:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset - 1)
+            byte = f.read(1)
+    except OSError:
+        return True
+    return byte in (b"\n", b"")
 
 
 class RunFolderError(Exception):

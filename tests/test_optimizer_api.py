@@ -192,3 +192,41 @@ def test_meta_stepsize_zero_freezes_beta():
     opt = MetaOptimize(model, alpha0=1e-3, meta_stepsize=0.0, alg_meta="SGD")
     train(model, opt, steps=3)
     assert math.isclose(opt.step_sizes().item(), 1e-3, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"state_dtype": torch.int32}, "state_dtype must be None or a floating torch dtype"),
+    ({"state_dtype": "int8"}, "state_dtype: unknown value 'int8'"),
+    ({"stepsize_groups": None}, "stepsize_groups: None is not a block layout"),
+    ({"alpha0": 1e308}, "alpha0 must be a step size float32 can hold"),
+    ({"alpha0": 1e-60}, "alpha0 must be a step size float32 can hold"),
+])
+def test_constructor_refuses_what_would_fail_later(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        MetaOptimize(mlp(), **kwargs)
+
+
+def test_state_dtype_by_name():
+    model = mlp()
+    opt = MetaOptimize(model, state_dtype="bfloat16", impl="foreach")
+    train(model, opt, steps=1)
+    assert opt.state_dtype == torch.bfloat16
+    assert all(v.dtype == torch.bfloat16 for st in opt.state.values() for k, v in st.items() if k != "step")
+
+
+def test_a_sparse_gradient_is_refused_before_any_state_changes():
+    model = mlp()
+    opt = MetaOptimize(model, impl="foreach")
+    train(model, opt, steps=1)
+    before = {k: v for k, v in opt.state_dict()["state"].items()}
+    before = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in before.items()}
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad = params[-1].grad.to_sparse()  # the last one: earlier tensors were stepped before
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    after = opt.state_dict()["state"]
+    for i, st in before.items():
+        for k, v in st.items():
+            assert (torch.equal(v, after[i][k]) if torch.is_tensor(v) else v == after[i][k]), (i, k)

@@ -107,3 +107,65 @@ def test_resume_is_bit_for_bit(impl, base, meta, groups):
 def test_packaged_class_resume_is_bit_for_bit(blocks):
     opt = check_resume(packaged(blocks))
     assert not torch.equal(opt.step_sizes(), torch.full_like(opt.step_sizes(), 1e-2))
+
+
+def _bad(saved, change):
+    bad = through_checkpoint(saved)
+    change(bad)
+    return bad
+
+
+def check_refused(build, saved, cases):
+    """Each bad state dict is a ValueError naming the parameter and the key, and the optimizer that
+    refused it is exactly as before (and still steps)."""
+    model = make_model(1)
+    opt = build(model)
+    train(model, opt, 1, 0)
+    before = through_checkpoint(opt.state_dict())
+    for change, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            opt.load_state_dict(_bad(saved, change))
+        assert_same(through_checkpoint(opt.state_dict()), before, "optimizer")
+    train(model, opt, 1, 1)
+
+
+def _saved(build):
+    model = make_model(0)
+    opt = build(model)
+    train(model, opt, 2, 0)
+    return through_checkpoint(opt.state_dict())
+
+
+def _set(key, value, index=0):
+    return lambda sd: sd["state"][index].__setitem__(key, value(sd["state"][index][key]))
+
+
+def _delete(key, index):
+    return lambda sd: sd["state"][index].pop(key)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_load_state_dict_validates_everything_before_it_changes_anything(impl):
+    build = metaoptimize("AdamW", "Lion", "layerwise", impl)
+    saved = _saved(build)
+    check_refused(build, saved, [
+        # the same count of values in another shape: the fused step wrote out of bounds
+        (_set("trace", lambda t: t.reshape(-1)), r"parameter 0 \(shape \(4, 5\)\): 'trace' has shape \(20,\)"),
+        (_set("momentum", lambda t: t[:2]), r"parameter 0 .*'momentum' has shape \(2, 5\)"),
+        (_delete("trace", 3), r"parameter 3 .*no 'trace'"),  # the last one: nothing half-loaded
+        (_set("normalizer", lambda t: t.to(torch.int32), 2), r"parameter 2 .*'normalizer' must be a floating"),
+        (_set("step", lambda s: -1, 1), r"parameter 1 .*'step' must be a number"),
+        (lambda sd: sd["meta"].__setitem__("beta", torch.zeros(7)), r"meta 'beta' must be .* of 4 values"),
+        (lambda sd: sd["meta"].__setitem__("momentum", torch.zeros(1)), r"meta 'momentum' must be .* of 4 values"),
+        (lambda sd: sd["param_groups"][0]["params"].pop(), "param group 0 has 3 parameters"),
+    ])
+
+
+def test_packaged_load_state_dict_validates_before_it_changes_anything():
+    build = packaged("layerwise")
+    saved = _saved(build)
+    check_refused(build, saved, [
+        (_set("h", lambda t: t.reshape(-1)), r"parameter 0 .*'h' has shape \(20,\)"),
+        (_delete("base_momentum", 3), r"parameter 3 .*no 'base_momentum'"),
+        (lambda sd: sd["meta_state"][1].__setitem__("beta", torch.zeros(3)), r"block 1: 'beta'"),
+    ])

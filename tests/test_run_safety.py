@@ -186,6 +186,51 @@ def test_resume_of_a_finished_run_without_checkpoint_keeps_everything(cifar_mod,
     assert runfolder.is_finished(run_dir) and (run_dir / "checkpoint.pt").exists()
 
 
+def folder_bytes(run_dir):
+    return {p.name: p.read_bytes() for p in Path(run_dir).iterdir()}
+
+
+def stopped_toy(out, name, step, *args):
+    p = toy(out, name, "--steps", 100, "--stop-at-step", step, *args)
+    assert p.returncode == 0 and "stopped (SIGTERM)" in p.stderr, p.stderr
+    return Path(out) / name
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_and_changes_nothing(tmp_path):
+    run_dir = stopped_toy(tmp_path / "a", "r", 9)
+    other_seed = stopped_toy(tmp_path / "b", "r", 2, "--seed", 1)  # the same flags but the seed
+    other_name = stopped_toy(tmp_path / "c", "s", 2)  # the same flags, another run
+    for foreign, needle in ((other_seed, "belongs to another configuration than"),
+                            (other_name, "belongs to the run 's', not 'r'")):
+        (run_dir / "checkpoint.pt").write_bytes((foreign / "checkpoint.pt").read_bytes())
+        before = folder_bytes(run_dir)
+        p = toy(tmp_path / "a", "r", "--steps", 12, "--resume")
+        one_error(p, 2, needle)
+        assert folder_bytes(run_dir) == before  # metrics, config, checkpoint as they were
+
+
+def test_resume_cuts_metrics_only_at_a_line_boundary(tmp_path):
+    run_dir = stopped_toy(tmp_path, "r", 4)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(lines[0].replace("{", '{"padding": 1234567, ', 1) + "".join(lines[1:]))
+    before = folder_bytes(run_dir)
+    p = toy(tmp_path, "r", "--steps", 6, "--resume")
+    one_error(p, 2, "falls inside a line); nothing was changed")
+    assert folder_bytes(run_dir) == before
+
+
+def test_resume_accepts_an_old_checkpoint_without_its_identity(tmp_path):
+    run_dir = stopped_toy(tmp_path, "r", 4)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for key in ("run_name", "config_hash"):
+        del ckpt["harness"][key]
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    p = toy(tmp_path, "r", "--steps", 6, "--resume")
+    assert p.returncode == 0 and "ready at step 4" in p.stdout, p.stderr
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 7))
+
+
 # ---- divergence ---------------------------------------------------------------------------
 
 

@@ -54,12 +54,86 @@ def _check_hyperparameter(name: str, value, needed_by: str):
         _check(name, value, low=0.0, high=1.0, high_open=True)
 
 
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+
+
+def _state_dtype(value) -> torch.dtype | None:
+    """state_dtype: None, a floating torch dtype, or its name ("bfloat16", "torch.bfloat16")."""
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key not in STATE_DTYPES:
+            raise ValueError(f"state_dtype: unknown value {value!r}; accepted: None, {', '.join(STATE_DTYPES)}")
+        return STATE_DTYPES[key]
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"state_dtype must be None or a floating torch dtype ({', '.join(STATE_DTYPES)}), "
+                         f"got {value!r}")
+    return value
+
+
 def _positional(spec) -> bool:
     """Whether a stepsize_groups value counts tensors in order (so the order of the parameters matters)."""
     if not isinstance(spec, str):
         return True
     low = spec.strip().lower()
     return low == "last_layer_and_others" or low in NAMED_STEPSIZE_GROUPS or low.strip("[]() ")[:1].isdigit()
+
+
+def check_param_states(optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple[str, ...]) -> None:
+    """ValueError (naming the parameter and the key) unless every parameter's state in `state_dict`
+    holds "step" and `keys`, each a floating-point tensor of its parameter's shape, and the param
+    groups match `optimizer`'s. For a load_state_dict pre-hook: torch maps saved states to the
+    parameters by position and casts them to the parameter's dtype and device, so a wrong shape or
+    a missing key would only show at step() (or as out-of-bounds writes of a fused step)."""
+    groups, states = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(states, dict):
+        raise ValueError("state dict: needs 'state' (a dict) and 'param_groups' (a list)")
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"state dict has {len(groups)} param groups; this optimizer has {len(optimizer.param_groups)}")
+    ids, params = [], []
+    for g, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        saved_ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(saved_ids, list) or len(saved_ids) != len(mine["params"]):
+            n = len(saved_ids) if isinstance(saved_ids, list) else "no"
+            raise ValueError(f"state dict: param group {g} has {n} parameters; this optimizer's has {len(mine['params'])}")
+        ids += saved_ids
+        params += mine["params"]
+    unknown = set(states) - set(ids)
+    if unknown:
+        raise ValueError(f"state dict: state for parameter id {sorted(map(str, unknown))[0]} that no param group names")
+    for index, (pid, p) in enumerate(zip(ids, params)):
+        state = states.get(pid)
+        if state is None:  # no step taken for it yet
+            continue
+        where = f"state dict: parameter {index} (shape {tuple(p.shape)})"
+        if not isinstance(state, dict):
+            raise ValueError(f"{where}: its state is a {type(state).__name__}, not a dict")
+        step = state.get("step")
+        if torch.is_tensor(step):
+            step = step.item() if step.numel() == 1 else None
+        if not (isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and step >= 0):
+            raise ValueError(f"{where}: 'step' must be a number >= 0, got {state.get('step')!r}")
+        for key in keys:
+            if key not in state:
+                raise ValueError(f"{where}: no {key!r} in its state (needed by this optimizer's rule)")
+            v = state[key]
+            if not torch.is_tensor(v) or not (v.is_floating_point() or (p.is_complex() and v.is_complex())):
+                what = f"a {v.dtype} tensor" if torch.is_tensor(v) else type(v).__name__
+                raise ValueError(f"{where}: {key!r} must be a floating-point tensor, got {what}")
+            # a complex parameter's state is complex, or its real view (a real state_dtype)
+            shapes = {tuple(p.shape)} | ({tuple(p.shape) + (2,)} if p.is_complex() and not v.is_complex() else set())
+            if tuple(v.shape) not in shapes:
+                raise ValueError(f"{where}: {key!r} has shape {tuple(v.shape)}, not the parameter's")
+            if v.device.type == "meta":
+                raise ValueError(f"{where}: {key!r} is on the meta device (it holds no values)")
+
+
+def _check_vector(meta: dict, key: str, size: int) -> None:
+    v = meta.get(key)
+    if not torch.is_tensor(v) or not v.is_floating_point() or v.numel() != size or v.device.type == "meta":
+        what = f"a {v.dtype} tensor of {v.numel()} values" if torch.is_tensor(v) else type(v).__name__
+        raise ValueError(f"state dict: meta {key!r} must be a floating-point tensor of {size} values "
+                         f"(one per block), got {what}")
 
 
 class MetaOptimize(torch.optim.Optimizer):
@@ -96,8 +170,9 @@ class MetaOptimize(torch.optim.Optimizer):
         impl: "auto" (default: "fused" where it runs, else "foreach", with one warning; also when
             torch.compile fails at its first call), "fused" (one pass per tensor: a compiled C loop on
             CPU, torch.compile on CUDA; raises where it cannot run), or "foreach" (torch._foreach_*).
-        state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory);
-            None keeps the parameters' dtype.
+        state_dtype: dtype of the base state and the trace (torch.bfloat16 halves their memory):
+            a floating torch dtype or its name ("bfloat16", "float16", "float32", "float64"); None
+            keeps the parameters' dtype. Anything else is a ValueError.
 
     `step_sizes()` returns lr alpha per block (lr of the block's first param group) as a device
     tensor (no host sync): `.tolist()` it when you log. State per tensor: "step", "momentum" and
@@ -136,6 +211,14 @@ class MetaOptimize(torch.optim.Optimizer):
         alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
         alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
         _check("alpha0", alpha0, low=0.0, low_open=True)
+        # beta = log(alpha0) lives in float32 (for float32 weights): exp(beta) must be a positive finite number
+        alpha32 = torch.exp(torch.tensor(math.log(alpha0), dtype=torch.float32)).item()
+        if not (math.isfinite(alpha32) and alpha32 > 0):
+            raise ValueError(f"alpha0 must be a step size float32 can hold (about 1e-38 to 3e38), got {alpha0!r}")
+        if stepsize_groups is None:
+            raise ValueError("stepsize_groups: None is not a block layout; use 'scalar' (one step size), "
+                             "'layerwise', 'nodewise', 'weightwise', 'param_groups' or a list of tensor counts")
+        state_dtype = _state_dtype(state_dtype)
         _check("gamma", gamma, low=0.0, high=1.0)
         if hessian not in HESSIANS:
             raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
@@ -369,11 +452,14 @@ class MetaOptimize(torch.optim.Optimizer):
             dtype = self.state_dtype or p.dtype
             # complex: complex state as torch keeps it, or its real view in a real state_dtype
             like = torch.view_as_real(p) if p.is_complex() and self.state_dtype is not None else p
-            names = BASE_RULES[self.alg_base].state + (("trace",) if self.alg_meta != "fixed" else ())
-            for name in names:
+            for name in self._state_names():
                 state[name] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
             self._impl.reset()
         return state
+
+    def _state_names(self) -> tuple[str, ...]:
+        """The state tensors of each parameter: the base rule's, and the trace h (not for a fixed step size)."""
+        return BASE_RULES[self.alg_base].state + (("trace",) if self.alg_meta != "fixed" else ())
 
     @staticmethod
     def _save_meta(self, state_dict):
@@ -389,10 +475,19 @@ class MetaOptimize(torch.optim.Optimizer):
         if meta is None:
             raise ValueError("not a MetaOptimize state dict (no 'meta' entry)")
         self._adopt_new_params()
+        # everything is checked here, before torch loads anything: a failed load changes nothing
+        missing = [k for k in ("num_blocks", "alg_base", "alg_meta", "step", "beta") if k not in meta]
+        if missing:
+            raise ValueError(f"state dict: meta has no {missing[0]!r}")
         if (meta["num_blocks"], meta["alg_base"], meta["alg_meta"]) != (self.num_blocks, self.alg_base, self.alg_meta):
             raise ValueError(
                 f"state dict is for ({meta['alg_base']}, {meta['alg_meta']}) with {meta['num_blocks']} blocks; "
                 f"this optimizer is ({self.alg_base}, {self.alg_meta}) with {self.num_blocks} blocks")
+        for key in ("beta", *self._meta_state):
+            _check_vector(meta, key, self.num_blocks)
+        if meta.get("format", 1) == 1 and meta.get("trace_scale") is not None:
+            _check_vector(meta, "trace_scale", len(self._params))
+        check_param_states(self, state_dict, self._state_names())
         self._loading = meta
         return state_dict
 
@@ -410,9 +505,9 @@ class MetaOptimize(torch.optim.Optimizer):
                 for k, v in state.items():
                     if torch.is_tensor(v) and k != "step" and self.state_dtype is not None:
                         state[k] = v.to(self.state_dtype)
-            self._beta.copy_(meta["beta"])
+            self._beta.copy_(meta["beta"].reshape(-1))
             for k, buf in self._meta_state.items():
-                buf.copy_(meta[k])
+                buf.copy_(meta[k].reshape(-1))
         self._meta_step = int(meta["step"])
         self._impl.reset()
 
@@ -466,14 +561,15 @@ class MetaOptimize(torch.optim.Optimizer):
                 loss = closure()
         self._adopt_new_params()
         items, local = [], self._sharding.local if self._sharding else (lambda x: x)
+        # every gradient is checked before any state is touched: an error leaves the optimizer as it was
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("MetaOptimize does not support sparse gradients")
         for group in self.param_groups:
             hp = self._hyperparameters(group, None)
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse:
-                    raise RuntimeError("MetaOptimize does not support sparse gradients")
                 state = self._state_for(p)
                 state["step"] += 1
                 streams = {k: _real(local(v)) for k, v in state.items() if k != "step"}

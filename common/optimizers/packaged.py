@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .blocks import resolve_stepsize_groups
+from .metaoptimize import check_param_states
 
 # what a param group may set per tensor; the meta settings are the blocks', so the whole optimizer's
 GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "weight_decay", "b1", "b2"}
@@ -129,9 +130,16 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         if "meta_state" not in state_dict:
             raise ValueError("not a MetaOptimize_AdamW_Lion_hg state dict (no 'meta_state' entry)")
         self._adopt_new_params()
-        if len(state_dict["meta_state"]) != len(self.meta_state):
-            raise ValueError(f"state dict has {len(state_dict['meta_state'])} blocks; this optimizer has "
-                             f"{len(self.meta_state)}")
+        saved = state_dict["meta_state"]
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.meta_state):
+            n = len(saved) if isinstance(saved, (list, tuple)) else "no list of"
+            raise ValueError(f"state dict has {n} blocks; this optimizer has {len(self.meta_state)}")
+        for b, block in enumerate(saved):  # checked before torch loads anything: a failed load changes nothing
+            for key in ("beta", "meta_momentum"):
+                v = block.get(key) if isinstance(block, dict) else None
+                if not torch.is_tensor(v) or not v.is_floating_point() or v.numel() != 1:
+                    raise ValueError(f"state dict: block {b}: {key!r} must be a floating-point tensor of one value")
+        check_param_states(self, state_dict, ("base_momentum", "base_normalizer", "h"))
         self._loading = state_dict["meta_state"]
         return state_dict
 
@@ -140,7 +148,7 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
             group.setdefault("lr", 1.0)
         for mine, saved in zip(self.meta_state, self.__dict__.pop("_loading")):
             for k in mine:
-                mine[k].copy_(saved[k])
+                mine[k].copy_(saved[k].reshape(()))
 
     @torch.no_grad()
     def step(self, closure=None):
