@@ -10,7 +10,7 @@ own typical learning rate times each factor of --factors, and each seed, it trai
 It prints a markdown table of test accuracy (mean ± std over seeds) and writes results.json,
 table.md and figure.png (accuracy against the lr factor, one panel per optimizer) to --out.
 
-    python3 scripts/around_study.py                 # the full study (about 2-3 min on 2 cores)
+    python3 scripts/around_study.py                 # the full study (180 runs, about 1 min on 2 cores)
     python3 scripts/around_study.py --quick --out /tmp/around
 """
 
