@@ -194,11 +194,13 @@ def step_size_figures(exp: str, groups, keys) -> dict:
         values = [v for run in members for r in run.metrics for k in blocks if (v := r.get(k)) is not None]
         if not blocks or len(set(values)) < 2:  # nothing logged, or fixed step sizes
             continue
-        label = method_label(config, keys)
+        label = method_label(config, keys) + diverged_note(members)
+        kept = [r for r in members if not r.diverged]  # a diverged run's step sizes stay out of the mean
         fig, ax = figure(f"{exp}: step sizes, {label}", "iteration", "step size")
-        data = {"kind": "step_sizes", "config": label, "x": "step", "series": []}
+        data = {"kind": "step_sizes", "config": label, "x": "step", "series": [],
+                "diverged_left_out": len(members) - len(kept)}
         for block in blocks:
-            curve = mean_curve(members, block, "step")
+            curve = mean_curve(kept, block, "step")
             if curve is None or np.any(curve[1] <= 0):
                 continue
             add_curve(ax, data, block.removeprefix("step_size/").replace("block_", "block "), curve)
@@ -392,9 +394,9 @@ def kind_block_panels(name, groups, keys, metric=None) -> dict:
         ax.set_title(panel["title"], fontsize=9)
         ax.set_xlabel("iteration")
         for config, members in chosen:
-            curve = mean_curve(members, block, "step")
+            curve = mean_curve([r for r in members if not r.diverged], block, "step")
             if curve is not None and np.all(curve[1] > 0):
-                add_curve(ax, panel, method_label(config, keys), curve)
+                add_curve(ax, panel, method_label(config, keys) + diverged_note(members), curve)
         ax.set_yscale("log")
         data["panels"].append(panel)
     axes[0].set_ylabel("step size")

@@ -510,3 +510,32 @@ def test_run_folder_state_command(tmp_path):
     assert state() == "finished"
     (run / "summary.json").write_text("{broken")  # being written: not an end yet
     assert state() == "checkpoint"
+
+
+def test_step_size_figures_leave_diverged_runs_out_and_say_so(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import plot
+
+    root = tmp_path / "runs"
+    for name, seed, sizes, summary in (("s0", 0, [1e-3, 2e-3], {"finished": True}),
+                                       ("s1", 1, [1e-3, 4e-3], {"finished": True}),
+                                       ("s2", 2, [1e-3, 9.0], {"finished": False, "diverged": True,
+                                                               "diverged_at_step": 25})):
+        _write_run(root, name, seed, [50, 60], summary)
+        with open(root / name / "metrics.jsonl", "a") as f:
+            for step, size in zip((10, 20), sizes):
+                f.write(json.dumps({"step": step, "time": 1, "step_size/block_0": size,
+                                    "step_size/block_1": size / 2}) + "\n")
+    assert plot.main([str(root), "--out", str(tmp_path / "figs"), "--formats", "png"]) == 0
+    data = json.loads((tmp_path / "figs" / "plot_data.json").read_text())
+    (name,) = [k for k in data if "_step_sizes_" in k]
+    figure = data[name]
+    assert figure["diverged_left_out"] == 1 and figure["config"].endswith("(1/3 diverged)")
+    block_0 = next(s for s in figure["series"] if s["label"] == "block 0")
+    assert block_0["runs"] == [str(root / "s0"), str(root / "s1")]
+    assert block_0["mean"] == pytest.approx([1e-3, 3e-3])  # 9.0 of the diverged run would make it 4.3
+    assert plot.main([str(root), "--kind", "block-panels", "--name", "blocks", "--out", str(tmp_path / "b"),
+                      "--formats", "png"]) == 0
+    panels = json.loads((tmp_path / "b" / "plot_data.json").read_text())["blocks"]["panels"]
+    assert all(s["runs"] == [str(root / "s0"), str(root / "s1")] and s["label"].endswith("(1/3 diverged)")
+               for p in panels for s in p["series"])
