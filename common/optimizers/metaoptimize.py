@@ -206,7 +206,6 @@ class MetaOptimize(torch.optim.Optimizer):
         rectify: bool = False,
         impl: str = "auto",
         state_dtype: torch.dtype | None = None,
-        compile: bool | None = None,
     ):
         alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
         alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
@@ -224,8 +223,6 @@ class MetaOptimize(torch.optim.Optimizer):
             raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
         if weight_decay is not None:  # the ecosystem's name for the base weight decay
             weight_decay_base = weight_decay
-        if compile:  # the earlier name of impl="fused"
-            impl = "fused"
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = [p for p in params.parameters() if p.requires_grad]
