@@ -59,24 +59,16 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
                  weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
                  *, model: torch.nn.Module | None = None):
-        from .metaoptimize import META_ALGS, _check, _check_hyperparameter, _positional, canonical
+        from .metaoptimize import _positional, meta_settings
 
         bases = list(base) if isinstance(base, (list, tuple)) else [base]
         if not bases or not all(isinstance(b, torch.optim.Optimizer) for b in bases):
             raise ValueError("base: a constructed torch.optim.Optimizer or a list of them")
-        alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
-        _check("alpha0", alpha0, low=0.0, low_open=True)
-        _check("gamma", gamma, low=0.0, high=1.0)
-        meta_hp = {"meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
-                   "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
-                   "lion_beta2": lion_beta2_meta}
-        meta = META_RULES[alg_meta]
-        for key in meta.hyperparameters:
-            _check_hyperparameter(key if key == "meta_stepsize" else key + "_meta", meta_hp[key],
-                                  f"alg_meta={alg_meta!r}")
+        alg_meta, self.meta_hp = meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize,
+                                               weight_decay_meta, momentum_param_meta, normalizer_param_meta,
+                                               lion_beta2_meta)
         self.bases, self.alg_meta = bases, alg_meta
         self.alpha0, self.gamma = float(alpha0), float(gamma)
-        self.meta_hp = {k: meta_hp[k] for k in meta.hyperparameters}
         self.stepsize_groups = stepsize_groups
         # what torch.optim.Optimizer.__init__ sets, without making param groups of our own
         self.defaults = {}
@@ -126,7 +118,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         device = self._params[0].device
         dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
         self._beta = torch.full((num_blocks,), math.log(self.alpha0), device=device, dtype=dtype)
-        self._meta_state = {k: torch.zeros(num_blocks, device=device, dtype=dtype) for k in meta.state}
+        self._meta_state = {k: torch.zeros(num_blocks, device=device, dtype=dtype) for k in META_RULES[alg_meta].state}
         self._meta_step = 0
         self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
         self._masks = {}

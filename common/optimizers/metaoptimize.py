@@ -71,6 +71,29 @@ def _state_dtype(value) -> torch.dtype | None:
     return value
 
 
+def meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta, momentum_param_meta,
+                  normalizer_param_meta, lion_beta2_meta) -> tuple[str, dict]:
+    """The checks of the settings MetaOptimize and MetaOptimizeAround share; returns the canonical
+    alg_meta and the meta rule's hyperparameters (ValueError naming the argument)."""
+    alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
+    _check("alpha0", alpha0, low=0.0, low_open=True)
+    # beta = log(alpha0) lives in float32 (for float32 weights): exp(beta) must be a positive finite number
+    alpha32 = torch.exp(torch.tensor(math.log(alpha0), dtype=torch.float32)).item()
+    if not (math.isfinite(alpha32) and alpha32 > 0):
+        raise ValueError(f"alpha0 must be a step size float32 can hold (about 1e-38 to 3e38), got {alpha0!r}")
+    if stepsize_groups is None:
+        raise ValueError("stepsize_groups: None is not a block layout; use 'scalar' (one step size), "
+                         "'layerwise', 'nodewise', 'weightwise', 'param_groups' or a list of tensor counts")
+    _check("gamma", gamma, low=0.0, high=1.0)
+    meta_hp = {"meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
+               "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
+               "lion_beta2": lion_beta2_meta}
+    meta = META_RULES[alg_meta]
+    for key in meta.hyperparameters:
+        _check_hyperparameter(key if key == "meta_stepsize" else key + "_meta", meta_hp[key], f"alg_meta={alg_meta!r}")
+    return alg_meta, {k: meta_hp[k] for k in meta.hyperparameters}
+
+
 def _positional(spec) -> bool:
     """Whether a stepsize_groups value counts tensors in order (so the order of the parameters matters)."""
     if not isinstance(spec, str):
@@ -208,17 +231,9 @@ class MetaOptimize(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
     ):
         alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
-        alg_meta = canonical(alg_meta, META_ALGS, "alg_meta")
-        _check("alpha0", alpha0, low=0.0, low_open=True)
-        # beta = log(alpha0) lives in float32 (for float32 weights): exp(beta) must be a positive finite number
-        alpha32 = torch.exp(torch.tensor(math.log(alpha0), dtype=torch.float32)).item()
-        if not (math.isfinite(alpha32) and alpha32 > 0):
-            raise ValueError(f"alpha0 must be a step size float32 can hold (about 1e-38 to 3e38), got {alpha0!r}")
-        if stepsize_groups is None:
-            raise ValueError("stepsize_groups: None is not a block layout; use 'scalar' (one step size), "
-                             "'layerwise', 'nodewise', 'weightwise', 'param_groups' or a list of tensor counts")
+        alg_meta, meta_hp = meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta,
+                                          momentum_param_meta, normalizer_param_meta, lion_beta2_meta)
         state_dtype = _state_dtype(state_dtype)
-        _check("gamma", gamma, low=0.0, high=1.0)
         if hessian not in HESSIANS:
             raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
         if weight_decay is not None:  # the ecosystem's name for the base weight decay
@@ -226,16 +241,9 @@ class MetaOptimize(torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
             params = [p for p in params.parameters() if p.requires_grad]
-        meta_hp = {"meta_stepsize": meta_stepsize, "weight_decay": weight_decay_meta,
-                   "momentum_param": momentum_param_meta, "normalizer_param": normalizer_param_meta,
-                   "lion_beta2": lion_beta2_meta}
-        meta = META_RULES[alg_meta]
-        for key in meta.hyperparameters:
-            _check_hyperparameter(key if key == "meta_stepsize" else key + "_meta", meta_hp[key],
-                                  f"alg_meta={alg_meta!r}")
         self.alg_base, self.alg_meta = alg_base, alg_meta
         self.alpha0, self.gamma = float(alpha0), float(gamma)
-        self.meta_hp = {k: meta_hp[k] for k in meta.hyperparameters}
+        self.meta_hp = meta_hp
         self.stepsize_groups, self.impl_name, self.state_dtype = stepsize_groups, impl, state_dtype
         self.hessian, self.rectify = hessian, bool(rectify)
         defaults = dict(lr=lr, weight_decay=weight_decay_base, normalizer_param_base=normalizer_param_base,
