@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
+from .metaoptimize import _positional, meta_settings, meta_update
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -59,8 +60,6 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
                  weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
                  *, model: torch.nn.Module | None = None):
-        from .metaoptimize import _positional, meta_settings
-
         bases = list(base) if isinstance(base, (list, tuple)) else [base]
         if not bases or not all(isinstance(b, torch.optim.Optimizer) for b in bases):
             raise ValueError("base: a constructed torch.optim.Optimizer or a list of them")
@@ -258,14 +257,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         torch._foreach_add_(params, w0)  # 3. w = w0 + alpha u
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
-            beta, state = META_RULES[self.alg_meta].rule(self._beta, z, self._meta_state, self.meta_hp,
-                                                         self._meta_step)
-            mask = self._mask(active)
-            for buf, new in ((self._beta, beta), *((self._meta_state[k], v) for k, v in state.items())):
-                if mask is None:
-                    buf.copy_(new)
-                else:  # blocks without any gradient this step keep their meta state
-                    torch.where(mask, new, buf, out=buf)
+            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        self._mask(active))
         return loss
 
     def _mask(self, active: tuple):

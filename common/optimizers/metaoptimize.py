@@ -94,6 +94,17 @@ def meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weigh
     return alg_meta, {k: meta_hp[k] for k in meta.hyperparameters}
 
 
+def meta_update(alg_meta, beta, z, meta_state: dict, hp: dict, t: int, mask=None) -> None:
+    """Step 5 in place: beta and its meta state from z by the meta rule; where `mask` (a device bool per
+    block) is False, the block had no gradient this step and keeps its meta state."""
+    new_beta, new_state = META_RULES[alg_meta].rule(beta, z, meta_state, hp, t)
+    for buf, new in ((beta, new_beta), *((meta_state[k], v) for k, v in new_state.items())):
+        if mask is None:
+            buf.copy_(new)
+        else:
+            torch.where(mask, new, buf, out=buf)
+
+
 def _positional(spec) -> bool:
     """Whether a stepsize_groups value counts tensors in order (so the order of the parameters matters)."""
     if not isinstance(spec, str):
@@ -597,14 +608,8 @@ class MetaOptimize(torch.optim.Optimizer):
                 self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
                                        self._mask(active, keep=True))
                 return loss
-            beta, state = META_RULES[self.alg_meta].rule(self._beta, z, self._meta_state, self.meta_hp,
-                                                         self._meta_step)
-            mask = self._mask(active)
-            for buf, new in ((self._beta, beta), *((self._meta_state[k], v) for k, v in state.items())):
-                if mask is None:
-                    buf.copy_(new)
-                else:  # blocks without any gradient this step keep their meta state
-                    torch.where(mask, new, buf, out=buf)
+            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        self._mask(active))
         return loss
 
     def _mask(self, active: tuple, keep: bool = False):
