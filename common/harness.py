@@ -549,6 +549,8 @@ class Run:
         self._wandb = None
         self._lock = None
         self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
+        self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
+        self._dir_lost = False  # the folder was deleted or replaced while the run ran
         self._bars = []  # progress bars
         self._objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
         self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
@@ -609,6 +611,7 @@ class Run:
         except OSError as e:
             raise UsageError(f"--save-directory {parent}: {runfolder.describe_os_error(e, self.dir)}") from None
         runfolder.remove_stale_temp_files(self.dir)
+        self._dir_id = _folder_id(self.dir)  # the folder this run holds, not the path (see _check_folder)
 
         state = runfolder.run_state(self.dir)
         results = runfolder.has_results(self.dir)
@@ -740,8 +743,20 @@ class Run:
 
     # ---- files ---------------------------------------------------------------------------
 
+    def _check_folder(self):
+        """Rank 0, before each write: the run folder is still the one it claimed (one stat). A folder
+        deleted or replaced meanwhile (a new run of the same name claimed a new one at that path) is
+        one line (RunFolderError, exit 1), and nothing is written into it."""
+        if self._dir_id is None or not self.is_main:
+            return
+        if _folder_id(self.dir) != self._dir_id:
+            self._dir_lost = True
+            raise RunFolderError(f"run folder {self.dir} was deleted or replaced while this run ran (by another run "
+                                 f"of that name?); this run stopped and wrote nothing more there")
+
     def _open(self):
         """Create config.json, metrics.jsonl and the wandb run (rank 0, first write)."""
+        self._check_folder()
         if self._opened or not self.is_main:
             self._opened = True
             return
@@ -786,7 +801,7 @@ class Run:
         self._check_metrics(metrics, step)
         if not self.is_main:
             return
-        self._open()
+        self._open()  # checks that the folder is still this run's
         record = {"step": int(step), "time": round(self.elapsed(), 3), **metrics}
         try:
             self._metrics_file.write(json.dumps(record) + "\n")
@@ -1031,6 +1046,8 @@ class Run:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._dir_lost:  # the path is another run's now: remove nothing there
+            return
         for d in self._made_dirs:  # innermost first; stops at the first folder that holds something
             try:
                 d.rmdir()
@@ -1065,6 +1082,15 @@ class Run:
             bar = tqdm(iterable_or_total, desc=desc, **kwargs)
         self._bars.append(bar)  # closed by close(): an error line then starts on a line of its own
         return bar
+
+
+def _folder_id(path) -> tuple[int, int] | None:
+    """(device, inode) of the folder `path`; None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _plain(value):

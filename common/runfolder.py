@@ -325,8 +325,9 @@ class RunLock:
         """Remove the lock file and let go (safe to call twice)."""
         if self.fd is None:
             return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        with contextlib.suppress(OSError):  # only our file: a new run may have claimed a new folder at this path
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                self.path.unlink()
         os.close(self.fd)
         self.fd = None
 

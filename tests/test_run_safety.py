@@ -539,3 +539,30 @@ def test_step_size_figures_leave_diverged_runs_out_and_say_so(tmp_path):
     panels = json.loads((tmp_path / "b" / "plot_data.json").read_text())["blocks"]["panels"]
     assert all(s["runs"] == [str(root / "s0"), str(root / "s1")] and s["label"].endswith("(1/3 diverged)")
                for p in panels for s in p["series"])
+
+
+# ---- a run holds its folder, not a path (issue 28 item 2) ------------------------------------
+
+
+def test_a_run_whose_folder_is_replaced_stops_and_writes_nothing_into_the_new_one(tmp_path):
+    first = toy(tmp_path, "r", "--steps", 1000, "--sleep", 0.02, "--checkpoint-every", 5, wait=False)
+    wait_ready(first)
+    run_dir = tmp_path / "r"
+    deadline = time.monotonic() + 60
+    while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    import shutil
+
+    shutil.rmtree(run_dir)  # deleted while it runs; a new run of the same name claims a new folder there
+    hold = tmp_path / "go"
+    second = toy(tmp_path, "r", "--steps", 0, "--hold-until", hold, wait=False)
+    wait_ready(second)  # holds the new folder's lock, has written nothing yet
+    _, stderr = first.communicate(timeout=120)
+    first.stderr = stderr
+    one_error(first, 1, "was deleted or replaced while this run ran")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the first run's
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == second.pid  # its lock file stays
+    hold.touch()
+    stdout, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+    assert runfolder.is_finished(run_dir) and [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == []
