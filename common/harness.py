@@ -551,6 +551,7 @@ class Run:
         self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
         self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
         self._dir_lost = False  # the folder was deleted or replaced while the run ran
+        self._overflowed: set[str] = set()  # losses whose last logged value was non-finite (fp16: see _check_metrics)
         self._bars = []  # progress bars
         self._objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
         self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
@@ -624,9 +625,16 @@ class Run:
             raise Diverged(f"--resume: {self.dir} diverged at step {step} (see its summary.json); nothing to "
                            f"resume. Start another --run-name with other settings, or pass --start-over")
         elif results and not self.resume_requested:
-            raise UsageError(f"run folder {self.dir} already holds a run ({', '.join(results)}); pass --resume to "
-                             f"continue it, --start-over to discard it, or choose another --run-name / "
+            how = "continue it" if CHECKPOINT in results or SUMMARY in results else \
+                "start it again (it has no checkpoint yet: it starts from the beginning)"
+            raise UsageError(f"run folder {self.dir} already holds a run ({', '.join(results)}); add --resume to "
+                             f"the same command to {how}, --start-over to discard it, or choose another --run-name / "
                              f"--save-directory")
+        elif results and CHECKPOINT not in results and SUMMARY not in results:
+            # killed before its first checkpoint: only metric lines that the fresh start writes again
+            runfolder.remove_results(self.dir)
+            print(f"note: --resume: {self.dir} has no {CHECKPOINT} yet (the run was stopped before its first "
+                  f"checkpoint); starting it from the beginning", file=sys.stderr)
         elif results and CHECKPOINT not in results:
             raise UsageError(f"--resume: {self.dir} has no {CHECKPOINT} to continue from but holds results "
                              f"({', '.join(results)}); a fresh start would overwrite them. Pass --start-over to "
@@ -716,7 +724,26 @@ class Run:
         return dict(zip(keys, values))
 
     def _check_metrics(self, metrics: dict, step) -> None:
-        self.check_finite({k: v for k, v in metrics.items() if any(w in k for w in _WATCHED)}, step)
+        """A non-finite loss or step size among `metrics` ends the run as diverged. With an enabled
+        GradScaler (fp16) a non-finite loss is first an overflow the scaler skipped: logged as null with
+        a note, and only the next logged value of that key non-finite too ends the run (in place)."""
+        watched = {k: v for k, v in metrics.items() if any(w in k for w in _WATCHED)}
+        scaler = self._objects[3] if self._objects else None
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            for k, v in list(watched.items()):
+                if "loss" not in k or not isinstance(v, (int, float)):
+                    continue
+                if math.isfinite(v):
+                    self._overflowed.discard(k)
+                elif k not in self._overflowed:
+                    self._overflowed.add(k)
+                    del watched[k]
+                    metrics[k] = None
+                    if self.is_main:
+                        print(f"note: {k} is {v} at step {step}: an fp16 overflow that the gradient scaler skipped? "
+                              f"The run goes on (logged as null); a non-finite {k} at the next log ends it as "
+                              f"diverged", file=sys.stderr, flush=True)
+        self.check_finite(watched, step)
 
     def check_finite(self, values: dict, step) -> None:
         """A non-finite number among `values` ends the run as diverged at `step`, as a logged loss
@@ -933,6 +960,7 @@ class Run:
                 "run_name": self.name,
                 "experiment": self.experiment,
                 "config_hash": self._config_id(),
+                "overflowed": sorted(self._overflowed),
             }
             atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f))
         if self.world_size > 1:
@@ -1002,6 +1030,7 @@ class Run:
         self._elapsed_before = float(meta["elapsed"])
         self._t0 = time.monotonic()
         self._checkpoint_step = state.get("step")
+        self._overflowed = set(meta.get("overflowed", ()))
         if self.is_main:
             metrics = self.dir / METRICS
             if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:

@@ -566,3 +566,49 @@ def test_a_run_whose_folder_is_replaced_stops_and_writes_nothing_into_the_new_on
     stdout, stderr = second.communicate(timeout=120)
     assert second.returncode == 0, stderr
     assert runfolder.is_finished(run_dir) and [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == []
+
+
+# ---- killed before its first checkpoint; an fp16 overflow (issue 28 item 6) -------------------
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path):
+    proc = toy(tmp_path, "r", "--steps", 1000, "--sleep", 0.02, "--checkpoint-every", 10000, wait=False)
+    wait_ready(proc)
+    run_dir = tmp_path / "r"
+    deadline = time.monotonic() + 60
+    while len(read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []) < 3 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert runfolder.has_results(run_dir) == ["metrics.jsonl"]
+    again = toy(tmp_path, "r", "--steps", 5)  # without --resume: the refusal says what to type
+    line = one_error(again, 2, "add --resume to the same command to start it again")
+    assert "no checkpoint yet" in line
+    resumed = toy(tmp_path, "r", "--steps", 5, "--resume")
+    assert resumed.returncode == 0 and "ready at step 0" in resumed.stdout, resumed.stderr
+    assert "starting it from the beginning" in resumed.stderr
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert runfolder.is_finished(run_dir)
+
+
+def test_an_fp16_overflow_the_scaler_skipped_is_not_divergence(tmp_path):
+    parser = harness.ArgParser()
+    harness.add_run_args(parser)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name, scaling in (("fp16", True), ("fp32", False)):
+        args = parser.parse_args(["--save-directory", str(tmp_path), "--run-name", name, "--device", "cpu"])
+        run = harness.start_run(args, "x")
+        run.resume(model, optimizer, None, torch.amp.GradScaler("cpu", enabled=scaling))
+        run.log({"train/loss": 1.0}, 1)
+        if not scaling:
+            with pytest.raises(harness.Diverged, match="at step 2: train/loss is inf"):
+                run.log({"train/loss": float("inf")}, 2)
+            continue
+        run.log({"train/loss": float("inf")}, 2)  # one overflow: a null in the log, the run goes on
+        run.log({"train/loss": 0.5}, 3)
+        run.log({"train/loss": float("nan")}, 4)
+        with pytest.raises(harness.Diverged, match="at step 5: train/loss is nan"):  # persisting: divergence
+            run.log({"train/loss": float("nan")}, 5)
+        assert [r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")] == [1.0, None, 0.5, None]
