@@ -712,8 +712,14 @@ class Run:
             finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         nonfinite_sizes = (~torch.isfinite(sizes)).sum()
+        # MetaOptimize's count of meta updates skipped on a non-finite z, read in the same host sync
+        skipped = getattr(optimizer, "skipped_nonfinite", None)
+        extra = [skipped.to(sizes.device).float().reshape(1)] if torch.is_tensor(skipped) else []
         *values, nonfinite_sizes, weights_finite = torch.cat(
-            [shown, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
+            [shown, *extra, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
+        if extra:
+            keys = [*keys, "meta/skipped_nonfinite"]
+            values[-1] = int(values[-1])
         if nonfinite_sizes:
             bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
             which = f"the step size of block {bad} is {values[bad]}" if not many and bad is not None \

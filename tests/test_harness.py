@@ -386,3 +386,41 @@ def test_ddp_ranks_agree(tmp_path):
     run_dir = tmp_path / "out" / r0["name"]
     assert (run_dir / "checkpoint.pt").exists()
     assert len(lines(run_dir / "metrics.jsonl")) == harness.DDP_STOP_CHECK_EVERY  # rank 0 only
+
+
+# ---- a non-finite gradient at the meta update (issue 28) -------------------------------------
+
+
+@pytest.mark.parametrize("impl, around", [("foreach", False), ("fused", False), (None, True)])
+def test_a_nan_gradient_skips_the_meta_update_and_is_counted_in_the_log(tmp_path, impl, around):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    if around:
+        opt = MetaOptimize.around(torch.optim.AdamW(model.parameters(), lr=1e-2), alg_meta="Adam", alpha0=1.0,
+                                  meta_stepsize=1e-2)
+    else:
+        opt = MetaOptimize(model, alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, impl=impl,
+                           normalizer_param_meta=0.999, momentum_param_meta=0.9)
+    for step in (1, 2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if step == 2:
+            model[0].weight.grad[0, 0] = float("nan")  # one element: z of the scalar block is nan
+            beta = opt._beta.clone()
+            meta = {k: v.clone() for k, v in opt._meta_state.items()}
+        opt.step()
+        if step == 2:  # that step's meta update is skipped: beta and the meta state as they were
+            assert torch.equal(opt._beta, beta) and all(torch.equal(opt._meta_state[k], v) for k, v in meta.items())
+    assert impl != "fused" or opt._impl.meta_fn is not None  # the C meta update's keep mask
+    assert torch.isfinite(opt.step_sizes()).all() and int(opt.skipped_nonfinite) == 1
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.isfinite(weights).sum() == weights.numel() - 1  # only the weight whose gradient was nan
+    assert int(opt.state_dict()["meta"]["skipped_nonfinite"]) == 1
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--log-every", "1"), "x")
+    run.resume(model, opt)
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0  # the weight the nan reached: else the log's divergence check stops the run
+    assert run.log_step_sizes(opt, 2)
+    assert lines(run.dir / "metrics.jsonl")[-1]["meta/skipped_nonfinite"] == 1
+    run.close()

@@ -55,6 +55,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
     alpha per block as a device tensor (no host sync). ``state_dict()`` holds the base state dicts
     and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
+    A block whose z is not finite skips that step's meta update, counted in ``skipped_nonfinite``
+    (as MetaOptimize's).
     """
 
     def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
@@ -119,6 +121,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         self._beta = torch.full((num_blocks,), math.log(self.alpha0), device=device, dtype=dtype)
         self._meta_state = {k: torch.zeros(num_blocks, device=device, dtype=dtype) for k in META_RULES[alg_meta].state}
         self._meta_step = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # meta updates skipped: z not finite
         self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
         self._masks = {}
 
@@ -148,6 +151,11 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     # ---- logging ---------------------------------------------------------------------------
 
+    @property
+    def skipped_nonfinite(self) -> Tensor:
+        """Meta updates skipped because z was not finite (per block and step; a device int64 scalar)."""
+        return self._skipped
+
     def step_sizes(self) -> Tensor:
         """alpha per block (multiplying the base's lr), a device tensor (no host sync)."""
         return torch.exp(self._beta)
@@ -162,7 +170,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         traces = [self.state[p].get("trace") if p in self.state else None for p in self._params]
         state_dict = {"base": [b.state_dict() for b in self.bases],
                       "meta": {"format": META_STATE_FORMAT, "alg_meta": self.alg_meta, "num_blocks": self.num_blocks,
-                               "step": self._meta_step, "beta": self._beta,
+                               "step": self._meta_step, "beta": self._beta, "skipped_nonfinite": self._skipped,
                                **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}, "trace": traces}}
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, state_dict)
@@ -193,6 +201,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 if h is not None:
                     state["trace"] = h.to(device=p.device, dtype=p.dtype, copy=True)
         self._meta_step = int(meta["step"])
+        if torch.is_tensor(meta.get("skipped_nonfinite")):  # older state dicts lack the counter
+            self._skipped.copy_(meta["skipped_nonfinite"].reshape(()))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -258,7 +268,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
             meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active))
+                        self._mask(active), self._skipped)
         return loss
 
     def _mask(self, active: tuple):

@@ -94,15 +94,26 @@ def meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weigh
     return alg_meta, {k: meta_hp[k] for k in meta.hyperparameters}
 
 
-def meta_update(alg_meta, beta, z, meta_state: dict, hp: dict, t: int, mask=None) -> None:
+def meta_update(alg_meta, beta, z, meta_state: dict, hp: dict, t: int, mask=None, skipped=None) -> None:
     """Step 5 in place: beta and its meta state from z by the meta rule; where `mask` (a device bool per
-    block) is False, the block had no gradient this step and keeps its meta state."""
+    block) is False, the block had no gradient this step and keeps its meta state. A block whose z is
+    not finite (a NaN or inf gradient reached it) keeps its beta and meta state too, and counts once
+    in `skipped` (a device int64 scalar; no host sync)."""
+    finite = torch.isfinite(z)
+    if skipped is not None:
+        skipped += (~finite).sum()
+    mask = finite if mask is None else mask & finite
     new_beta, new_state = META_RULES[alg_meta].rule(beta, z, meta_state, hp, t)
     for buf, new in ((beta, new_beta), *((meta_state[k], v) for k, v in new_state.items())):
-        if mask is None:
-            buf.copy_(new)
-        else:
-            torch.where(mask, new, buf, out=buf)
+        torch.where(mask, new, buf, out=buf)
+
+
+def keep_nonfinite(z, keep, skipped):
+    """The uint8 `keep` mask of a fused meta update (set: the block keeps its state) with the blocks
+    whose z is not finite added, counted in `skipped`; as `meta_update` does."""
+    bad = ~torch.isfinite(z)
+    skipped += bad.sum()
+    return bad.to(torch.uint8) if keep is None else keep | bad.to(torch.uint8)
 
 
 def _positional(spec) -> bool:
@@ -213,6 +224,12 @@ class MetaOptimize(torch.optim.Optimizer):
     "normalizer" as in the spec (sums for AdamW), "trace" (h); beta and the meta state are in
     `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update their local shards, and z
     is summed across the shards, so every rank keeps the same beta.
+
+    Non-finite gradients: a block whose z (sum of h g) is NaN or inf at a step skips that step's
+    meta update (beta and its meta state unchanged, as for a block without gradients), and
+    `skipped_nonfinite` counts it (per block and step, a device tensor saved in the state dict). The
+    base update still applies the gradient it got: a NaN gradient element makes that weight (and its
+    trace) NaN, which the caller sees; the step sizes and the other weights stay finite.
     """
 
     def __init__(
@@ -369,6 +386,7 @@ class MetaOptimize(torch.optim.Optimizer):
         self._beta = torch.empty(0, device=device, dtype=dtype)
         self._meta_state = {k: torch.empty(0, device=device, dtype=dtype) for k in META_RULES[self.alg_meta].state}
         self._meta_step = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # see skipped_nonfinite
         self._relayout(num_blocks)
 
     def _add_blocks(self, group):
@@ -482,6 +500,7 @@ class MetaOptimize(torch.optim.Optimizer):
         self._adopt_new_params()
         state_dict["meta"] = {"format": STATE_FORMAT, "alg_base": self.alg_base, "alg_meta": self.alg_meta,
                               "num_blocks": self.num_blocks, "step": self._meta_step, "beta": self._beta,
+                              "skipped_nonfinite": self._skipped,
                               **{k: self._meta_state.get(k) for k in ("momentum", "normalizer")}}
         return state_dict
 
@@ -525,6 +544,8 @@ class MetaOptimize(torch.optim.Optimizer):
             for k, buf in self._meta_state.items():
                 buf.copy_(meta[k].reshape(-1))
         self._meta_step = int(meta["step"])
+        if torch.is_tensor(meta.get("skipped_nonfinite")):  # older state dicts lack the counter
+            self._skipped.copy_(meta["skipped_nonfinite"].reshape(()))
         self._impl.reset()
 
     def _convert_format_1(self, trace_scale):
@@ -551,6 +572,12 @@ class MetaOptimize(torch.optim.Optimizer):
             self._impl = self._make_impl()
 
     # ---- logging ---------------------------------------------------------------------------
+
+    @property
+    def skipped_nonfinite(self) -> Tensor:
+        """Meta updates skipped because z was not finite, counted per block and step: a device int64
+        scalar (no host sync; the harness logs it as meta/skipped_nonfinite)."""
+        return self._skipped
 
     def step_sizes(self) -> Tensor:
         """lr alpha per block, a device tensor (no host sync): `.tolist()` it when logging. A block
@@ -605,11 +632,11 @@ class MetaOptimize(torch.optim.Optimizer):
             self._meta_step += 1
             active = tuple(it[0] for it in items)
             if getattr(self._impl, "meta_fn", None) is not None:  # in one C pass
-                self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                                       self._mask(active, keep=True))
+                keep = keep_nonfinite(z, self._mask(active, keep=True), self._skipped)
+                self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step, keep)
                 return loss
             meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active))
+                        self._mask(active), self._skipped)
         return loss
 
     def _mask(self, active: tuple, keep: bool = False):
