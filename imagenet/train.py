@@ -172,12 +172,16 @@ def main(argv=None) -> int:
     epoch, batch, step = 0, 0, 0  # next epoch, next batch within it, optimizer steps done
     sums = torch.zeros(3, device=device)  # this epoch's train loss sum, correct, count (this rank; no sync)
     best, last = {}, {}
+    logged, window_time = None, 0.0  # totals at the last log of this epoch, seconds since it (a resumed window)
     state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         epoch, batch, step = state["epoch"], state["batch"], state["step"]
         if run.is_main:  # saved summed over the ranks
             sums.copy_(state["epoch_sums"])
         best, last = state["best"], state["last"]
+        # the log window a stop fell inside: the epoch's totals at its last log (older checkpoints: none)
+        logged = state["logged_sums"].tolist() if state.get("logged_sums") is not None else None
+        window_time = state.get("window_time", 0.0)
         if run.is_main:
             print(f"resumed {run.dir} at epoch {epoch + 1}, batch {batch}/{steps_per_epoch} (step {step})",
                   file=sys.stderr)
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
 
     def progress():  # a checkpoint's entries besides the training state (every rank: it reduces the sums)
         return {"epoch": epoch, "batch": batch, "step": step, "best": best, "last": last,
-                "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size))}
+                "epoch_sums": torch.tensor(all_reduce_sum(sums, run.world_size)),
+                "logged_sums": torch.tensor(logged), "window_time": time.monotonic() - t_log}
 
     if run.is_main:
         print(f"imagenet: {train_size} training images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
@@ -194,8 +199,10 @@ def main(argv=None) -> int:
     net.train()
     while epoch < args.epochs:
         set_train_position(train, epoch, batch)  # the epoch's sample order, minus the batches done
-        logged = all_reduce_sum(sums, run.world_size)  # the epoch's totals at the last log
-        t_epoch = t_log = time.monotonic()
+        if logged is None:  # the epoch's totals at the last log (a resume inside a window: saved)
+            logged = all_reduce_sum(sums, run.world_size)
+        t_epoch = time.monotonic()
+        t_log, window_time = t_epoch - window_time, 0.0
         images_here = 0
         bar = run.progress(steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", initial=batch, leave=False)
         with run.checkpoint_on(DatasetError, progress):  # an unreadable image: keep the steps done
@@ -240,6 +247,7 @@ def main(argv=None) -> int:
                       f"  val loss {test['test/loss']:.4f} top-1 {test['test/acc']:.2f}% top-5 {test['test/acc5']:.2f}%"
                       f"  ({images_per_s:.0f} img/s)")
         sums.zero_()
+        logged, t_log = [0.0] * len(sums), time.monotonic()  # the next epoch's window starts at its start
         run.checkpoint(progress())
         if epoch < args.epochs and run.should_stop(step):
             return run.stop(progress(), f"after epoch {epoch}")

@@ -37,7 +37,7 @@ from wandb_records import assert_wandb_matches_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PAUSED = REPO / "tests" / "paused_train.py"
-TIMING = ("time", "images_per_s", "tokens_per_s")  # wall-clock measurements: differ between any two runs
+TIMING = ("time", "images_per_s", "tokens_per_s", "window_time")  # wall-clock measurements: differ between any two runs
 
 
 def start(script, argv, log, pause_at=None):
@@ -189,11 +189,14 @@ def tinystories_data(tmp_path_factory):
 def test_tinystories_compile_float16_grad_clip(tmp_path, tinystories_data):
     argv = ["--data-dir", tinystories_data, "--vocab-size", VOCAB, "--dim", 32, "--n-layers", 2, "--n-heads", 2,
             "--n-kv-heads", 2, "--seq-len", 32, "--batch-size", 4, "--grad-accum", 2, "--device", "cpu",
-            "--log-every", 1, "--alpha0", "1e-3", "--max-iters", 8, "--eval-every", 3, "--eval-iters", 2,
+            "--log-every", 5, "--alpha0", "1e-3", "--max-iters", 10, "--eval-every", 4, "--eval-iters", 2,
             "--compile", "--dtype", "float16", "--grad-clip", 0.5, "--stepsize-groups", "layerwise"]
-    _, cut, _ = resume_chain(tmp_path, REPO / "tinystories" / "train.py", argv, sigterm_at=2, sigusr1_at=5)
+    # every stop inside a --log-every window (2, 3 and 7 of the windows 1-5, 6-10): its mean loss is
+    # in the checkpoint
+    _, cut, _ = resume_chain(tmp_path, REPO / "tinystories" / "train.py", argv, sigterm_at=2, sigusr1_at=7)
     state = checkpoint(cut)
-    assert state["step"] == 8 and state["scaler"] is not None and state["best"]
+    assert state["step"] == 10 and state["scaler"] is not None and state["best"]
+    assert [r["step"] for r in read_jsonl(cut / "metrics.jsonl") if "train/loss" in r] == [4, 5, 8, 10, 10]
 
 
 # ---- ImageNet --------------------------------------------------------------------------------
@@ -203,8 +206,9 @@ def test_tinystories_compile_float16_grad_clip(tmp_path, tinystories_data):
 def test_imagenet_bf16_channels_last_jpeg_augmentation(tmp_path):
     folder = write_image_folder(tmp_path / "images")  # 24 training JPEGs: 3 steps of 8 per epoch
     argv = ["--data-dir", folder, "--image-size", 32, "--batch-size", 8, "--workers", 2, "--device", "cpu",
-            "--log-every", 1, "--epochs", 2, "--amp", "bf16", "--channels-last", "--stepsize-groups",
+            "--log-every", 2, "--epochs", 2, "--amp", "bf16", "--channels-last", "--stepsize-groups",
             "resnet18_blocks"]
+    # the stops at steps 1, 2 (--max-time) and 5 fall inside the --log-every 2 windows (1-2; 5-6 of epoch 2)
     _, cut, _ = resume_chain(tmp_path, REPO / "imagenet" / "train.py", argv, sigterm_at=1, sigusr1_at=5)
     state = checkpoint(cut)
     assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 6)

@@ -197,15 +197,24 @@ def main():
     scaler = harness.grad_scaler(args, device)
 
     step, best, last = 0, {}, {}
+    loss_sum = torch.zeros((), device=device)  # training loss summed since the last log (no host sync)
+    logged_step, window_time = 0, 0.0  # the step of the last log, training seconds since then
     state = run.resume(model, optimizer, scheduler, scaler)
     if state is not None:
         step, best, last = state["step"], state["best"], state["last"]
+        # the log window a stop fell inside (checkpoints before these entries: a window from the resume)
+        loss_sum.copy_(state.get("loss_sum", loss_sum))
+        logged_step, window_time = state.get("logged_step", step), state.get("window_time", 0.0)
     net = harness.maybe_compile(harness.distribute(model, device, args), args)
     net.train()
 
-    def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args)
+    def progress():  # a checkpoint's entries besides the training state (sample.py reads model_args); every rank
+        if run.world_size > 1:  # each rank's share of the window as their mean: the log's mean stays the same
+            dist.all_reduce(loss_sum)
+            loss_sum.div_(run.world_size)
         return {"step": step, "best": best, "last": last, "model_args": asdict(model_args),
-                "data_dir": str(args.data_dir)}
+                "data_dir": str(args.data_dir), "loss_sum": loss_sum, "logged_step": logged_step,
+                "window_time": time.monotonic() - t_log}
 
     accum = args.grad_accum // run.world_size  # micro-batches on this rank per step
     first_micro = run.rank * accum  # global index of this rank's first micro-batch
@@ -222,8 +231,7 @@ def main():
         return to_device(x, device), to_device(y, device)
 
     attention_kernel = hessian_attention(args)
-    loss_sum = torch.zeros((), device=device)  # training loss summed since the last log (no host sync)
-    logged_step, t_log = step, time.monotonic()
+    t_log = time.monotonic() - window_time
     bar = run.progress(args.max_iters, desc="train", initial=step)
     x, y = micro_batch(step, 0)
     while step < args.max_iters:
