@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(warmup_steps=WARMUP_STEPS)
     args = parser.parse_args(argv)
     harness.require_positive(parser, args, "num_epochs", "batch_size", "eval_batch_size")
-    return harness.check_args(args)
+    harness.check_args(args)
+    harness.check_stepsize_groups(args, lambda: cifar_resnet18(num_classes=10))  # its tensors: any class count
+    return args
 
 
 @torch.no_grad()

@@ -82,6 +82,7 @@ __all__ = [
     "amp_context",
     "backward_and_step",
     "check_args",
+    "check_stepsize_groups",
     "cleanup_distributed",
     "distribute",
     "grad_scaler",
@@ -217,6 +218,24 @@ def check_args(args):
     if getattr(args, "fsdp", False):
         _check_fsdp_args(args)
     return args
+
+
+def check_stepsize_groups(args, build_model) -> None:
+    """--stepsize-groups against the model's trainable tensors (UsageError naming the flag), for an
+    experiment's `parse_args`: `build_model()` runs on the meta device (no memory, no data), so a
+    sweep checks it before it writes or submits anything. Only MetaOptimize (--optimizer HF) reads it."""
+    from common.optim_flags import OPTIMIZER_CHOICES, as_flags
+    from common.optimizers.blocks import resolve_stepsize_groups
+
+    spec = getattr(args, "stepsize_groups", None)
+    if spec is None or OPTIMIZER_CHOICES.get(str(getattr(args, "optimizer", "HF")).strip().lower()) != "HF":
+        return
+    with torch.device("meta"):
+        model = build_model()
+    try:
+        resolve_stepsize_groups(spec, sum(1 for p in model.parameters() if p.requires_grad))
+    except ValueError as e:
+        raise UsageError(as_flags(str(e))) from None
 
 
 def run_main(main) -> None:
@@ -506,6 +525,8 @@ def _close_runs() -> None:
 
 # errors rank 0 hits while claiming the folder, raised on every rank (by name, through a broadcast)
 _CLAIM_ERRORS = {cls.__name__: cls for cls in (UsageError, RunFolderError, runfolder.RunLocked, Diverged)}
+# flags of runfolder.RESUME_CHANGEABLE whose value the optimizer keeps in its param groups (key there)
+_GROUP_KEYS = {"weight_decay_base": "weight_decay"}
 # losses and step sizes: a non-finite one of these in a logged record means the run diverged
 _WATCHED = ("loss", "step_size/")
 
@@ -551,6 +572,7 @@ class Run:
         self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
         self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
         self._dir_lost = False  # the folder was deleted or replaced while the run ran
+        self._changes: list = []  # (key, old, new) of the flags this resume changed (see _changed_flags)
         self._overflowed: set[str] = set()  # losses whose last logged value was non-finite (fp16: see _check_metrics)
         self._bars = []  # progress bars
         self._objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
@@ -886,11 +908,17 @@ class Run:
         shards = state.get("sharded")
         if shards is not None and not sharded.is_complete(self.dir / shards):
             raise UsageError(f"--resume: {self.dir / shards}, the shards {CHECKPOINT} names, is missing or incomplete")
+        # a changed flag that lives in the param groups (--weight-decay-base): loading puts the saved
+        # groups back, so the freshly built groups' values of its keys are put back after it
+        keys = {_GROUP_KEYS[k] for k, _, _ in self._changes if k in _GROUP_KEYS}
+        fresh = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
         try:
             load_training_state(state, unwrap(model), optimizer, scheduler, scaler, folder=self.dir)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
                              f"the flags the run started with (see {self.dir / CONFIG})") from None
+        for group, values in zip(optimizer.param_groups, fresh):
+            group.update(values)
         self._apply_checkpoint(state, meta)  # only now the folder changes (metrics cut back)
         return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "sharded")}
 
@@ -1022,8 +1050,7 @@ class Run:
         if self.is_main and not runfolder.ends_at_line(self.dir / METRICS, offset):
             raise UsageError(f"--resume: {path} does not match {self.dir / METRICS} (its offset {offset} falls "
                              f"inside a line); nothing was changed")
-        if self.is_main:
-            self._warn_changed_flags()
+        self._changes = self._changed_flags(path)  # refused ones raise here, before anything changes
         return state, meta
 
     def _apply_checkpoint(self, state: dict, meta: dict) -> None:
@@ -1037,22 +1064,50 @@ class Run:
         self._t0 = time.monotonic()
         self._checkpoint_step = state.get("step")
         self._overflowed = set(meta.get("overflowed", ()))
+        self._record_changes(state.get("step"))
         if self.is_main:
             metrics = self.dir / METRICS
             if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
                 os.truncate(metrics, meta["metrics_offset"])
 
-    def _warn_changed_flags(self):
-        """A resumed run keeps its first config.json; say on stderr which flags differ from it."""
-        try:
-            saved = json.loads((self.dir / CONFIG).read_text())
-        except (OSError, ValueError):
+    def _changed_flags(self, path) -> list[tuple[str, object, object]]:
+        """The flags of this resume that differ from config.json, as (key, old, new): those of
+        runfolder.RESUME_CHANGEABLE are said on stderr (and applied, recorded by _apply_checkpoint); any
+        other one outside RUN_CONTROL changes what the checkpoint means: one error line."""
+        saved = runfolder.read_config(self.dir)
+        if saved is None:
+            return []
+        changed = []
+        for k, v in vars(self.args).items():
+            new = json.loads(json.dumps(_to_python(v), default=str))  # compared as config.json holds it
+            if k in saved and k not in runfolder.RUN_CONTROL and new != saved[k]:
+                changed.append((k, saved[k], new))
+        text = "; ".join(f"{cli.flag_name(k)} {old!r} -> {new!r}" for k, old, new in changed)
+        refused = [k for k, _, _ in changed if k not in runfolder.RESUME_CHANGEABLE]
+        if refused:
+            raise UsageError(f"--resume: {path} does not fit this run: changed flags: {text}; "
+                             f"{', '.join(cli.flag_name(k) for k in refused)} would change what the checkpoint "
+                             f"means (docs/CONTRACTS.md): resume with the flags the run started with (see "
+                             f"{self.dir / CONFIG}), or start another --run-name; nothing was changed")
+        if changed and self.is_main:
+            print(f"note: resuming {self.dir} with changed flags: {text} (applied from the checkpoint's "
+                  f"step on, recorded in {CONFIG})", file=sys.stderr)
+        return changed
+
+    def _record_changes(self, step) -> None:
+        """Rank 0, once the checkpoint loaded: config.json takes the changed flags' new values and lists
+        each change with the step it took effect at (its "changes"; the run's identity stays the first one)."""
+        if not self._changes or not self.is_main:
             return
-        skip = {"resume", "start_over", "max_time", "stop_at_step", "command", "start_time", "experiment"}
-        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {v!r}" for k, v in vars(self.args).items()
-                   if k in saved and k not in skip and _to_python(v) != saved[k]]
-        if changed:
-            print(f"note: resuming {self.dir} with changed flags: {'; '.join(changed)}", file=sys.stderr)
+        config = runfolder.read_config(self.dir)
+        if config is None:
+            return
+        for key, old, new in self._changes:
+            config[key] = new
+            config.setdefault("changes", []).append(
+                {"step": step, "flag": cli.flag_name(key), "key": key, "old": old, "new": new})
+        self._check_folder()
+        runfolder.write_json(self.dir / CONFIG, config)
 
     # ---- the end -------------------------------------------------------------------------
 

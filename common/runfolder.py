@@ -48,9 +48,22 @@ RUN_CONTROL = frozenset({
     "command", "start_time", "experiment"})
 
 
+# flags a resume may change (docs/CONTRACTS.md): applied from the resume on and recorded in config.json's
+# "changes"; any other flag outside RUN_CONTROL changes what the checkpoint means and is refused
+RESUME_CHANGEABLE = frozenset({
+    "meta_stepsize", "gamma", "weight_decay_base", "weight_decay_meta", "momentum_param_meta",
+    "normalizer_param_meta", "Lion_beta2_meta", "optimizer_impl", "fsdp", "eval_every", "eval_iters",
+    "eval_batch_size", "acc_every", "weights_checksum", "grad_clip"})
+
+
 def config_hash(config: dict) -> str:
     """The identity of a run's configuration (config.json's keys but RUN_CONTROL): 16 hex digits, the
-    same for the args at the start and for config.json read back (values compared as JSON)."""
+    same for the args at the start and for config.json read back (values compared as JSON), also
+    after resumes changed flags (config.json's "changes" are undone first: the values it started with)."""
+    config = dict(config)
+    for change in reversed(config.pop("changes", None) or []):
+        if isinstance(change, dict) and "key" in change:
+            config[change["key"]] = change.get("old")
     meaning = {k: v for k, v in config.items() if k not in RUN_CONTROL}
     text = json.dumps(json.loads(json.dumps(meaning, default=str)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -104,7 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_tasks is not None and not 1 <= args.num_tasks <= num_tasks:
         parser.error(f"--num-tasks must be in [1, {num_tasks}] with --classes-per-task {args.classes_per_task}, "
                      f"got {args.num_tasks}")
-    return harness.check_args(args)
+    harness.check_args(args)
+    harness.check_stepsize_groups(args, lambda: MODELS[args.model](num_classes=args.classes_per_task))
+    return args
 
 
 # --------------------------------------------------------------------------------------

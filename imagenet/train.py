@@ -98,7 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fsdp and args.channels_last:
         parser.error("--channels-last does not go with --fsdp: FSDP2 cannot shard channels-last weights yet; "
                      "leave one of them out")
-    return harness.check_args(args)
+    harness.check_args(args)
+    harness.check_stepsize_groups(args, lambda: torchvision.models.resnet18())  # its tensors: any class count
+    return args
 
 
 def all_reduce_sum(tensor: torch.Tensor, world_size: int) -> list[float]:

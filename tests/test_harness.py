@@ -238,10 +238,14 @@ def test_resume_truncates_metrics_and_restores_rng(tmp_path, capsys):
         run.log({"train/loss": float(s)}, step=s)  # lost: after the checkpoint
     run.close()
 
-    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume", "--seed", "7"), "x")
+    before = (run.dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(harness.UsageError, match="changed flags: --seed 0 -> 7; --seed would change what"):
+        harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume", "--seed", "7"), "x").load_checkpoint()
+    harness._close_runs()
+    assert (run.dir / "metrics.jsonl").read_bytes() == before  # refused before anything changed
+    run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--resume"), "x")
     state = run.load_checkpoint()
     assert state["step"] == 3 and torch.equal(state["w"], torch.arange(4.0)) and "harness" not in state
-    assert "changed flags: --seed 0 -> 7" in capsys.readouterr().err
     assert torch.equal(torch.rand(5), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
@@ -423,4 +427,44 @@ def test_a_nan_gradient_skips_the_meta_update_and_is_counted_in_the_log(tmp_path
         model[0].weight[0, 0] = 0.0  # the weight the nan reached: else the log's divergence check stops the run
     assert run.log_step_sizes(opt, 2)
     assert lines(run.dir / "metrics.jsonl")[-1]["meta/skipped_nonfinite"] == 1
+    run.close()
+
+
+# ---- changed flags on --resume (issue 28 item 5) ---------------------------------------------
+
+
+def test_changed_flags_on_resume_are_applied_and_recorded_or_refused(tmp_path):
+    def start(*argv, wd=0.1, eta=1e-3, epochs=2):
+        args = make_args(tmp_path, "--run-name", "r", *argv)
+        args.weight_decay_base, args.meta_stepsize, args.num_epochs = wd, eta, epochs
+        run = harness.start_run(args, "x")
+        model = torch.nn.Linear(3, 2)
+        opt = MetaOptimize(model, weight_decay_base=wd, meta_stepsize=eta, alpha0=1e-2)
+        return run, model, opt
+
+    run, model, opt = start()
+    run.resume(model, opt)
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    run.checkpoint({"step": 1})
+    run.close()
+    run, model, opt = start("--resume", wd=0.2, eta=1e-2)
+    assert run.resume(model, opt)["step"] == 1
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2] and opt.meta_hp["meta_stepsize"] == 1e-2
+    config = json.loads((run.dir / "config.json").read_text())
+    assert (config["weight_decay_base"], config["meta_stepsize"]) == (0.2, 1e-2)
+    assert sorted((c["step"], c["flag"], c["old"], c["new"]) for c in config["changes"]) == [
+        (1, "--meta-stepsize", 1e-3, 1e-2), (1, "--weight-decay-base", 0.1, 0.2)]
+    run.checkpoint({"step": 1})
+    run.close()
+    before = {p.name: p.read_bytes() for p in run.dir.iterdir()}
+    run, model, opt = start("--resume", wd=0.2, eta=1e-2, epochs=3)
+    with pytest.raises(harness.UsageError, match="--num-epochs 2 -> 3; --num-epochs would change what the checkpoint"):
+        run.resume(model, opt)
+    run.close()
+    assert {p.name: p.read_bytes() for p in run.dir.iterdir()} == before
+    run, model, opt = start("--resume", wd=0.2, eta=1e-2)  # the same identity after the changes; none new
+    assert run.resume(model, opt)["step"] == 1
+    assert len(json.loads((run.dir / "config.json").read_text())["changes"]) == 2
     run.close()

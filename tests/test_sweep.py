@@ -202,10 +202,14 @@ def test_bad_sweep_file_cli_error_and_nothing_submitted(tmp_path):
     base = write(tmp_path / "base.yaml", "experiment: cifar10\nsave_directory: out\n"
                                          "grid: {alg-base: [AdamW, Foo]}\n")
     ts = write(tmp_path / "ts.yaml", "experiment: tinystories\nsave_directory: out\nfixed: {dropout: 1}\n")
+    blocks = write(tmp_path / "blocks.yaml", "experiment: cifar10\nsave_directory: out\n"
+                                             "fixed: {stepsize-groups: '[1,2]'}\n")  # cannot fit ResNet-18
     cases = [(unknown, "unknown flag --alpah0 for cifar10/train.py (did you mean --alpha0?)"),
              (bad_value, "--num-epochs: invalid int value: 'two'"), (missing, "no such sweep file"),
              (base, ("run 1 (Foo_s0): cifar10/train.py rejects its flags: ", "--alg-base", "'Foo'")),
-             (ts, "run 0 (s0): tinystories/train.py rejects its flags: --dropout must be in [0, 1)")]
+             (ts, "run 0 (s0): tinystories/train.py rejects its flags: --dropout must be in [0, 1)"),
+             (blocks, "rejects its flags: --stepsize-groups: block sizes [1, 2] add up to 3, but the optimizer "
+                      "was given 62 parameter tensors")]
     procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "sweep.py"), "submit", str(path)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path, _ in cases]
     for p, (path, expected) in zip(procs, cases):  # started together: each imports torch to check
@@ -231,7 +235,8 @@ def test_sweep_check_uses_the_experiments_own_checks():
                          (["--meta-stepsize", "inf"], "argument --meta-stepsize: must be a finite number, got inf"),
                          (["--alpha0", "-1e-3"], "--alpha0 must be a finite number in (0.0, inf), got -0.001"),
                          (["--num-epochs", "0"], "--num-epochs must be a positive integer"),
-                         (["--max-time", "soon"], "--max-time: cannot read 'soon'")]:
+                         (["--max-time", "soon"], "--max-time: cannot read 'soon'"),
+                         (["--stepsize-groups", "[1,2]"], "--stepsize-groups: block sizes [1, 2] add up to 3")]:
         message = check.rejection(train.parse_args, argv)
         assert message and needle in message and "\n" not in message, (argv, message)
     options = check.OPTION.findall(check.help_text(REPO / "cifar10" / "train.py", train.parse_args))

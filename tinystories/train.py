@@ -102,7 +102,15 @@ def parse_args(argv=None):
     parser.set_defaults(**DEFAULTS)
     args = parser.parse_args(argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks, known before they connect
-    return harness.check_args(args)
+    harness.check_args(args)
+    harness.check_stepsize_groups(args, lambda: Transformer(model_args_of(args)))
+    return args
+
+
+def model_args_of(args) -> ModelArgs:
+    return ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                     vocab_size=args.vocab_size, multiple_of=args.multiple_of, max_seq_len=args.seq_len,
+                     dropout=args.dropout)
 
 
 def check_args(args, world_size: int):
@@ -187,9 +195,7 @@ def main():
     train_data = TokenShards(args.data_dir, args.vocab_size, "train")
     val_data = TokenShards(args.data_dir, args.vocab_size, "val")
 
-    model_args = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                           vocab_size=args.vocab_size, multiple_of=args.multiple_of, max_seq_len=args.seq_len,
-                           dropout=args.dropout)
+    model_args = model_args_of(args)
     model = Transformer(model_args).to(device)
     model = harness.shard(model, model.layers, args, device)  # --fsdp: one FSDP unit per transformer block
     optimizer = build_optimizer(model, args)
