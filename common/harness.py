@@ -503,14 +503,17 @@ def atomic_write_bytes(path: Path, write) -> None:
     runfolder.atomic_write(path, write)
 
 
-def start_run(args, experiment: str) -> Run:
+def start_run(args, experiment: str, resume_changeable=()) -> Run:
     """Check the flags (`check_args`), lock the run folder, seed, pick the device (see `Run`).
+
+    `resume_changeable`: the experiment's own flags (argparse dest names) that a --resume may change
+    besides runfolder.RESUME_CHANGEABLE (applied and recorded; every other changed flag is refused).
 
     The run and optimizer flags are checked before anything else, so a typo fails before any data
     is downloaded; the save directory is checked writable and the run folder locked right after.
     """
     check_args(args)
-    return Run(args, experiment)
+    return Run(args, experiment, resume_changeable)
 
 
 _ACTIVE: list[Run] = []  # runs of this process that hold their folder
@@ -539,8 +542,9 @@ class Run:
     rank calls the same methods at the same steps (they synchronise under DDP).
     """
 
-    def __init__(self, args, experiment: str):
+    def __init__(self, args, experiment: str, resume_changeable=()):
         self.args, self.experiment = args, experiment
+        self._changeable = runfolder.RESUME_CHANGEABLE | frozenset(resume_changeable)
         self.max_time = parse_max_time(getattr(args, "max_time", None))
         self.log_every = int(getattr(args, "log_every", 100))
         self.rank, self.world_size, self.local_rank = setup_distributed(args)
@@ -1083,7 +1087,7 @@ class Run:
             if k in saved and k not in runfolder.RUN_CONTROL and new != saved[k]:
                 changed.append((k, saved[k], new))
         text = "; ".join(f"{cli.flag_name(k)} {old!r} -> {new!r}" for k, old, new in changed)
-        refused = [k for k, _, _ in changed if k not in runfolder.RESUME_CHANGEABLE]
+        refused = [k for k, _, _ in changed if k not in self._changeable]
         if refused:
             raise UsageError(f"--resume: {path} does not fit this run: changed flags: {text}; "
                              f"{', '.join(cli.flag_name(k) for k in refused)} would change what the checkpoint "

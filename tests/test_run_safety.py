@@ -439,7 +439,9 @@ def test_stale_temp_files_go_and_files_follow_the_umask(tmp_path):
         os.umask(old)
     assert not stale.exists() and other.exists()
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir() if p.name != "notes.tmp"}
-    assert modes == {"checkpoint.pt": 0o640, "config.json": 0o644, "metrics.jsonl": 0o644, "summary.json": 0o640}
+    # config.json is written again by the resume: it records the changed --steps
+    assert modes == {"checkpoint.pt": 0o640, "config.json": 0o640, "metrics.jsonl": 0o644, "summary.json": 0o640}
+    assert [c["flag"] for c in json.loads((tmp_path / "r" / "config.json").read_text())["changes"]] == ["--steps"]
 
 
 # ---- signals ----------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run = harness.start_run(args, "toy")
+    # how long and how fast to run: a resume may change them
+    run = harness.start_run(args, "toy", resume_changeable=("steps", "sleep", "checkpoint_every", "nan_at", "hold_until"))
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
