@@ -6,9 +6,10 @@ line and the summary (tests/test_experiments_resume.py: assert_same_run).
 Each segment is the experiment's train.py run as __main__ in a process forked from this one (torch
 is imported once, so a segment starts in well under a second), with one torch thread. The signal
 schedule comes from a seeded random.Random: a failure reproduces with the same seed (printed in
-the assertion message). A signal that lands before the harness installs its handlers kills the
-segment as SIGKILL does; a SIGKILL before the first checkpoint leaves a folder that --resume starts
-again from the beginning.
+the assertion message). Each signal is sent once its segment has reached a random number of
+steps (0: while it starts), so the schedule does not depend on the machine's speed. A signal that
+lands before the harness installs its handlers kills the segment as SIGKILL does; a SIGKILL before
+the first checkpoint leaves a folder that --resume starts again from the beginning.
 """
 
 from __future__ import annotations
@@ -31,66 +32,75 @@ from test_tinystories import VOCAB
 from common import harness, runfolder
 
 REPO = Path(__file__).resolve().parents[1]
-SEED = 28  # the signal schedules
+SEED = int(os.environ.get("CHAOS_SEED", "28"))  # the signal schedules (another: CHAOS_SEED=N)
 _FORK = multiprocessing.get_context("fork")
 
 
-def _segment(script, argv, log, write_pipe):
-    """The child: train.py as `python3 train.py ARGV`, output into `log`. With `write_pipe`, the
-    first checkpoint write says so on the pipe (before or after writing its bytes) and waits there
-    to be killed."""
+def _segment(script, argv, log, pipe, hold_write):
+    """The child: train.py as `python3 train.py ARGV`, output into `log`. It tells the parent on
+    `pipe` each step it reaches ("s", at every should_stop call) and each checkpoint write ("w");
+    with `hold_write` "before" / "after", its first checkpoint write waits there (before or after
+    writing its bytes) to be killed."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
-    if write_pipe is not None:
-        pipe, after = write_pipe
-        real = harness.atomic_write_bytes
+    should_stop, real_write = harness.Run.should_stop, harness.atomic_write_bytes
 
-        def held_write(path, write):
-            def written(f):
-                if after:
-                    write(f)
-                    f.flush()
-                os.write(pipe, b"w")
-                time.sleep(60)  # the parent kills this process here: a temp file is left behind
+    def reporting_should_stop(self, step=None):
+        os.write(pipe, b"s")
+        return should_stop(self, step)
 
-            if Path(path).name != runfolder.CHECKPOINT:
-                return real(path, write)
-            return real(path, written)
+    def reporting_write(path, write):
+        if Path(path).name != runfolder.CHECKPOINT or hold_write is None:
+            return real_write(path, write)
 
-        harness.atomic_write_bytes = held_write
+        def held(f):
+            if hold_write == "after":
+                write(f)
+                f.flush()
+            os.write(pipe, b"w")
+            time.sleep(60)  # the parent kills this process here: a temp file is left behind
+
+        return real_write(path, held)
+
+    harness.Run.should_stop, harness.atomic_write_bytes = reporting_should_stop, reporting_write
     sys.argv = [str(script), *map(str, argv)]
     sys.path.insert(0, str(Path(script).parent))
     runpy.run_path(str(script), run_name="__main__")
 
 
-def run_segment(script, argv, log, sig=None, delay=0.0, in_write=None, timeout=300):
-    """One segment; `sig` after `delay` s (or, with `in_write` False/True, SIGKILL inside the first
-    checkpoint write, before/after its bytes). Returns the exit code (negative: killed)."""
-    pipe = os.pipe() if in_write is not None else None
-    proc = _FORK.Process(target=_segment, args=(script, argv, log, (pipe[1], in_write) if pipe else None))
+def run_segment(script, argv, log, sig=None, after_steps=0, hold_write=None, timeout=300):
+    """One segment: `sig` once it has reached `after_steps` more steps, or with `hold_write`
+    ("before" / "after" its bytes) SIGKILL inside its first checkpoint write; None: to the end.
+    Returns the exit code (negative: killed by that signal)."""
+    read, write = os.pipe()
+    proc = _FORK.Process(target=_segment, args=(script, argv, log, write, hold_write))
     proc.start()
-    if pipe:
-        os.close(pipe[1])
-        import select
-
-        ready, _, _ = select.select([pipe[0]], [], [], timeout)
-        if ready and os.read(pipe[0], 1):
-            os.kill(proc.pid, signal.SIGKILL)
-        os.close(pipe[0])
-    elif sig is not None:
-        proc.join(delay)
-        if proc.exitcode is None:
-            os.kill(proc.pid, sig)
-    proc.join(timeout)
+    os.close(write)
+    steps, deadline = 0, time.monotonic() + timeout
+    if sig is not None and after_steps == 0:
+        time.sleep(0.2)  # while it starts: parsing, claiming the folder, loading data or the checkpoint
+        os.kill(proc.pid, sig)
+        sig = None
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while (sig is not None or hold_write is not None) and time.monotonic() < deadline:
+            byte = pipe.read(1)
+            if not byte:  # the segment ended first
+                break
+            steps += byte == b"s"
+            if (hold_write is not None and byte == b"w") or (hold_write is None and steps >= after_steps):
+                os.kill(proc.pid, signal.SIGKILL if hold_write is not None else sig)
+                break
+        proc.join(max(deadline - time.monotonic(), 1))
     assert proc.exitcode is not None, f"segment hung: {Path(log).read_text()[-3000:]}"
     return proc.exitcode
 
 
-def chaos(tmp_path, script, argv, signals, max_delay, kills_in_writes):
-    """The twin, then the run cut by `signals` random interruptions (`kills_in_writes` of them
-    SIGKILLs inside a checkpoint write), resumed to the end; both compared."""
+def chaos(tmp_path, script, argv, signals, max_steps, kills_in_writes):
+    """The twin, then the run cut by `signals` random interruptions (each after 0 to `max_steps` steps
+    of its segment; `kills_in_writes` of them SIGKILLs inside a checkpoint write), resumed to the
+    end; both compared. Returns the schedule: (signal, steps or where, exit code) per segment."""
     out = tmp_path / "out"
     rng = random.Random(SEED)
     assert run_segment(script, [*argv, "--save-directory", out, "--run-name", "twin"], tmp_path / "twin.log") == 0
@@ -102,10 +112,10 @@ def chaos(tmp_path, script, argv, signals, max_delay, kills_in_writes):
             break
         log = tmp_path / f"segment{i}.log"
         if i in in_writes:
-            what = ("SIGKILL in a write", "after its bytes" if rng.random() < 0.5 else "before its bytes")
-            code = run_segment(script, cut, log, in_write=what[1].startswith("after"))
-        else:
-            what = (rng.choice(["SIGKILL", "SIGTERM", "SIGINT"]), round(rng.uniform(0.05, max_delay), 3))
+            what = ("SIGKILL in a write", rng.choice(["before", "after"]))
+            code = run_segment(script, cut, log, hold_write=what[1])
+        else:  # after 0 steps: while it starts (loading, building, resuming)
+            what = (rng.choice(["SIGKILL", "SIGTERM", "SIGINT"]), rng.randint(0, max_steps))
             code = run_segment(script, cut, log, getattr(signal, what[0]), what[1])
         schedule.append((*what, code))
         text = log.read_text()
@@ -118,6 +128,7 @@ def chaos(tmp_path, script, argv, signals, max_delay, kills_in_writes):
     log = tmp_path / "last.log"
     assert run_segment(script, cut, log) == 0, log.read_text()[-3000:]
     assert_same_run(out / "twin", out / "cut")
+    print(f"schedule (seed {SEED}): {schedule}")
     return schedule
 
 
@@ -125,8 +136,8 @@ def test_cifar10_twenty_random_interruptions(tmp_path):
     data = write_fake_cifar10(tmp_path / "data", n_train=40, n_test=10)  # 8 batches of 5: 24 steps in 3 epochs
     argv = ["--data-dir", data, "--batch-size", 5, "--eval-batch-size", 10, "--num-epochs", 3, "--device", "cpu",
             "--log-every", 3, "--augment", "--stepsize-groups", "resnet18_blocks"]
-    schedule = chaos(tmp_path, REPO / "cifar10" / "train.py", argv, signals=20, max_delay=3.0, kills_in_writes=5)
-    assert sum(s[0] == "SIGKILL in a write" for s in schedule) >= 3, schedule
+    schedule = chaos(tmp_path, REPO / "cifar10" / "train.py", argv, signals=20, max_steps=3, kills_in_writes=5)
+    assert len(schedule) == 20 and sum(s[0] == "SIGKILL in a write" for s in schedule) == 5, schedule
 
 
 def test_continual_batch_one_interruptions(tmp_path):
@@ -134,7 +145,7 @@ def test_continual_batch_one_interruptions(tmp_path):
     # 2 tasks of 2 classes, 8 images each at batch 1: 16 steps; a checkpoint after each task
     argv = ["--data-dir", data, "--device", "cpu", "--classes-per-task", 2, "--num-tasks", 2, "--acc-every", 4,
             "--log-every", 3, "--eval-batch-size", 3, "--stepsize-groups", "last_layer_and_others"]
-    chaos(tmp_path, REPO / "continual_cifar100" / "train.py", argv, signals=8, max_delay=1.5, kills_in_writes=2)
+    chaos(tmp_path, REPO / "continual_cifar100" / "train.py", argv, signals=8, max_steps=4, kills_in_writes=2)
 
 
 def test_tinystories_interruptions(tmp_path, tinystories_data):  # noqa: F811
@@ -142,7 +153,7 @@ def test_tinystories_interruptions(tmp_path, tinystories_data):  # noqa: F811
             "--n-kv-heads", 2, "--seq-len", 32, "--batch-size", 4, "--grad-accum", 2, "--device", "cpu",
             "--log-every", 5, "--alpha0", "1e-3", "--max-iters", 20, "--eval-every", 6, "--eval-iters", 2,
             "--stepsize-groups", "layerwise"]
-    chaos(tmp_path, REPO / "tinystories" / "train.py", argv, signals=6, max_delay=2.0, kills_in_writes=2)
+    chaos(tmp_path, REPO / "tinystories" / "train.py", argv, signals=6, max_steps=5, kills_in_writes=2)
 
 
 @pytest.fixture(autouse=True)
