@@ -32,7 +32,12 @@ Divergence: when step sizes are logged, when a loss is logged and before every c
 harness checks that losses, weights and step sizes are finite (one host sync, never per step);
 `run.check_finite(values, step)` checks numbers a loop has read anyway (l2o's meta-objective).
 A non-finite value ends the run: the checkpoint of the last finite state is kept, summary.json
-says {"diverged": true, "diverged_at_step": N, ...}, and the process exits with code 3.
+says {"diverged": true, "diverged_at_step": N, ...}, and the process exits with code 3. With an
+enabled GradScaler (fp16) a non-finite logged loss is first an overflow the scaler skipped (logged
+as null, with a note); only one that persists to the next log is divergence.
+
+The run holds the folder it claimed, not its path: a folder deleted or replaced while it runs
+stops it at its next write (one line, exit 1), and nothing is written into the new one.
 
 Checkpoints are loaded with `torch.load(weights_only=True)`: the state handed to `checkpoint` /
 `save_checkpoint` may hold tensors, numbers, strings, None and lists/tuples/dicts of them
