@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 
 import torch
 from torch import Tensor
@@ -129,19 +128,8 @@ def needs_graph(optimizer) -> bool:
 
 
 def build_scheduler(optimizer, args, total_steps: int):
-    """Linear warm-up then cosine decay to 0 for the AdamW baseline; None for MetaOptimize."""
-    if type(optimizer) is not torch.optim.AdamW:  # not subclasses: Mechanic wraps an AdamW subclass
-        return None
-    warmup = max(0, int(args.warmup_steps))
-    total = max(int(total_steps), warmup + 1)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Linear warm-up then cosine decay to 0 for the AdamW baseline; None for MetaOptimize (`specs.build_scheduler`)."""
+    return specs.build_scheduler(optimizer, spec_from_args(args), total_steps)
 
 
 def current_step_sizes(optimizer) -> Tensor:

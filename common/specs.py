@@ -35,7 +35,7 @@ from common.cli import flag_name
 from common.optimizers import GROUP_KINDS, NAMED_STEPSIZE_GROUPS, MetaOptimize
 from common.optimizers.blocks import parse_counts
 
-__all__ = ["build_optimizer", "resolve_spec", "spec_from_args", "spec_label", "optimizer_choices", "as_flags"]
+__all__ = ["build_optimizer", "build_scheduler", "resolve_spec", "spec_from_args", "spec_label", "optimizer_choices", "as_flags"]
 
 # --optimizer values besides the baselines; "metaoptimize" is an alias of HF
 OPTIMIZER_CHOICES = {"hf": "HF", "metaoptimize": "HF", "adamw": "AdamW"}
@@ -192,13 +192,14 @@ def resolve_spec(spec: Mapping) -> dict:
     return out
 
 
-def spec_from_args(args) -> dict:
+def spec_from_args(args, **overrides) -> dict:
     """The (normalized) spec of parsed flags (see `add_optimizer_args`): the options that apply to
     the chosen --optimizer, plus --base-optimizer and --hessian when set. Flags missing from the
-    namespace take their defaults. The values are checked by `resolve_spec` / `build_optimizer`."""
+    namespace take their defaults; `overrides` (dests) replace flags a script redefines (l2o's
+    --optimizer and --lr). The values are checked by `resolve_spec` / `build_optimizer`."""
     defaults = _defaults()
-    values = {k: getattr(args, k, defaults[k]) for k in defaults}
-    name = _canonical_optimizer(getattr(args, "optimizer", "HF"))
+    values = {**{k: getattr(args, k, defaults[k]) for k in defaults}, **overrides}
+    name = _canonical_optimizer(values.get("optimizer") or "HF")
     around = bool(values["base_optimizer"])
     spec = {k: values[k] for k in _options_of(name, around) if k != "base_optimizer" or around}
     for key in _REFUSED_WHEN_SET:
@@ -243,6 +244,22 @@ def _build(model_or_params, params, spec: dict) -> torch.optim.Optimizer:
     if name == "AdamW":
         return _build_adamw(params, spec)
     return baselines.build_baseline(name, params, spec)
+
+
+def build_scheduler(optimizer, spec: Mapping, total_steps: int):
+    """Linear warm-up (the spec's warmup_steps) then cosine decay to 0 for the AdamW baseline; None otherwise."""
+    if type(optimizer) is not torch.optim.AdamW:  # not subclasses: Mechanic wraps an AdamW subclass
+        return None
+    warmup = max(0, int(spec.get("warmup_steps", _defaults()["warmup_steps"])))
+    total = max(int(total_steps), warmup + 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _unit(name: str, value: float) -> float:
