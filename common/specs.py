@@ -35,7 +35,8 @@ from common.cli import flag_name
 from common.optimizers import GROUP_KINDS, NAMED_STEPSIZE_GROUPS, MetaOptimize
 from common.optimizers.blocks import parse_counts
 
-__all__ = ["build_optimizer", "build_scheduler", "resolve_spec", "spec_from_args", "spec_label", "optimizer_choices", "as_flags"]
+__all__ = ["build_optimizer", "build_scheduler", "resolve_spec", "spec_from_args", "spec_label", "optimizer_choices", "as_flags",
+           "is_option"]
 
 # --optimizer values besides the baselines; "metaoptimize" is an alias of HF
 OPTIMIZER_CHOICES = {"hf": "HF", "metaoptimize": "HF", "adamw": "AdamW"}
@@ -78,6 +79,11 @@ def _defaults() -> dict:
 
     parsed = vars(add_optimizer_args(argparse.ArgumentParser(add_help=False)).parse_args([]))
     return {**parsed, "rectify": False, "base_args": {}, "base_args_rest": {}}
+
+
+def is_option(key: str) -> bool:
+    """Whether `key` is an option of some optimizer (an optimizer flag's dest)."""
+    return key in _defaults() and key != "optimizer"
 
 
 def _options_of(name: str, around: bool) -> tuple[str, ...]:

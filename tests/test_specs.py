@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,22 @@ def test_config_json_of_a_tiny_run_holds_the_spec(tmp_path):
     config = json.loads((run.dir / "config.json").read_text())
     assert config["optimizer_spec"] == specs.resolve_spec({"optimizer": "Prodigy", "prodigy_d0": 1e-5})
     assert config["optimizer"] == "Prodigy" and config["prodigy_d0"] == 1e-5  # the flags' keys stay
+
+
+def test_idbd_and_l2o_take_a_base_optimizer_through_the_spec(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from script_modules import load_train
+
+    from l2o import evaluate
+
+    idbd = load_train("idbd")
+    args = idbd.parse_args(["--method", "metaoptimize", "--base-optimizer", "SGD", "--base-args", '{"lr": 0.05}',
+                            "--alpha0", "1", "--save-directory", str(tmp_path)])
+    opt = specs.build_optimizer(torch.nn.Linear(3, 2, bias=False), idbd.optimizer_spec(args))
+    assert type(opt).__name__ == "MetaOptimizeAround" and args.optimizer_spec["base_args"] == {"lr": 0.05}
+    with pytest.raises(ValueError, match="^--hessian"):  # IDBD's Hessian trace has no base optimizer to go around
+        idbd.parse_args(["--method", "idbd", "--base-optimizer", "SGD"])
+    args = evaluate.parse_args(["--optimizer", "HF", "--base-optimizer", "Adam", "--lr", "0.01"])
+    assert args.optimizer_spec["base_optimizer"] == "Adam" and args.optimizer_spec["alpha0"] == 1.0
+    assert type(evaluate.make_optimizer(args, [torch.nn.Parameter(torch.zeros(3))], 0.01)).__name__ == \
+        "MetaOptimizeAround"
