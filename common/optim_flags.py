@@ -95,8 +95,10 @@ def check_optimizer_args(args) -> dict:
     check_hessian_args(args)
     if getattr(args, "optimizer_spec", None) != spec:
         spec = specs.resolve_spec(spec)
-    if "alpha0" in spec:
-        args.alpha0 = spec["alpha0"]  # resolved here, so config.json records the value the run uses
+    # alpha0 resolved here, so config.json records the value the run uses (the baselines, which have
+    # none, keep recording 1e-6 as before)
+    if hasattr(args, "alpha0"):
+        args.alpha0 = spec.get("alpha0", 1e-6 if args.alpha0 is None else args.alpha0)
     args.optimizer_spec = spec
     return spec
 
