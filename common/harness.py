@@ -500,12 +500,12 @@ def _to_python(value):
     return value
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write, check=None) -> None:
     """Write via `write(file)` into a temp file next to `path`, fsync, then os.replace (all or nothing).
 
     OS errors (a full disk, ...) become RunFolderError with one line naming the file (common/runfolder.py).
     """
-    runfolder.atomic_write(path, write)
+    runfolder.atomic_write(path, write, check)
 
 
 def start_run(args, experiment: str, resume_changeable=()) -> Run:
@@ -1005,7 +1005,8 @@ class Run:
                 "config_hash": self._config_id(),
                 "overflowed": sorted(self._overflowed),
             }
-            atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f))
+            # checked again before the replace: the folder may have been replaced during a long write
+            atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f), check=self._check_folder)
         if self.world_size > 1:
             import torch.distributed as dist
 

@@ -204,8 +204,10 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path, write, check=None) -> None:
     """Write via `write(binary_file)` into a temp file next to `path`, fsync, os.replace: all or nothing.
+    `check()`, called after the bytes are written and before the replace, may raise to call it off
+    (the harness: the run folder is still the run's after a long write).
 
     The file gets the user's umask (0644 with the usual 022). On an OSError the temp file is removed
     and RunFolderError says what happened (the disk is full, ...) and where; other errors pass
@@ -220,6 +222,8 @@ def atomic_write(path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check()
         os.replace(tmp, path)
     except BaseException as e:
         # a full disk may surface as another error (torch: "unexpected pos ..."): look before freeing it

@@ -51,9 +51,9 @@ def _segment(script, argv, log, pipe, hold_write):
         os.write(pipe, b"s")
         return should_stop(self, step)
 
-    def reporting_write(path, write):
+    def reporting_write(path, write, check=None):
         if Path(path).name != runfolder.CHECKPOINT or hold_write is None:
-            return real_write(path, write)
+            return real_write(path, write, check)
 
         def held(f):
             if hold_write == "after":
@@ -62,7 +62,7 @@ def _segment(script, argv, log, pipe, hold_write):
             os.write(pipe, b"w")
             time.sleep(60)  # the parent kills this process here: a temp file is left behind
 
-        return real_write(path, held)
+        return real_write(path, held, check)
 
     harness.Run.should_stop, harness.atomic_write_bytes = reporting_should_stop, reporting_write
     sys.argv = [str(script), *map(str, argv)]
