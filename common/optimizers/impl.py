@@ -119,10 +119,21 @@ class CImpl:
     def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype, curvature_kind=None,
                  meta=None):
         self.prog, self.layout, self.state_dtype = program(base, track, curvature_kind), layout, state_dtype
-        self.fns = {dt: kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype))
-                    for dt in set(param_dtypes)}
         self.meta_prog = kernels.meta_program(meta) if meta is not None and meta.rule is not None else None
-        if self.meta_prog is not None:  # the meta update too, in one pass over the blocks
+
+        def build(dt, meta_prog=None):
+            return kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype,
+                                                        meta_prog), "mo_step_meta" if meta_prog else "mo_step")
+
+        # weight-wise: z is each weight's own h g, so its meta update runs in the step's pass (step_with_meta)
+        self.fuses_meta = layout.kind == "weightwise" and track and self.meta_prog is not None
+        if self.fuses_meta:
+            self.meta_fns = {dt: build(dt, self.meta_prog) for dt in set(param_dtypes)}
+            # the weights whose z was not finite (they kept beta and meta state), summed over steps
+            self.skipped = torch.zeros((), dtype=torch.int64)
+        self._build = build
+        self.fns = {} if self.fuses_meta else {dt: build(dt) for dt in set(param_dtypes)}
+        if self.meta_prog is not None:  # the meta update in one pass over the blocks
             self.meta_fn = kernels.load_kernel(kernels.c_meta_source(self.meta_prog, meta_dtype), "mo_meta")
         self.fallback = ForeachImpl(base, track, layout, curvature_kind)
         # streams read anew every step (the others are our state tensors: their pointers are kept)
@@ -161,6 +172,7 @@ class CImpl:
             "scalar_row": (ctypes.c_int64 * n)(),
             "chunk_block": torch.tensor(chunk_block, dtype=torch.long),
             "partials": torch.zeros(max(1, len(chunks) // 3), dtype=torch.float64),
+            "skips": torch.zeros(max(1, len(chunks) // 3), dtype=torch.int64),
             "rows": {},
         }
         # state and trace pointers are fixed for the plan's life; w, g and curvature are read every step
@@ -179,9 +191,37 @@ class CImpl:
         for it in items:
             by_dtype.setdefault(it[1].dtype, []).append(it)
         for dtype, group in by_dtype.items():
+            if dtype not in self.fns:  # the plain step of a kernel that fuses the meta update (sharding)
+                self.fns[dtype] = self._build(dtype)
             self._run(self.fns[dtype], group, alpha, gamma, z)
 
-    def _run(self, fn, items, alpha, gamma, z):
+    def fused_meta_ready(self, items) -> bool:
+        """Whether step_with_meta takes these tensors (else: step, then meta_update)."""
+        return self.fuses_meta and all(
+            it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
+            and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
+
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> None:
+        """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
+        and the meta update of that weight's beta and meta state. Blocks of tensors without a
+        gradient are not visited, so they keep theirs; a weight whose z is not finite keeps its beta
+        and meta state and is counted in `skipped`."""
+        streams = {"beta": beta, **meta_state}
+        prog = self.meta_prog
+        meta_ptrs = (ctypes.c_void_p * len(prog.streams))(
+            *[streams[name].data_ptr() if name != "z" else None for name in prog.streams])
+        values = prog.scalars({**hp, "t": t}) or [0.0]
+        meta_scalars = (ctypes.c_double * len(values))(*values)
+        by_dtype: dict = {}
+        for it in items:
+            by_dtype.setdefault(it[1].dtype, []).append(it)
+        for dtype, group in by_dtype.items():
+            plan = self._plan(group)
+            self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
+                      (ctypes.addressof(meta_ptrs), ctypes.addressof(meta_scalars), plan["skips"].data_ptr()))
+            self.skipped += plan["skips"][:plan["nchunks"]].sum()
+
+    def _run(self, fn, items, alpha, gamma, z, extra=()):
         plan, prog = self._plan(items), self.prog
         nstreams, ptrs, scalar_row = len(prog.streams), plan["ptrs"], plan["scalar_row"]
         rows, values = {}, []
@@ -201,8 +241,9 @@ class CImpl:
         out = plan["partials"] if self.layout.kind == "tensor" or z is None else z
         fn(plan["nchunks"], ctypes.addressof(plan["chunks"]), ctypes.addressof(ptrs), ctypes.addressof(scalars),
            ctypes.addressof(scalar_row), alpha.data_ptr(), ctypes.addressof(plan["block_at"]),
-           ctypes.addressof(plan["row_len"]), out.data_ptr(), torch.get_num_threads())
-        if prog.track and self.layout.kind == "tensor":
+           ctypes.addressof(plan["row_len"]), out.data_ptr() if out is not None else None, torch.get_num_threads(),
+           *extra)
+        if prog.track and self.layout.kind == "tensor" and z is not None:
             z.index_add_(0, plan["chunk_block"], plan["partials"].to(z.dtype))
 
     def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
