@@ -640,7 +640,8 @@ def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
     """The CUDA "fused" step (the rule under torch.compile), run on CPU, gives the spec's numbers."""
     import common.optimizers.metaoptimize as mo
 
-    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(base_rule, track, layout))
+    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(
+        base_rule, track, layout, meta=args[-1]))
     weights, curvature, noise = make_problem(7)
     alpha0, eta, gamma = 1e-2, 2e-2, 0.95
     params = [nn.Parameter(w.clone()) for w in weights]
@@ -651,6 +652,38 @@ def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
     ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups), base_hp, meta_hp)
     step_with_reference(opt, params, ref, curvature, noise, 30)
     assert_follows_reference(opt, params, ref)
+
+
+@pytest.mark.parametrize("meta", METAS[1:])
+def test_compiled_weightwise_step_with_its_meta_update_matches_the_reference(meta, monkeypatch):
+    """The compiled step's weight-wise path (alpha = exp(beta), step, z and meta update in one
+    function), with torch.compile's cheap "eager" backend: the spec's numbers; a non-finite z keeps
+    its weight's beta and is counted."""
+    import common.optimizers.impl as impl_mod
+    import common.optimizers.metaoptimize as mo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(
+        base_rule, track, layout, meta=args[-1]))
+    monkeypatch.setattr(mo, "meta_update", lambda *a, **k: pytest.fail("the separate meta update ran"))
+    weights, curvature, noise = make_problem(7)
+    alpha0, eta, gamma = 1e-2, 2e-2, 0.95
+    params = [nn.Parameter(w.clone()) for w in weights]
+    opt = MetaOptimize(params, alg_base="AdamW", alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
+                       stepsize_groups="weightwise", **HP)
+    assert opt._impl.fuses_meta
+    base_hp, meta_hp = split_hp(HP)
+    ref = Reference(weights, "AdamW", meta, alpha0, eta, gamma, block_ids(SHAPES, "weightwise"), base_hp, meta_hp)
+    step_with_reference(opt, params, ref, curvature, noise, 20)
+    assert_follows_reference(opt, params, ref)
+    assert opt._impl.skipped.item() == 0
+    beta = opt._beta.clone()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert opt._beta[0] == beta[0] and opt._impl.skipped.item() == 1
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,7 @@ class CImpl:
             it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
             and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
 
-    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> None:
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> bool:
         """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
         and the meta update of that weight's beta and meta state. Blocks of tensors without a
         gradient are not visited, so they keep theirs; a weight whose z is not finite keeps its beta
@@ -220,6 +220,7 @@ class CImpl:
             self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
                       (ctypes.addressof(meta_ptrs), ctypes.addressof(meta_scalars), plan["skips"].data_ptr()))
             self.skipped += plan["skips"][:plan["nchunks"]].sum()
+        return True
 
     def _run(self, fn, items, alpha, gamma, z, extra=()):
         plan, prog = self._plan(items), self.prog
@@ -275,6 +276,18 @@ def _one_tensor_step(prog, kind):
     return step
 
 
+def _one_tensor_step_with_meta(prog, meta_prog):
+    """Weight-wise blocks: alpha = exp(beta), the program, and the meta update from each weight's own
+    z = h g, in one function (inductor fuses them); returns the count of weights with z not finite."""
+
+    def step(tensors, meta_tensors, scalars, meta_scalars):
+        beta = meta_tensors["beta"]
+        meta_grad = kernels.run_program(prog, tensors, torch.exp(beta), scalars)
+        return kernels.run_meta_program(meta_prog, meta_tensors, meta_grad.to(beta.dtype), meta_scalars)
+
+    return step
+
+
 class CompiledImpl:
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel.
 
@@ -287,11 +300,51 @@ class CompiledImpl:
     leaves the state untouched; then the step goes on with foreach for the rest of the run (one
     warning), or raises (strict, impl="fused")."""
 
-    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False):
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False, meta=None):
         self.prog, self.layout, self.strict = program(base, track, curvature_kind), layout, strict
         self._args = (base, track, layout, curvature_kind)
         self._compiled = {}
         self._fallback = None
+        fuse = layout.kind == "weightwise" and track and meta is not None and meta.rule is not None
+        self.meta_prog = kernels.meta_program(meta) if fuse else None
+        self.skipped = torch.zeros((), dtype=torch.int64)  # as CImpl.skipped (moved to the device on first use)
+
+    @property
+    def fuses_meta(self):
+        return self.meta_prog is not None and self._fallback is None
+
+    def fused_meta_ready(self, items) -> bool:
+        return self.fuses_meta
+
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> bool:
+        """Steps 1-5 per tensor in one compiled function (weight-wise blocks; see CImpl.step_with_meta).
+        Every function is built (on copies) before any tensor is stepped: if one fails, nothing has
+        changed, the run goes on with foreach (one warning) and False is returned (the caller then
+        takes the separate step and meta update)."""
+        prog, layout = self.prog, self.layout
+        meta_scalars = self.meta_prog.scalars({**hp, "t": t})
+        scalars, calls = {}, []
+        for it in items:
+            i, w, g, streams, hp_base, step_t = it
+            tensors = {"w": w.detach(), "g": g.detach(), **{n: streams[n].detach() for n in prog.streams[2:]}}
+            meta_tensors = {name: layout.view(meta_state[name] if name != "beta" else beta, i)
+                            for name in self.meta_prog.streams if name != "z"}
+            values = scalars.get((id(hp_base), step_t))
+            if values is None:
+                values = scalars[(id(hp_base), step_t)] = prog.scalars({**hp_base, "t": step_t, "gamma": gamma})
+            key = ("meta", *((x.shape, x.dtype, x.stride()) for x in (*tensors.values(), *meta_tensors.values())))
+            if key not in self._compiled:
+                try:
+                    self._build(key, tensors, meta_tensors, values, meta_scalars)
+                except Exception as err:  # as in step: any failure of dynamo, inductor, triton or the driver
+                    self._give_up(err)
+                    return False
+            calls.append((self._compiled[key], tensors, meta_tensors, values))
+        if self.skipped.device != beta.device:
+            self.skipped = self.skipped.to(beta.device)
+        for fn, tensors, meta_tensors, values in calls:
+            self.skipped += fn(tensors, meta_tensors, values, meta_scalars)
+        return True
 
     @property
     def name(self):
@@ -300,15 +353,20 @@ class CompiledImpl:
     def reset(self):
         pass
 
-    def _build(self, key, tensors, alpha, scalars):
-        step = _one_tensor_step(self.prog, self.layout.kind)
+    def _build(self, key, tensors, alpha, scalars, meta_scalars=None):
+        """alpha: the tensor's alpha view, or (with meta_scalars) its beta and meta state views."""
+        step = _one_tensor_step(self.prog, self.layout.kind) if meta_scalars is None \
+            else _one_tensor_step_with_meta(self.prog, self.meta_prog)
         code = step.__code__.replace(co_name=f"metaoptimize_step_{len(self._compiled)}")
         fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
         fn = torch.compile(fn, dynamic=None, backend=_COMPILE_BACKEND)
         copies = {name: t.clone() for name, t in tensors.items()}
-        fn(copies, alpha, scalars)  # compiles and runs, writing only copies
+        extra = () if meta_scalars is None else (meta_scalars,)
+        if meta_scalars is not None:
+            alpha = {name: t.clone() for name, t in alpha.items()}
+        fn(copies, alpha, scalars, *extra)  # compiles and runs, writing only copies
         if scalars:  # and the recompile with symbolic scalars that the next step would make
-            fn(copies, alpha, [v + 0.5 for v in scalars])
+            fn(copies, alpha, [v + 0.5 for v in scalars], *[[v + 0.5 for v in x] for x in extra])
         self._compiled[key] = fn
         return fn
 
@@ -344,12 +402,15 @@ class CompiledImpl:
     def _fail(self, err, items, alpha, gamma, z):
         """The compiled step failed on its first call for some tensors (their state untouched): they,
         and every later step, go to foreach."""
+        self._give_up(err)
+        self._fallback.step(items, alpha, gamma, z)
+
+    def _give_up(self, err):
         why = f"the compiled step (torch.compile) failed: {type(err).__name__}: {err}"
         if self.strict:
             raise RuntimeError(f"impl='fused': {why}") from err
-        warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=4)
+        warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=5)
         self._fallback = ForeachImpl(*self._args)
-        self._fallback.step(items, alpha, gamma, z)
 
 
 def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
@@ -376,7 +437,7 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
         except ImportError:
             why = "torch.compile needs triton on CUDA"
         else:  # a failure at its first call falls back then (or raises: impl="fused")
-            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused")
+            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused", meta=meta)
     if impl == "fused":
         raise RuntimeError(f"impl='fused' is not available: {why}")
     warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)

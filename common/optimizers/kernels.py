@@ -182,6 +182,21 @@ def run_program(prog: Program, tensors: dict, alpha, scalars: list):
     return env[prog.meta_grad] if prog.track else None
 
 
+def run_meta_program(prog: Program, tensors: dict, z, scalars: list):
+    """A meta program on one tensor's weight-wise blocks with plain torch ops (z elementwise): writes
+    beta and the meta state into their buffers, except where z is not finite (those keep theirs, as
+    meta_update); returns how many weights did, as a device tensor."""
+    env = dict(zip(prog.scalar_args, scalars))
+    env.update({prog.inputs[name]: t for name, t in tensors.items()})
+    env[prog.inputs["z"]] = z
+    for out, op, args in prog.elem_code:
+        env[out] = _TORCH_OPS[op](*(env[a] if isinstance(a, Ref) else a for a in args))
+    finite = torch.isfinite(z)
+    for name, ref in prog.outputs.items():
+        tensors[name].copy_(torch.where(finite, env[ref], tensors[name]))
+    return (~finite).sum()
+
+
 # ---- foreach ------------------------------------------------------------------------------------
 
 

@@ -594,9 +594,10 @@ class MetaOptimize(torch.optim.Optimizer):
             return loss
         if self.hessian is not None:
             self._curvature(items)
-        if not self._sharding and getattr(self._impl, "fuses_meta", False) and self._impl.fused_meta_ready(items):
+        if not self._sharding and getattr(self._impl, "fuses_meta", False) and self._impl.fused_meta_ready(items) \
+                and self._impl.step_with_meta(items, self.gamma, self._beta, self._meta_state, self.meta_hp,
+                                              self._meta_step + 1):
             self._meta_step += 1  # 1-5 in one pass per weight (weight-wise blocks: z is the weight's h g)
-            self._impl.step_with_meta(items, self.gamma, self._beta, self._meta_state, self.meta_hp, self._meta_step)
             return loss
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
         z = self._z
