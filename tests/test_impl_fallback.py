@@ -120,6 +120,27 @@ def test_a_failure_in_the_middle_of_a_step_redoes_only_the_rest(compiled, groups
     assert_same_run((params, opt), (fparams, fopt), exact=False)
 
 
+@pytest.mark.parametrize("groups", GROUPS)
+def test_a_failure_at_a_later_call_falls_back_with_one_warning(compiled, groups):
+    """A compiled function that ran for some steps fails later (a recompile on new guards, before it
+    writes): the tensors not stepped yet, and every later step, go to foreach, with one warning."""
+    calls = []
+
+    def fails_later(gm, example_inputs):
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 40:  # after both calls on copies of every function and a few steps
+                raise RuntimeError("inductor: recompilation failed")
+            return gm.forward(*args)
+        return run
+
+    compiled.setattr(impl_mod, "_COMPILE_BACKEND", fails_later)
+    params, opt, caught = train("auto", groups)
+    assert opt.impl == "foreach" and len(caught) == 1 and "recompilation failed" in str(caught[0].message)
+    fparams, fopt, _ = train("foreach", groups)
+    assert_same_run((params, opt), (fparams, fopt), exact=False)
+
+
 def test_fused_raises_when_the_compiled_step_fails(compiled):
     def broken(*args, **kwargs):
         raise RuntimeError("triton: no usable driver")

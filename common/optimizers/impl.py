@@ -201,7 +201,7 @@ class CImpl:
             it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
             and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
 
-    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> bool:
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
         """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
         and the meta update of that weight's beta and meta state. Blocks of tensors without a
         gradient are not visited, so they keep theirs; a weight whose z is not finite keeps its beta
@@ -220,7 +220,7 @@ class CImpl:
             self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
                       (ctypes.addressof(meta_ptrs), ctypes.addressof(meta_scalars), plan["skips"].data_ptr()))
             self.skipped += plan["skips"][:plan["nchunks"]].sum()
-        return True
+        return []  # every item stepped
 
     def _run(self, fn, items, alpha, gamma, z, extra=()):
         plan, prog = self._plan(items), self.prog
@@ -316,11 +316,11 @@ class CompiledImpl:
     def fused_meta_ready(self, items) -> bool:
         return self.fuses_meta
 
-    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> bool:
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
         """Steps 1-5 per tensor in one compiled function (weight-wise blocks; see CImpl.step_with_meta).
-        Every function is built (on copies) before any tensor is stepped: if one fails, nothing has
-        changed, the run goes on with foreach (one warning) and False is returned (the caller then
-        takes the separate step and meta update)."""
+        Every function is built (on copies) before any tensor is stepped. If a build or a call fails,
+        the run goes on with foreach (one warning) and the items not stepped are returned (the caller
+        takes the separate step and meta update for them); [] when all were."""
         prog, layout = self.prog, self.layout
         meta_scalars = self.meta_prog.scalars({**hp, "t": t})
         scalars, calls = {}, []
@@ -338,13 +338,17 @@ class CompiledImpl:
                     self._build(key, tensors, meta_tensors, values, meta_scalars)
                 except Exception as err:  # as in step: any failure of dynamo, inductor, triton or the driver
                     self._give_up(err)
-                    return False
+                    return items
             calls.append((self._compiled[key], tensors, meta_tensors, values))
         if self.skipped.device != beta.device:
             self.skipped = self.skipped.to(beta.device)
-        for fn, tensors, meta_tensors, values in calls:
-            self.skipped += fn(tensors, meta_tensors, values, meta_scalars)
-        return True
+        for k, (fn, tensors, meta_tensors, values) in enumerate(calls):
+            try:
+                self.skipped += fn(tensors, meta_tensors, values, meta_scalars)
+            except Exception as err:  # a later call (a recompile) failed, before it wrote: the rest to foreach
+                self._give_up(err)
+                return items[k:]
+        return []
 
     @property
     def name(self):
@@ -392,7 +396,12 @@ class CompiledImpl:
                     if done and prog.track:
                         _reduce_into(layout, z, done, out)
                     return self._fail(err, items[k:], alpha, gamma, z)
-            meta_grad = fn(tensors, view, values)
+            try:
+                meta_grad = fn(tensors, view, values)
+            except Exception as err:  # a later call: a recompile (new guards) fails before it writes
+                if done and prog.track:
+                    _reduce_into(layout, z, done, out)
+                return self._fail(err, items[k:], alpha, gamma, z)
             if prog.track:
                 done.append(it)
                 out.append(meta_grad)
@@ -400,8 +409,8 @@ class CompiledImpl:
             _reduce_into(layout, z, done, out)
 
     def _fail(self, err, items, alpha, gamma, z):
-        """The compiled step failed on its first call for some tensors (their state untouched): they,
-        and every later step, go to foreach."""
+        """The compiled step failed on its first call, or a later one, for some tensors (their state
+        untouched): they, and every later step, go to foreach."""
         self._give_up(err)
         self._fallback.step(items, alpha, gamma, z)
 
