@@ -75,6 +75,9 @@ PARAMETER_SETS = {
 def state_floats_per_weight(opt, params) -> float:
     per_param = sum(v.numel() * v.element_size() / 4 for s in opt.state.values() for v in s.values()
                     if torch.is_tensor(v))
+    # and MetaOptimize's per-block state: beta and the meta rule's (a float or two per weight, weight-wise)
+    per_param += sum(v.numel() * v.element_size() / 4 for v in
+                     [getattr(opt, "_beta", None), *getattr(opt, "_meta_state", {}).values()] if torch.is_tensor(v))
     return per_param / sum(p.numel() for p in params)
 
 

@@ -9,6 +9,8 @@ code over the tensor's streams (w, g, state, trace, alpha). The implementations 
 - `c_source` + `load_kernel` (impl "fused" on CPU): the elementwise code as one C loop, compiled
   once with the system's C compiler (about a second; cached on disk), vectorised and threaded with
   OpenMP: each weight is read and written once, and z's partial sums come out of the same loop;
+  for weight-wise blocks (z is the weight's own h g) the meta program runs in that loop too
+  (`mo_step_meta`: alpha = exp(beta), step, z and the meta update of beta in one pass);
 - `run_program` (impl "fused" on CUDA, under torch.compile): the elementwise code as plain torch
   ops, which inductor fuses into GPU kernels.
 
