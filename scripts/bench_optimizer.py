@@ -3,13 +3,18 @@
     python3 scripts/bench_optimizer.py                     # CPU: ResNet-18 and 15M-transformer sets
     python3 scripts/bench_optimizer.py --device cuda       # on a GPU
     python3 scripts/bench_optimizer.py --quick             # a few variants, fewer rounds
+    python3 scripts/bench_optimizer.py --threads 1,0 --processes 6 --quick --skip-loop
+                                                           # part 1 at 1 thread and torch's default, in 6
+                                                           # fresh processes: min/median/max of the ratios
 
 Part 1 times `optimizer.step()` alone, with fixed random gradients, on the parameter tensors of
 the CIFAR ResNet-18 (62 tensors, 11.17M weights) and of the llama2.c 15M transformer (56 tensors):
 torch AdamW fused (the reference: the fastest AdamW torch has) and foreach, MetaOptimize's default
 step for every base x meta pair (scalar step size), (AdamW, Lion) with every kind of block, with
-impl="foreach" and with bfloat16 state. Part 2 times the first step of a new process (building the
-fused kernel: with an empty kernel cache, then with the cache). Part 3 times a whole batch-size-1
+impl="foreach" and with bfloat16 state, and weight-wise and node-wise blocks (AdamW with every meta
+rule: weight-wise fuses the meta update into the step's pass). Part 2 times the first step of a new
+process on each parameter set (on CPU building the fused C kernel, with an empty kernel cache and
+with the cache; on CUDA compiling the step with torch.compile). Part 3 times a whole batch-size-1
 training step (forward, backward, step) of the continual experiment's small CNN.
 
 All variants of a part live in one process and are timed in interleaved rounds (round-robin,
@@ -21,6 +26,8 @@ AdamW. On a machine shared with other work, trust the min: interference only add
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,6 +75,9 @@ PARAMETER_SETS = {
 def state_floats_per_weight(opt, params) -> float:
     per_param = sum(v.numel() * v.element_size() / 4 for s in opt.state.values() for v in s.values()
                     if torch.is_tensor(v))
+    # and MetaOptimize's per-block state: beta and the meta rule's (a float or two per weight, weight-wise)
+    per_param += sum(v.numel() * v.element_size() / 4 for v in
+                     [getattr(opt, "_beta", None), *getattr(opt, "_meta_state", {}).values()] if torch.is_tensor(v))
     return per_param / sum(p.numel() for p in params)
 
 
@@ -100,14 +110,19 @@ def table(title: str, timed: dict, inner: int = 1, unit: float = 1e3, unit_name:
 def bench_steps(args, device, set_name):
     make_model, blocks = PARAMETER_SETS[set_name]
     shapes = [p.shape for p in make_model().parameters()]
+    threads = torch.get_num_threads()
     print(f"\n== optimizer.step() on the {set_name} parameter set: {len(shapes)} tensors, "
-          f"{sum(s.numel() for s in shapes):,} weights, {device}, {torch.get_num_threads()} threads ==")
+          f"{sum(s.numel() for s in shapes):,} weights, {device}, {threads} threads ==")
     pairs = [("AdamW", "Lion"), ("Lion", "Lion"), ("AdamW", "Adam")] if args.quick else [
         (b, m) for b in BASE_RULES for m in METAS]
     factories = {FUSED: torch_adamw("fused"), FOREACH: torch_adamw("foreach")}
     factories.update({f"{b}+{m} scalar": metaoptimize(b, m) for b, m in pairs})
     kinds = [blocks] if args.quick else [blocks, "layerwise", "nodewise", "weightwise"]
     factories.update({f"AdamW+Lion {k}": metaoptimize("AdamW", "Lion", k) for k in kinds})
+    # weight-wise and node-wise with each meta rule (quick: the paper's Lion and Adam)
+    for meta in (("Lion", "Adam") if args.quick else METAS[1:]):
+        for k in ("weightwise", "nodewise"):
+            factories[f"AdamW+{meta} {k}"] = metaoptimize("AdamW", meta, k)
     factories["AdamW+Lion scalar, bf16 state"] = metaoptimize("AdamW", "Lion", state_dtype=torch.bfloat16)
     factories["AdamW+Lion scalar, foreach"] = metaoptimize("AdamW", "Lion", impl="foreach")
     gen = torch.Generator().manual_seed(0)
@@ -122,44 +137,66 @@ def bench_steps(args, device, set_name):
         memory[name] = state_floats_per_weight(opt, params)
         variants[name] = opt.step
     return table(f"optimizer.step(), {set_name} parameter set ({len(shapes)} tensors, "
-                 f"{sum(s.numel() for s in shapes):,} weights), {args.rounds} interleaved rounds",
+                 f"{sum(s.numel() for s in shapes):,} weights), {threads} threads, {args.rounds} interleaved rounds",
                  interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
 
 
 FIRST_STEP = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/tinystories")
 from common.models import cifar_resnet18
 from common.optimizers import MetaOptimize
-params = list(cifar_resnet18().parameters())
+from model import ModelArgs, Transformer
+device = torch.device({device!r})
+make = {{"resnet18": cifar_resnet18, "transformer15m": lambda: Transformer(ModelArgs())}}[{set_name!r}]
+params = [torch.nn.Parameter(p.detach().to(device)) for p in make().parameters()]
 for p in params:
     p.grad = torch.randn_like(p)
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+sync()
 start = time.perf_counter()
-opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Lion", impl={impl!r})
+opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Lion", stepsize_groups={groups!r}, impl={impl!r})
 opt.step()
+sync()
 first = time.perf_counter() - start
 start = time.perf_counter()
 opt.step()
-print(first, time.perf_counter() - start)
+sync()
+print(first, time.perf_counter() - start, opt.impl)
 """
 
 
-def bench_first_step(args):
-    """Construction + first step in a fresh process: building the fused kernel (empty cache), loading it."""
-    print("\n== first step of a new process (ResNet-18 set, (AdamW, Lion) scalar) ==")
+def bench_first_step(args, device):
+    """Construction + first step in a fresh process, on each parameter set: on CPU building the fused
+    C kernel (empty cache) or loading it (cached); on CUDA compiling the step (torch.compile)."""
+    print(f"\n== first step of a new process ((AdamW, Lion), {device}): the fused step's build or compile time ==")
     rows = {}
+    sets = [s.strip() for s in args.sets.split(",")]
     with tempfile.TemporaryDirectory() as cache:
-        env = {**__import__("os").environ, "METAOPTIMIZE_CACHE": cache}
-        for name, impl in (("fused, empty kernel cache", "fused"), ("fused, cached kernel", "fused"),
-                           ("foreach", "foreach")):
-            out = subprocess.run([sys.executable, "-c", FIRST_STEP.format(root=str(ROOT), impl=impl)], env=env,
-                                 capture_output=True, text=True, check=True).stdout.split()
-            first, second = float(out[0]), float(out[1])
-            rows[name] = {"first_step_s": first, "second_step_s": second}
-            print(f"{name:30s} first step {first:7.3f} s   second step {second * 1e3:8.2f} ms")
-    MARKDOWN.append("## First step of a new process (construction + first step; ResNet-18 set, (AdamW, Lion))\n\n"
-                    + markdown_table(["variant", "first step s", "second step ms"],
-                                     [[k, f"{v['first_step_s']:.3f}", f"{v['second_step_s'] * 1e3:.2f}"]
+        env = {**os.environ, "METAOPTIMIZE_CACHE": cache}
+        runs = [("fused, empty kernel cache", "fused"), ("fused, cached kernel", "fused"), ("foreach", "foreach")] \
+            if device.type == "cpu" else [("fused (torch.compile)", "fused"), ("foreach", "foreach")]
+        for set_name in sets:
+            for groups in ("weightwise",) if args.quick else ("scalar", "weightwise"):
+                for label, impl in runs:
+                    code = FIRST_STEP.format(root=str(ROOT), device=str(device), set_name=set_name, groups=groups,
+                                             impl=impl)
+                    if label.endswith("empty kernel cache"):
+                        env["METAOPTIMIZE_CACHE"] = tempfile.mkdtemp(dir=cache)
+                    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                         check=True).stdout.split()
+                    first, second = float(out[0]), float(out[1])
+                    name = f"{set_name}, {groups}, {label}"
+                    rows[name] = {"first_step_s": first, "second_step_s": second, "impl": out[2]}
+                    print(f"{name:48s} first step {first:7.3f} s   second step {second * 1e3:8.2f} ms  ({out[2]})")
+    MARKDOWN.append(f"## First step of a new process (construction + first step; (AdamW, Lion), {device})\n\n"
+                    + markdown_table(["variant", "first step s", "second step ms", "impl"],
+                                     [[k, f"{v['first_step_s']:.3f}", f"{v['second_step_s'] * 1e3:.2f}", v["impl"]]
                                       for k, v in rows.items()]))
     return rows
 
@@ -191,32 +228,93 @@ def bench_batch1_loop(args, device):
                  inner=args.inner, unit=1e6, unit_name="us/step")
 
 
+def thread_counts(text: str) -> list[int]:
+    """--threads: a comma-separated list of counts, 0 for torch's default."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected counts >= 0 separated by commas (0: torch's default), got {text!r}")
+    return counts
+
+
+def spread_across_processes(args) -> dict:
+    """Part 1 in `args.processes` fresh processes (each its own allocation, thread pool and page
+    layout): per variant the min, median and max across processes of its ratio to fused AdamW."""
+    argv = [a for a in sys.argv[1:]]
+    for flag in ("--processes", "--record"):  # the children run once each and record nothing
+        while flag in argv:
+            k = argv.index(flag)
+            del argv[k:k + 2]
+    per_process = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.processes):
+            out = Path(tmp) / f"{k}.json"
+            subprocess.run([sys.executable, __file__, *argv, "--skip-loop", "--skip-first-step", "--raw-json",
+                            str(out)], check=True, stdout=subprocess.DEVNULL)
+            per_process.append(json.loads(out.read_text()))
+            print(f"process {k + 1}/{args.processes} done", flush=True)
+    spread, cells = {}, []
+    for part in per_process[0]:
+        for name in per_process[0][part]:
+            ratios = [p[part][name]["x_fused"] for p in per_process]
+            ms = [p[part][name]["min_s"] * 1e3 for p in per_process]
+            spread.setdefault(part, {})[name] = {"x_fused": ratios, "min_ms": ms}
+            cells.append([part.removeprefix("step_"), name, f"{min(ms):.2f}", f"{statistics.median(ms):.2f}",
+                          f"{max(ms):.2f}", f"{min(ratios):.2f}", f"{statistics.median(ratios):.2f}",
+                          f"{max(ratios):.2f}"])
+    columns = ["set, threads", "variant", "min ms (best process)", "median ms", "max ms (worst process)",
+               "x fused min", "x fused median", "x fused max"]
+    text = markdown_table(columns, cells)
+    print(f"\n== spread across {args.processes} fresh processes (each: the min of its rounds) ==\n{text}")
+    MARKDOWN.append(f"## Spread across {args.processes} fresh processes (each process: min of its rounds)\n\n{text}")
+    return spread
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=11, help="timed rounds per variant (after 2 warm-up rounds)")
     parser.add_argument("--inner", type=int, default=200, help="batch-1 training steps per timed round")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=thread_counts, default=[0],
+                        help="torch CPU threads for part 1, comma-separated (0: torch's default), e.g. 1,0")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="run part 1 in N fresh processes and print the spread of the ratios across them")
     parser.add_argument("--sets", default="resnet18,transformer15m", help="parameter sets of part 1")
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--skip-steps", action="store_true", help="only the batch-1 loop")
     parser.add_argument("--skip-loop", action="store_true", help="no batch-1 loop")
+    parser.add_argument("--skip-first-step", action="store_true", help="no first-step (build/compile time) part")
+    parser.add_argument("--only-first-step", action="store_true", help="only the first-step (build/compile time) part")
+    parser.add_argument("--raw-json", default=None, help=argparse.SUPPRESS)  # a child of --processes
     parser.add_argument("--record", default=None, metavar="STEM",
                         help="also write STEM.md and STEM.json (date, machine, command, tables, raw times)")
     args = parser.parse_args()
+    if args.processes < 0:
+        parser.error(f"--processes: expected a count >= 0, got {args.processes}")
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     env = environment(device)  # the date and commit of the start, for --record
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, {default_threads} CPU threads by default")
     results = {}
-    if not args.skip_steps:
-        for name in args.sets.split(","):
-            results[f"step_{name}"] = bench_steps(args, device, name.strip())
-        if device.type == "cpu":
-            results["first_step"] = bench_first_step(args)
+    if args.only_first_step:
+        args.skip_steps = args.skip_loop = True
+    if not args.skip_steps and args.processes:
+        results["spread"] = spread_across_processes(args)
+    elif not args.skip_steps:
+        for threads in args.threads:
+            torch.set_num_threads(threads or default_threads)
+            for name in args.sets.split(","):
+                results[f"step_{name.strip()} {torch.get_num_threads()} threads"] = bench_steps(args, device,
+                                                                                              name.strip())
+        torch.set_num_threads(default_threads)
+    if args.only_first_step or not (args.skip_steps or args.skip_first_step):
+        results["first_step"] = bench_first_step(args, device)
     if not args.skip_loop:
         results["batch1_loop"] = bench_batch1_loop(args, device)
+    if args.raw_json:
+        Path(args.raw_json).write_text(json.dumps(results))
     if args.record:
         paths = write_results(args.record, title="MetaOptimize step time against torch AdamW (scripts/bench_optimizer.py)",
                               table="\n\n".join(MARKDOWN), raw=results, device=device, env=env,

@@ -50,7 +50,7 @@ def test_bench_optimizer_quick(tmp_path):
         assert 0 < low <= median and x_fused > 0 and x_foreach > 0 and per_weight == state, label
     assert row(out, "torch AdamW fused ")[2] == 1.0 and row(out, "torch AdamW foreach ")[3] == 1.0
     for label in ("fused, empty kernel cache", "fused, cached kernel", "foreach"):
-        first, second = row(out, label + " ")
+        first, second = row(out, "resnet18, weightwise, " + label + " ")
         assert first > 0 and second > 0, label
     assert "batch-size-1 training step (fwd + bwd + step) of the continual CNN" in out
     for label in ("AdamW+fixed", "AdamW+Adam scalar", "AdamW+Adam last_layer_and_others"):

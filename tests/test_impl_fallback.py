@@ -13,6 +13,7 @@ from common.optimizers import MetaOptimize
 from common.optimizers import impl as impl_mod
 
 GROUPS = ["scalar", "layerwise", "nodewise", "weightwise"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh)")
 
 
 def model_and_data(seed=0):
@@ -29,8 +30,10 @@ def no_grad_on(step, params):
     return [p for k, p in enumerate(params) if (k + step) % 3 == 0 or (step % 4 == 3 and k < 4)]
 
 
-def train(impl, groups, drop=None, steps=8):
+def train(impl, groups, drop=None, steps=8, device="cpu"):
     model, data = model_and_data()
+    model.to(device)
+    data = [(x.to(device), y.to(device)) for x, y in data]
     params = list(model.parameters())
     opt = MetaOptimize(model, alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-2, gamma=0.9,
                        stepsize_groups=groups, normalizer_param_meta=0.999, impl=impl)
@@ -117,6 +120,27 @@ def test_a_failure_in_the_middle_of_a_step_redoes_only_the_rest(compiled, groups
     assert_same_run((params, opt), (fparams, fopt), exact=False)
 
 
+@pytest.mark.parametrize("groups", GROUPS)
+def test_a_failure_at_a_later_call_falls_back_with_one_warning(compiled, groups):
+    """A compiled function that ran for some steps fails later (a recompile on new guards, before it
+    writes): the tensors not stepped yet, and every later step, go to foreach, with one warning."""
+    calls = []
+
+    def fails_later(gm, example_inputs):
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 40:  # after both calls on copies of every function and a few steps
+                raise RuntimeError("inductor: recompilation failed")
+            return gm.forward(*args)
+        return run
+
+    compiled.setattr(impl_mod, "_COMPILE_BACKEND", fails_later)
+    params, opt, caught = train("auto", groups)
+    assert opt.impl == "foreach" and len(caught) == 1 and "recompilation failed" in str(caught[0].message)
+    fparams, fopt, _ = train("foreach", groups)
+    assert_same_run((params, opt), (fparams, fopt), exact=False)
+
+
 def test_fused_raises_when_the_compiled_step_fails(compiled):
     def broken(*args, **kwargs):
         raise RuntimeError("triton: no usable driver")
@@ -151,4 +175,33 @@ def test_a_changing_set_of_gradients_compiles_once_per_shape(compiled, groups):
     stepped = sum(len(params) - len(no_grad_on(s, params)) for s in range(8))
     assert counts["calls"] == stepped + 2 * len(opt._impl._compiled), counts  # + the two calls on copies
     fparams, fopt, _ = train("foreach", groups, drop=no_grad_on)
+    assert_same_run((params, opt), (fparams, fopt), exact=False)
+
+
+# ---- on a GPU (scripts/device_check.sh): the real CompiledImpl, inductor and triton ----------------
+
+
+@cuda
+@pytest.mark.parametrize("groups", ["scalar", "weightwise"])
+def test_cuda_auto_falls_back_to_foreach_when_compilation_fails(monkeypatch, groups):
+    torch._dynamo.reset()
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("triton: no usable driver")
+
+    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", broken)
+    params, opt, caught = train("auto", groups, device="cuda")
+    assert isinstance(opt._impl, impl_mod.CompiledImpl) and opt.impl == "foreach"
+    assert len(caught) == 1 and "no usable driver" in str(caught[0].message)
+    fparams, fopt, _ = train("foreach", groups, device="cuda")
+    assert_same_run((params, opt), (fparams, fopt))
+
+
+@cuda
+@pytest.mark.parametrize("groups", ["scalar", "weightwise"])
+def test_cuda_compiled_step_runs_fused_and_follows_foreach(groups):
+    torch._dynamo.reset()
+    params, opt, caught = train("auto", groups, drop=no_grad_on, device="cuda")
+    assert not caught and isinstance(opt._impl, impl_mod.CompiledImpl) and opt.impl == "fused"
+    fparams, fopt, _ = train("foreach", groups, drop=no_grad_on, device="cuda")
     assert_same_run((params, opt), (fparams, fopt), exact=False)

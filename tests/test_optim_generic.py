@@ -144,9 +144,7 @@ def optim_error_inputs_func_packaged(device, dtype):
             error({}, "empty parameter list", params=[]),
             error({}, "param group key 'momentum' is not a setting",
                   params=[{"params": [p()], "momentum": 0.9}]),
-            error({}, "gamma is a setting of the whole optimizer", params=[{"params": [p()], "gamma": 0.5}]),
-            error({}, "complex parameters are not supported",
-                  params=[Parameter(torch.randn(3, device=device, dtype=torch.complex64))])]
+            error({}, "gamma is a setting of the whole optimizer", params=[{"params": [p()], "gamma": 0.5}])]
 
 
 def _torch_error_inputs(device, dtype):
@@ -307,16 +305,11 @@ def _log_alpha(optimizer):
 
 @parametrize_optims
 def test_complex_parameters(optim_info):
-    """torch's test_complex: MetaOptimize steps complex parameters as their real views, so a run
-    equals the run on the view_as_real tensors; MetaOptimize_AdamW_Lion_hg refuses them at
-    construction, naming the way out."""
+    """torch's test_complex: MetaOptimize and MetaOptimize_AdamW_Lion_hg step complex parameters as
+    their real views, so a run equals the run on the view_as_real tensors."""
     params = [torch.randn(10, 5, dtype=torch.complex64, requires_grad=True),
               torch.randn(10, 5, requires_grad=True)]
     for optim_input in all_inputs("cpu", optim_info):
-        if optim_info.optim_cls is not MetaOptimize:
-            with pytest.raises(ValueError, match="complex parameters are not supported.*view_as_real"):
-                make(optim_info, params, optim_input.kwargs)
-            continue
         cps = [p.detach().clone().requires_grad_() for p in params]
         rps = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone().requires_grad_() for p in cps]
         copt, ropt = make(optim_info, cps, optim_input.kwargs), make(optim_info, rps, optim_input.kwargs)

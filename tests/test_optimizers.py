@@ -425,6 +425,68 @@ def test_deepcopy_pickle_and_torch_save_give_a_working_optimizer(impl):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("meta", METAS[1:])
+def test_weightwise_fused_step_does_the_meta_update_in_its_own_pass(meta, dtype, monkeypatch):
+    """Weight-wise blocks on CPU: alpha = exp(beta), base update, trace, z and the meta update in one C
+    pass per weight (neither the separate meta pass nor the Python meta update runs), equal to foreach."""
+    import common.optimizers.metaoptimize as mo
+    from common.optimizers.impl import CImpl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a second pass over the blocks ran")
+
+    weights, curvature, noise = make_problem(5)
+    weights = [w.to(dtype) for w in weights]
+    runs = {}
+    for impl in IMPLS:
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = MetaOptimize(params, alg_base="AdamW", alg_meta=meta, alpha0=1e-2, meta_stepsize=2e-2,
+                           stepsize_groups="weightwise", impl=impl, **HP)
+        with monkeypatch.context() as m:
+            if impl == "fused":
+                assert opt._impl.fuses_meta
+                m.setattr(mo, "meta_update", refuse)
+                m.setattr(CImpl, "meta_update", refuse)
+            for t in range(20):
+                for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+                    p.grad = g.to(dtype)
+                opt.step()
+        runs[impl] = (params, opt.step_sizes(), opt._meta_state)
+    (pf, af, sf), (pe, ae, se) = runs["fused"], runs["foreach"]
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for a, b in zip(pf, pe):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(af, ae, **tol)
+    for k in sf:
+        torch.testing.assert_close(sf[k], se[k], **tol)
+
+
+def test_weightwise_fused_meta_update_keeps_beta_where_z_is_not_finite_and_counts_it():
+    """A weight whose z = h g is not finite keeps its beta and meta state (as meta_update); the kernel
+    counts it in `skipped` (a tensor: no host sync in step)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
+    opt = MetaOptimize(params, alg_base="AdamW", alg_meta="Adam", alpha0=1e-2, meta_stepsize=1e-1,
+                       stepsize_groups="weightwise", impl="fused", **HP)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # h is 0 at the first step: z = 0 everywhere
+    before = opt._beta.clone(), {k: v.clone() for k, v in opt._meta_state.items()}
+    params[0].grad = torch.randn(4, 3)
+    params[0].grad[1, 2] = float("inf")  # z = h g = +-inf there
+    params[1].grad = torch.randn(5)
+    params[1].grad[0] = float("nan")
+    opt.step()
+    bad = torch.zeros(17, dtype=torch.bool)
+    bad[5] = bad[12] = True
+    assert torch.equal(opt._beta[bad], before[0][bad])
+    assert torch.all(opt._beta[~bad] != before[0][~bad])
+    for k, v in opt._meta_state.items():
+        assert torch.equal(v[bad], before[1][k][bad])
+    assert opt._impl.skipped.item() == 2
+
+
 @pytest.mark.parametrize("groups", ["scalar", "weightwise"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_params_without_grad_are_skipped_without_breaking_blocks(impl, groups):
@@ -578,7 +640,8 @@ def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
     """The CUDA "fused" step (the rule under torch.compile), run on CPU, gives the spec's numbers."""
     import common.optimizers.metaoptimize as mo
 
-    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(base_rule, track, layout))
+    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(
+        base_rule, track, layout, meta=args[-1]))
     weights, curvature, noise = make_problem(7)
     alpha0, eta, gamma = 1e-2, 2e-2, 0.95
     params = [nn.Parameter(w.clone()) for w in weights]
@@ -589,6 +652,38 @@ def test_compiled_step_matches_the_reference(base, meta, groups, monkeypatch):
     ref = Reference(weights, base, meta, alpha0, eta, gamma, block_ids(SHAPES, groups), base_hp, meta_hp)
     step_with_reference(opt, params, ref, curvature, noise, 30)
     assert_follows_reference(opt, params, ref)
+
+
+@pytest.mark.parametrize("meta", METAS[1:])
+def test_compiled_weightwise_step_with_its_meta_update_matches_the_reference(meta, monkeypatch):
+    """The compiled step's weight-wise path (alpha = exp(beta), step, z and meta update in one
+    function), with torch.compile's cheap "eager" backend: the spec's numbers; a non-finite z keeps
+    its weight's beta and is counted."""
+    import common.optimizers.impl as impl_mod
+    import common.optimizers.metaoptimize as mo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(
+        base_rule, track, layout, meta=args[-1]))
+    monkeypatch.setattr(mo, "meta_update", lambda *a, **k: pytest.fail("the separate meta update ran"))
+    weights, curvature, noise = make_problem(7)
+    alpha0, eta, gamma = 1e-2, 2e-2, 0.95
+    params = [nn.Parameter(w.clone()) for w in weights]
+    opt = MetaOptimize(params, alg_base="AdamW", alg_meta=meta, alpha0=alpha0, meta_stepsize=eta, gamma=gamma,
+                       stepsize_groups="weightwise", **HP)
+    assert opt._impl.fuses_meta
+    base_hp, meta_hp = split_hp(HP)
+    ref = Reference(weights, "AdamW", meta, alpha0, eta, gamma, block_ids(SHAPES, "weightwise"), base_hp, meta_hp)
+    step_with_reference(opt, params, ref, curvature, noise, 20)
+    assert_follows_reference(opt, params, ref)
+    assert opt._impl.skipped.item() == 0
+    beta = opt._beta.clone()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert opt._beta[0] == beta[0] and opt._impl.skipped.item() == 1
 
 
 @pytest.mark.parametrize(

@@ -119,10 +119,21 @@ class CImpl:
     def __init__(self, base, track: bool, layout: Layout, param_dtypes, state_dtype, meta_dtype, curvature_kind=None,
                  meta=None):
         self.prog, self.layout, self.state_dtype = program(base, track, curvature_kind), layout, state_dtype
-        self.fns = {dt: kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype))
-                    for dt in set(param_dtypes)}
         self.meta_prog = kernels.meta_program(meta) if meta is not None and meta.rule is not None else None
-        if self.meta_prog is not None:  # the meta update too, in one pass over the blocks
+
+        def build(dt, meta_prog=None):
+            return kernels.load_kernel(kernels.c_source(self.prog, layout.kind, dt, state_dtype or dt, meta_dtype,
+                                                        meta_prog), "mo_step_meta" if meta_prog else "mo_step")
+
+        # weight-wise: z is each weight's own h g, so its meta update runs in the step's pass (step_with_meta)
+        self.fuses_meta = layout.kind == "weightwise" and track and self.meta_prog is not None
+        if self.fuses_meta:
+            self.meta_fns = {dt: build(dt, self.meta_prog) for dt in set(param_dtypes)}
+            # the weights whose z was not finite (they kept beta and meta state), summed over steps
+            self.skipped = torch.zeros((), dtype=torch.int64)
+        self._build = build
+        self.fns = {} if self.fuses_meta else {dt: build(dt) for dt in set(param_dtypes)}
+        if self.meta_prog is not None:  # the meta update in one pass over the blocks
             self.meta_fn = kernels.load_kernel(kernels.c_meta_source(self.meta_prog, meta_dtype), "mo_meta")
         self.fallback = ForeachImpl(base, track, layout, curvature_kind)
         # streams read anew every step (the others are our state tensors: their pointers are kept)
@@ -161,6 +172,7 @@ class CImpl:
             "scalar_row": (ctypes.c_int64 * n)(),
             "chunk_block": torch.tensor(chunk_block, dtype=torch.long),
             "partials": torch.zeros(max(1, len(chunks) // 3), dtype=torch.float64),
+            "skips": torch.zeros(max(1, len(chunks) // 3), dtype=torch.int64),
             "rows": {},
         }
         # state and trace pointers are fixed for the plan's life; w, g and curvature are read every step
@@ -179,9 +191,38 @@ class CImpl:
         for it in items:
             by_dtype.setdefault(it[1].dtype, []).append(it)
         for dtype, group in by_dtype.items():
+            if dtype not in self.fns:  # the plain step of a kernel that fuses the meta update (sharding)
+                self.fns[dtype] = self._build(dtype)
             self._run(self.fns[dtype], group, alpha, gamma, z)
 
-    def _run(self, fn, items, alpha, gamma, z):
+    def fused_meta_ready(self, items) -> bool:
+        """Whether step_with_meta takes these tensors (else: step, then meta_update)."""
+        return self.fuses_meta and all(
+            it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
+            and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
+
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
+        """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
+        and the meta update of that weight's beta and meta state. Blocks of tensors without a
+        gradient are not visited, so they keep theirs; a weight whose z is not finite keeps its beta
+        and meta state and is counted in `skipped`."""
+        streams = {"beta": beta, **meta_state}
+        prog = self.meta_prog
+        meta_ptrs = (ctypes.c_void_p * len(prog.streams))(
+            *[streams[name].data_ptr() if name != "z" else None for name in prog.streams])
+        values = prog.scalars({**hp, "t": t}) or [0.0]
+        meta_scalars = (ctypes.c_double * len(values))(*values)
+        by_dtype: dict = {}
+        for it in items:
+            by_dtype.setdefault(it[1].dtype, []).append(it)
+        for dtype, group in by_dtype.items():
+            plan = self._plan(group)
+            self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
+                      (ctypes.addressof(meta_ptrs), ctypes.addressof(meta_scalars), plan["skips"].data_ptr()))
+            self.skipped += plan["skips"][:plan["nchunks"]].sum()
+        return []  # every item stepped
+
+    def _run(self, fn, items, alpha, gamma, z, extra=()):
         plan, prog = self._plan(items), self.prog
         nstreams, ptrs, scalar_row = len(prog.streams), plan["ptrs"], plan["scalar_row"]
         rows, values = {}, []
@@ -201,8 +242,9 @@ class CImpl:
         out = plan["partials"] if self.layout.kind == "tensor" or z is None else z
         fn(plan["nchunks"], ctypes.addressof(plan["chunks"]), ctypes.addressof(ptrs), ctypes.addressof(scalars),
            ctypes.addressof(scalar_row), alpha.data_ptr(), ctypes.addressof(plan["block_at"]),
-           ctypes.addressof(plan["row_len"]), out.data_ptr(), torch.get_num_threads())
-        if prog.track and self.layout.kind == "tensor":
+           ctypes.addressof(plan["row_len"]), out.data_ptr() if out is not None else None, torch.get_num_threads(),
+           *extra)
+        if prog.track and self.layout.kind == "tensor" and z is not None:
             z.index_add_(0, plan["chunk_block"], plan["partials"].to(z.dtype))
 
     def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
@@ -234,6 +276,18 @@ def _one_tensor_step(prog, kind):
     return step
 
 
+def _one_tensor_step_with_meta(prog, meta_prog):
+    """Weight-wise blocks: alpha = exp(beta), the program, and the meta update from each weight's own
+    z = h g, in one function (inductor fuses them); returns the count of weights with z not finite."""
+
+    def step(tensors, meta_tensors, scalars, meta_scalars):
+        beta = meta_tensors["beta"]
+        meta_grad = kernels.run_program(prog, tensors, torch.exp(beta), scalars)
+        return kernels.run_meta_program(meta_prog, meta_tensors, meta_grad.to(beta.dtype), meta_scalars)
+
+    return step
+
+
 class CompiledImpl:
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel.
 
@@ -246,11 +300,55 @@ class CompiledImpl:
     leaves the state untouched; then the step goes on with foreach for the rest of the run (one
     warning), or raises (strict, impl="fused")."""
 
-    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False):
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False, meta=None):
         self.prog, self.layout, self.strict = program(base, track, curvature_kind), layout, strict
         self._args = (base, track, layout, curvature_kind)
         self._compiled = {}
         self._fallback = None
+        fuse = layout.kind == "weightwise" and track and meta is not None and meta.rule is not None
+        self.meta_prog = kernels.meta_program(meta) if fuse else None
+        self.skipped = torch.zeros((), dtype=torch.int64)  # as CImpl.skipped (moved to the device on first use)
+
+    @property
+    def fuses_meta(self):
+        return self.meta_prog is not None and self._fallback is None
+
+    def fused_meta_ready(self, items) -> bool:
+        return self.fuses_meta
+
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
+        """Steps 1-5 per tensor in one compiled function (weight-wise blocks; see CImpl.step_with_meta).
+        Every function is built (on copies) before any tensor is stepped. If a build or a call fails,
+        the run goes on with foreach (one warning) and the items not stepped are returned (the caller
+        takes the separate step and meta update for them); [] when all were."""
+        prog, layout = self.prog, self.layout
+        meta_scalars = self.meta_prog.scalars({**hp, "t": t})
+        scalars, calls = {}, []
+        for it in items:
+            i, w, g, streams, hp_base, step_t = it
+            tensors = {"w": w.detach(), "g": g.detach(), **{n: streams[n].detach() for n in prog.streams[2:]}}
+            meta_tensors = {name: layout.view(meta_state[name] if name != "beta" else beta, i)
+                            for name in self.meta_prog.streams if name != "z"}
+            values = scalars.get((id(hp_base), step_t))
+            if values is None:
+                values = scalars[(id(hp_base), step_t)] = prog.scalars({**hp_base, "t": step_t, "gamma": gamma})
+            key = ("meta", *((x.shape, x.dtype, x.stride()) for x in (*tensors.values(), *meta_tensors.values())))
+            if key not in self._compiled:
+                try:
+                    self._build(key, tensors, meta_tensors, values, meta_scalars)
+                except Exception as err:  # as in step: any failure of dynamo, inductor, triton or the driver
+                    self._give_up(err)
+                    return items
+            calls.append((self._compiled[key], tensors, meta_tensors, values))
+        if self.skipped.device != beta.device:
+            self.skipped = self.skipped.to(beta.device)
+        for k, (fn, tensors, meta_tensors, values) in enumerate(calls):
+            try:
+                self.skipped += fn(tensors, meta_tensors, values, meta_scalars)
+            except Exception as err:  # a later call (a recompile) failed, before it wrote: the rest to foreach
+                self._give_up(err)
+                return items[k:]
+        return []
 
     @property
     def name(self):
@@ -259,15 +357,20 @@ class CompiledImpl:
     def reset(self):
         pass
 
-    def _build(self, key, tensors, alpha, scalars):
-        step = _one_tensor_step(self.prog, self.layout.kind)
+    def _build(self, key, tensors, alpha, scalars, meta_scalars=None):
+        """alpha: the tensor's alpha view, or (with meta_scalars) its beta and meta state views."""
+        step = _one_tensor_step(self.prog, self.layout.kind) if meta_scalars is None \
+            else _one_tensor_step_with_meta(self.prog, self.meta_prog)
         code = step.__code__.replace(co_name=f"metaoptimize_step_{len(self._compiled)}")
         fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
         fn = torch.compile(fn, dynamic=None, backend=_COMPILE_BACKEND)
         copies = {name: t.clone() for name, t in tensors.items()}
-        fn(copies, alpha, scalars)  # compiles and runs, writing only copies
+        extra = () if meta_scalars is None else (meta_scalars,)
+        if meta_scalars is not None:
+            alpha = {name: t.clone() for name, t in alpha.items()}
+        fn(copies, alpha, scalars, *extra)  # compiles and runs, writing only copies
         if scalars:  # and the recompile with symbolic scalars that the next step would make
-            fn(copies, alpha, [v + 0.5 for v in scalars])
+            fn(copies, alpha, [v + 0.5 for v in scalars], *[[v + 0.5 for v in x] for x in extra])
         self._compiled[key] = fn
         return fn
 
@@ -293,7 +396,12 @@ class CompiledImpl:
                     if done and prog.track:
                         _reduce_into(layout, z, done, out)
                     return self._fail(err, items[k:], alpha, gamma, z)
-            meta_grad = fn(tensors, view, values)
+            try:
+                meta_grad = fn(tensors, view, values)
+            except Exception as err:  # a later call: a recompile (new guards) fails before it writes
+                if done and prog.track:
+                    _reduce_into(layout, z, done, out)
+                return self._fail(err, items[k:], alpha, gamma, z)
             if prog.track:
                 done.append(it)
                 out.append(meta_grad)
@@ -301,14 +409,17 @@ class CompiledImpl:
             _reduce_into(layout, z, done, out)
 
     def _fail(self, err, items, alpha, gamma, z):
-        """The compiled step failed on its first call for some tensors (their state untouched): they,
-        and every later step, go to foreach."""
+        """The compiled step failed on its first call, or a later one, for some tensors (their state
+        untouched): they, and every later step, go to foreach."""
+        self._give_up(err)
+        self._fallback.step(items, alpha, gamma, z)
+
+    def _give_up(self, err):
         why = f"the compiled step (torch.compile) failed: {type(err).__name__}: {err}"
         if self.strict:
             raise RuntimeError(f"impl='fused': {why}") from err
-        warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=4)
+        warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=5)
         self._fallback = ForeachImpl(*self._args)
-        self._fallback.step(items, alpha, gamma, z)
 
 
 def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
@@ -335,7 +446,7 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
         except ImportError:
             why = "torch.compile needs triton on CUDA"
         else:  # a failure at its first call falls back then (or raises: impl="fused")
-            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused")
+            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused", meta=meta)
     if impl == "fused":
         raise RuntimeError(f"impl='fused' is not available: {why}")
     warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)

@@ -9,6 +9,8 @@ code over the tensor's streams (w, g, state, trace, alpha). The implementations 
 - `c_source` + `load_kernel` (impl "fused" on CPU): the elementwise code as one C loop, compiled
   once with the system's C compiler (about a second; cached on disk), vectorised and threaded with
   OpenMP: each weight is read and written once, and z's partial sums come out of the same loop;
+  for weight-wise blocks (z is the weight's own h g) the meta program runs in that loop too
+  (`mo_step_meta`: alpha = exp(beta), step, z and the meta update of beta in one pass);
 - `run_program` (impl "fused" on CUDA, under torch.compile): the elementwise code as plain torch
   ops, which inductor fuses into GPU kernels.
 
@@ -25,6 +27,7 @@ import hashlib
 import math
 import operator
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -181,6 +184,21 @@ def run_program(prog: Program, tensors: dict, alpha, scalars: list):
     return env[prog.meta_grad] if prog.track else None
 
 
+def run_meta_program(prog: Program, tensors: dict, z, scalars: list):
+    """A meta program on one tensor's weight-wise blocks with plain torch ops (z elementwise): writes
+    beta and the meta state into their buffers, except where z is not finite (those keep theirs, as
+    meta_update); returns how many weights did, as a device tensor."""
+    env = dict(zip(prog.scalar_args, scalars))
+    env.update({prog.inputs[name]: t for name, t in tensors.items()})
+    env[prog.inputs["z"]] = z
+    for out, op, args in prog.elem_code:
+        env[out] = _TORCH_OPS[op](*(env[a] if isinstance(a, Ref) else a for a in args))
+    finite = torch.isfinite(z)
+    for name, ref in prog.outputs.items():
+        tensors[name].copy_(torch.where(finite, env[ref], tensors[name]))
+    return (~finite).sum()
+
+
 # ---- foreach ------------------------------------------------------------------------------------
 
 
@@ -306,43 +324,65 @@ static inline uint16_t bf16_store(float f) {  /* round to nearest even; NaN stay
 """
 
 
-def _c_body(prog: Program, ctype: str, stream_type: dict, names: dict, select: str = "{value}") -> list[str]:
-    """The loop body: load the streams, the elementwise code, store the outputs (index i); `select`
-    wraps each stored value (it may name the stream's old value as {old})."""
+# glibc's vector exp (libmvec, linked by C_LIBS): without it gcc calls the scalar exp per element
+_C_VECTOR_EXP = r"""
+#if defined(__GLIBC__) && defined(__x86_64__)
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+double exp(double);
+#endif
+"""
+
+
+def _c_body(prog: Program, ctype: str, stream_type: dict, names: dict, select: str = "{value}", index: str = "i",
+            prefix: str = "") -> list[str]:
+    """The loop body: load the streams, the elementwise code, store the outputs (at `index`); `select`
+    wraps each stored value (it may name the stream's old value as {old}). Streams already in `names`
+    are not loaded (their value is made by the caller); `prefix` keeps two programs' names apart."""
     lit = (lambda x: repr(float(x))) if ctype == "double" else (lambda x: repr(float(x)) + "f")
 
     def load(s):
-        ptr = f"{s}_p[i]"
+        ptr = f"{prefix}{s}_p[{index}]"
         return f"bf16_load({ptr})" if stream_type[s] == "uint16_t" else f"({ctype}){ptr}"
 
     def store(s, value):
-        return f"bf16_store({value})" if stream_type[s] == "uint16_t" else f"({stream_type[s]}){value}"
+        return f"bf16_store({value})" if stream_type[s] == "uint16_t" else f"({stream_type[s]})({value})"
 
-    names.update({ref: f"s{k}" for k, ref in enumerate(prog.scalar_args)})
-    names.update({prog.inputs[s]: f"in_{s}" for s in prog.streams})
-    body = [f"const {ctype} in_{s} = {load(s)};" for s in prog.streams]
+    names.update({ref: f"{prefix}s{k}" for k, ref in enumerate(prog.scalar_args)})
+    loaded = [s for s in prog.streams if prog.inputs[s] not in names]
+    names.update({prog.inputs[s]: f"{prefix}in_{s}" for s in loaded})
+    body = [f"const {ctype} {prefix}in_{s} = {load(s)};" for s in loaded]
     for out, op, args in prog.elem_code:
         expr = _C_OPS[op].format(*(names[a] if isinstance(a, Ref) else lit(a) for a in args), T=ctype,
                                  sqrt="sqrt" if ctype == "double" else "sqrtf")
-        names[out] = f"v{out}"
-        body.append(f"const {ctype} v{out} = {expr};")
-    return body + [f"{s}_p[i] = {store(s, select.format(value=names[ref], old=f'in_{s}'))};"
+        names[out] = f"{prefix}v{out}"
+        body.append(f"const {ctype} {prefix}v{out} = {expr};")
+    return body + [f"{prefix}{s}_p[{index}] = {store(s, select.format(value=names[ref], old=f'{prefix}in_{s}'))};"
                    for s, ref in prog.outputs.items() if ref != prog.inputs.get(s)]
 
 
-def _c_head(prog: Program, ctype: str, stream_type: dict) -> list[str]:
-    head = [f"{stream_type[s]}* restrict {s}_p = ({stream_type[s]}*)P[{k}];" for k, s in enumerate(prog.streams)]
-    return head + [f"const {ctype} s{k} = ({ctype})S[{k}];" for k in range(len(prog.scalar_args))]
+def _c_head(prog: Program, ctype: str, stream_type: dict, ptrs: str = "P", scalars: str = "S",
+            prefix: str = "", offset: str = "") -> list[str]:
+    head = [f"{stream_type[s]}* restrict {prefix}{s}_p = ({stream_type[s]}*){ptrs}[{k}]{offset};"
+            for k, s in enumerate(prog.streams) if s in stream_type]
+    return head + [f"const {ctype} {prefix}s{k} = ({ctype}){scalars}[{k}];" for k in range(len(prog.scalar_args))]
 
 
 def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: torch.dtype,
-             meta_dtype: torch.dtype = torch.float32) -> str:
+             meta_dtype: torch.dtype = torch.float32, meta_prog: Program | None = None) -> str:
     """The C kernel of a step program for one block kind ("tensor", "nodewise", "weightwise") and dtypes.
 
     Arguments: chunks (tensor, begin, end) triples, in elements (in rows for nodewise); per tensor
     its stream pointers, the row of `scalars` it reads, where its alpha and z entries sit
     (`block_at`) and its row length; `meta_grad` gets one double per chunk (tensor blocks), one
-    value per row (nodewise) or per weight (weightwise). alpha and z have `meta_dtype`."""
+    value per row (nodewise) or per weight (weightwise). alpha and z have `meta_dtype`.
+
+    With `meta_prog` (weight-wise blocks only: z is the weight's own h g) the kernel is
+    `mo_step_meta`: the meta update of each weight's beta and meta state runs in the same pass, from
+    z in a register (z is not stored). Three more arguments: the flat meta streams (`meta_ptrs`, in
+    `meta_prog.streams` order, z's slot unused), the meta scalars, and `skips`, one count per chunk
+    of the weights whose z is not finite: they keep their beta and meta state (as meta_update)."""
     mtype = _C_TYPES[meta_dtype]
     ctype = "double" if param_dtype == torch.float64 else "float"
     stream_type = {s: _C_TYPES[param_dtype if s in ("w", "g") else state_dtype] for s in prog.streams}
@@ -350,11 +390,33 @@ def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: to
     body = _c_body(prog, ctype, stream_type, names)
     mg = names[prog.meta_grad] if prog.track else None
     head = _c_head(prog, ctype, stream_type)
-    alpha_at = {"tensor": "block_at[t]", "nodewise": "block_at[t] + r", "weightwise": "block_at[t] + i"}[kind]
-    alpha_load = f"const {ctype} alpha_v = ({ctype})alpha[{alpha_at}];"
+    # weight-wise: pointers offset once per chunk, so that the loop's accesses are contiguous in i
+    # (indexed as block_at[t] + i, gcc makes gathers and scatters of them: several times slower)
+    alpha_at = {"tensor": "block_at[t]", "nodewise": "block_at[t] + r", "weightwise": "i"}[kind]
+    alpha_load = f"const {ctype} alpha_v = ({ctype})alpha_b[{alpha_at}];"
     indent = "\n            "
-    if kind == "weightwise":
-        stores = [f"meta_grad_f[block_at[t] + i] = ({mtype}){mg};"] if mg else []
+    fused_meta = meta_prog is not None
+    if fused_meta and not (kind == "weightwise" and mg):
+        raise ValueError("meta_prog: the meta update fuses into the step for weight-wise blocks with a trace only")
+    if fused_meta:  # alpha = exp(beta) of this weight, before its meta update: no alpha stream
+        alpha_load = f"const {ctype} alpha_v = ({ctype}){'expf' if mtype == 'float' else 'exp'}(mbeta_p[i]);"
+        meta_types = {s: mtype for s in meta_prog.streams if s != "z"}
+        meta_names = {meta_prog.inputs["z"]: "mz"}
+        # (z - z) == 0 is false for inf and NaN only (no -ffast-math), and vectorises
+        meta_body = [f"const {mtype} mz = ({mtype}){mg};", "const int skip = !((mz - mz) == 0);",
+                     *_c_body(meta_prog, mtype, meta_types, meta_names, select="skip ? {old} : {value}",
+                              prefix="m"), "nskip += skip;"]
+        loop = f"""int64_t nskip = 0;
+        #pragma omp simd reduction(+:nskip)
+        for (int64_t i = lo; i < hi; ++i) {{
+            {alpha_load}
+            {indent.join(body + meta_body)}
+        }}
+        skips[c] = nskip;"""
+        head += _c_head(meta_prog, mtype, meta_types, "meta_ptrs", "meta_scalars", prefix="m",
+                        offset=" + block_at[t]")
+    elif kind == "weightwise":
+        stores = [f"meta_grad_b[i] = ({mtype}){mg};"] if mg else []
         loop = f"""#pragma omp simd
         for (int64_t i = lo; i < hi; ++i) {{
             {alpha_load}
@@ -378,10 +440,13 @@ def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: to
         {inner.replace("I0", "r * len").replace("I1", "(r + 1) * len")}
         {f"meta_grad_f[block_at[t] + r] = ({mtype})acc;" if mg else "(void)acc;"}
         }}"""
-    return _C_PRELUDE + f"""
-void mo_step(int64_t nchunks, const int64_t* restrict chunks, void* const* restrict ptrs,
-             const double* restrict scalars, const int64_t* restrict scalar_row, const {mtype}* restrict alpha,
-             const int64_t* restrict block_at, const int64_t* restrict row_len, void* restrict meta_grad, int nthreads)
+    extra_args = (", void* const* restrict meta_ptrs, const double* restrict meta_scalars, int64_t* restrict skips"
+                  if fused_meta else "")
+    return _C_PRELUDE + (_C_VECTOR_EXP if fused_meta else "") + f"""
+void {"mo_step_meta" if fused_meta else "mo_step"}(int64_t nchunks, const int64_t* restrict chunks,
+             void* const* restrict ptrs, const double* restrict scalars, const int64_t* restrict scalar_row,
+             const {mtype}* restrict alpha, const int64_t* restrict block_at, const int64_t* restrict row_len,
+             void* restrict meta_grad, int nthreads{extra_args})
 {{
     double* meta_grad_d = (double*)meta_grad;
     {mtype}* meta_grad_f = ({mtype}*)meta_grad;
@@ -392,6 +457,9 @@ void mo_step(int64_t nchunks, const int64_t* restrict chunks, void* const* restr
         void* const* P = ptrs + {len(prog.streams)} * t;
         const double* S = scalars + {max(1, len(prog.scalar_args))} * scalar_row[t];
         (void)S;
+        const {mtype}* restrict alpha_b = alpha + ({"block_at[t]" if kind == "weightwise" else "0"});
+        {mtype}* restrict meta_grad_b = meta_grad_f + ({"block_at[t]" if kind == "weightwise" else "0"});
+        (void)meta_grad_b;
         {indent[:-4].join(head)}
         {loop}
     }}
@@ -429,6 +497,7 @@ def cache_dir() -> Path:
 
 
 C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+C_LIBS = ["-lm", *(["-lmvec"] if sys.platform == "linux" and platform.machine() == "x86_64" else [])]  # after the source
 _LOADED: dict = {}
 _ANNOUNCED = False
 
@@ -458,7 +527,7 @@ def load_kernel(source: str, name: str = "mo_step"):
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256("\0".join([source, _machine_key(cc), *C_FLAGS]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([source, _machine_key(cc), *C_FLAGS, *C_LIBS]).encode()).hexdigest()[:20]
     if key in _LOADED:
         return _LOADED[key]
     folder = cache_dir()
@@ -470,7 +539,7 @@ def load_kernel(source: str, name: str = "mo_step"):
             src = Path(tmp) / "mo_step.c"
             src.write_text(source)
             out = Path(tmp) / "mo_step.so"
-            result = subprocess.run([cc, *C_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
+            result = subprocess.run([cc, *C_FLAGS, str(src), "-o", str(out), *C_LIBS], capture_output=True, text=True,
                                     timeout=600)
             if result.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
@@ -481,6 +550,8 @@ def load_kernel(source: str, name: str = "mo_step"):
             _ANNOUNCED = True
     fn = getattr(ctypes.CDLL(str(path)), name)
     fn.restype = None
-    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * (8 if name == "mo_step" else 3) + [ctypes.c_int]
+    pointers = {"mo_step": 8, "mo_step_meta": 8, "mo_meta": 3}[name]
+    fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int] \
+        + ([ctypes.c_void_p] * 3 if name == "mo_step_meta" else [])
     _LOADED[key] = fn
     return fn

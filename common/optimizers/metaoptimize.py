@@ -621,6 +621,14 @@ class MetaOptimize(torch.optim.Optimizer):
             return loss
         if self.hessian is not None:
             self._curvature(items)
+        if not self._sharding and getattr(self._impl, "fuses_meta", False) and self._impl.fused_meta_ready(items):
+            # 1-5 in one pass per weight (weight-wise blocks: z is the weight's h g); what it could not
+            # step (the compiled step failed) takes the path below
+            items = self._impl.step_with_meta(items, self.gamma, self._beta, self._meta_state, self.meta_hp,
+                                              self._meta_step + 1)
+            if not items:
+                self._meta_step += 1
+                return loss
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
         z = self._z
         if z is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .blocks import resolve_stepsize_groups
-from .metaoptimize import check_param_states
+from .metaoptimize import _real, check_param_states
 
 # what a param group may set per tensor; the meta settings are the blocks', so the whole optimizer's
 GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "weight_decay", "b1", "b2"}
@@ -64,7 +64,8 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         self.register_load_state_dict_post_hook(type(self)._load_meta, prepend=True)
 
     def _new_block(self) -> dict:
-        like = dict(device=self._params[0].device, dtype=self._params[0].dtype)  # follows the parameters
+        # follows the parameters (a complex one's real dtype: beta is real)
+        like = dict(device=self._params[0].device, dtype=self._params[0].dtype.to_real())
         return {"beta": torch.tensor(math.log(self.alpha0), **like), "meta_momentum": torch.zeros((), **like)}
 
     def add_param_group(self, param_group: dict):
@@ -84,8 +85,6 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         for name in ("b1", "b2"):
             if not 0.0 <= group[name] < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {group[name]}")
-        if any(p.is_complex() for p in group["params"]):
-            raise ValueError("params: complex parameters are not supported (view them as real with torch.view_as_real)")
         if hasattr(self, "meta_state"):  # after construction: a new block
             self._add_block(group["params"])
 
@@ -168,22 +167,23 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
             for p in params:
                 hp = group_of[p]
                 alpha, wd = tuned * hp["lr"], hp["weight_decay"]
-                g = p.grad
                 st = self.state[p]
-                if not st:
+                if not st:  # complex parameters: complex state, as torch keeps it
                     st.update(step=0, base_momentum=torch.zeros_like(p), base_normalizer=torch.zeros_like(p),
                               h=torch.zeros_like(p))
                 st["step"] += 1
                 t = st["step"]
                 b1_hat = (1 - hp["b1"]) / (1 - hp["b1"] ** t)
                 b2_hat = (1 - hp["b2"]) / (1 - hp["b2"] ** t)
-                m, v, h = st["base_momentum"], st["base_normalizer"], st["h"]
+                # complex: everything on the real views, as torch's optimizers (z over both parts)
+                w, g = _real(p), _real(p.grad)
+                m, v, h = _real(st["base_momentum"]), _real(st["base_normalizer"]), _real(st["h"])
                 m.lerp_(g, b1_hat)
                 v.mul_(1 - b2_hat).addcmul_(g, g, value=b2_hat)
                 if wd > 0:
-                    p.mul_(1 - alpha * wd)
+                    w.mul_(1 - alpha * wd)
                 denom = v.sqrt().add_(1e-8)
-                p.addcdiv_(m * alpha, denom, value=-1.0)
+                w.addcdiv_(m * alpha, denom, value=-1.0)
                 z = z + torch.sum(h * g)
                 h.mul_(gamma * (1 - alpha * wd)).addcdiv_(g * alpha, denom)
             hp = self.defaults
