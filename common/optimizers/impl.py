@@ -129,8 +129,6 @@ class CImpl:
         self.fuses_meta = layout.kind == "weightwise" and track and self.meta_prog is not None
         if self.fuses_meta:
             self.meta_fns = {dt: build(dt, self.meta_prog) for dt in set(param_dtypes)}
-            # the weights whose z was not finite (they kept beta and meta state), summed over steps
-            self.skipped = torch.zeros((), dtype=torch.int64)
         self._build = build
         self.fns = {} if self.fuses_meta else {dt: build(dt) for dt in set(param_dtypes)}
         if self.meta_prog is not None:  # the meta update in one pass over the blocks
@@ -201,11 +199,11 @@ class CImpl:
             it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
             and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
 
-    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int, skipped) -> list:
         """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
         and the meta update of that weight's beta and meta state. Blocks of tensors without a
         gradient are not visited, so they keep theirs; a weight whose z is not finite keeps its beta
-        and meta state and is counted in `skipped`."""
+        and meta state and is counted in `skipped` (the optimizer's device int64 counter)."""
         streams = {"beta": beta, **meta_state}
         prog = self.meta_prog
         meta_ptrs = (ctypes.c_void_p * len(prog.streams))(
@@ -219,7 +217,7 @@ class CImpl:
             plan = self._plan(group)
             self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
                       (ctypes.addressof(meta_ptrs), ctypes.addressof(meta_scalars), plan["skips"].data_ptr()))
-            self.skipped += plan["skips"][:plan["nchunks"]].sum()
+            skipped += plan["skips"][:plan["nchunks"]].sum()
         return []  # every item stepped
 
     def _run(self, fn, items, alpha, gamma, z, extra=()):
@@ -307,7 +305,6 @@ class CompiledImpl:
         self._fallback = None
         fuse = layout.kind == "weightwise" and track and meta is not None and meta.rule is not None
         self.meta_prog = kernels.meta_program(meta) if fuse else None
-        self.skipped = torch.zeros((), dtype=torch.int64)  # as CImpl.skipped (moved to the device on first use)
 
     @property
     def fuses_meta(self):
@@ -316,7 +313,7 @@ class CompiledImpl:
     def fused_meta_ready(self, items) -> bool:
         return self.fuses_meta
 
-    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int) -> list:
+    def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int, skipped) -> list:
         """Steps 1-5 per tensor in one compiled function (weight-wise blocks; see CImpl.step_with_meta).
         Every function is built (on copies) before any tensor is stepped. If a build or a call fails,
         the run goes on with foreach (one warning) and the items not stepped are returned (the caller
@@ -340,11 +337,9 @@ class CompiledImpl:
                     self._give_up(err)
                     return items
             calls.append((self._compiled[key], tensors, meta_tensors, values))
-        if self.skipped.device != beta.device:
-            self.skipped = self.skipped.to(beta.device)
         for k, (fn, tensors, meta_tensors, values) in enumerate(calls):
             try:
-                self.skipped += fn(tensors, meta_tensors, values, meta_scalars)
+                skipped += fn(tensors, meta_tensors, values, meta_scalars)
             except Exception as err:  # a later call (a recompile) failed, before it wrote: the rest to foreach
                 self._give_up(err)
                 return items[k:]

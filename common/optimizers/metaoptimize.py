@@ -625,7 +625,7 @@ class MetaOptimize(torch.optim.Optimizer):
             # 1-5 in one pass per weight (weight-wise blocks: z is the weight's h g); what it could not
             # step (the compiled step failed) takes the path below
             items = self._impl.step_with_meta(items, self.gamma, self._beta, self._meta_state, self.meta_hp,
-                                              self._meta_step + 1)
+                                              self._meta_step + 1, self._skipped)
             if not items:
                 self._meta_step += 1
                 return loss
