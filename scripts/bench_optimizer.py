@@ -3,6 +3,7 @@
     python3 scripts/bench_optimizer.py                     # CPU: ResNet-18 and 15M-transformer sets
     python3 scripts/bench_optimizer.py --device cuda       # on a GPU
     python3 scripts/bench_optimizer.py --quick             # a few variants, fewer rounds
+    python3 scripts/bench_optimizer.py --around --skip-steps --skip-loop   # MetaOptimize.around only
 
 Part 1 times `optimizer.step()` alone, with fixed random gradients, on the parameter tensors of
 the CIFAR ResNet-18 (62 tensors, 11.17M weights) and of the llama2.c 15M transformer (56 tensors):
@@ -144,6 +145,41 @@ print(first, time.perf_counter() - start)
 """
 
 
+def bench_around(args, device, set_name):
+    """MetaOptimize.around(torch AdamW fused) against the bare fused AdamW, at each thread count of
+    --around-threads (0: torch's default), interleaved in one process."""
+    make_model, _ = PARAMETER_SETS[set_name]
+    shapes = [p.shape for p in make_model().parameters()]
+    factories = {FUSED: torch_adamw("fused"), FOREACH: torch_adamw("foreach")}
+    for meta, impl in (("Adam", "fused"), ("fixed", "fused"), ("Adam", "foreach")):
+        factories[f"around(AdamW fused) {meta}, impl={impl}"] = (
+            lambda params, meta=meta, impl=impl: MetaOptimize.around(
+                torch_adamw("fused")(params), alg_meta=meta, alpha0=1.0, impl=impl, **PAPER_META))
+    gen = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
+    default_threads, rows = torch.get_num_threads(), {}
+    for threads in [int(x) for x in args.around_threads.split(",")]:
+        torch.set_num_threads(threads or default_threads)
+        print(f"\n== MetaOptimize.around(AdamW fused).step() on the {set_name} parameter set, {device}, "
+              f"{torch.get_num_threads()} threads ==")
+        variants, memory = {}, {}
+        for name, make in factories.items():
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = make(params)
+            opt.step()
+            # the wrapper's own state (w0, h) over the base's: floats per weight
+            memory[name] = state_floats_per_weight(opt, params) if name.startswith("around") else 0.0
+            variants[name] = opt.step
+        rows[threads] = table(f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set "
+                              f"({len(shapes)} tensors), {torch.get_num_threads()} threads, {args.rounds} "
+                              "interleaved rounds (last column: the wrapper's extra state)",
+                              interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
+    torch.set_num_threads(default_threads)
+    return rows
+
+
 def bench_first_step(args):
     """Construction + first step in a fresh process: building the fused kernel (empty cache), loading it."""
     print("\n== first step of a new process (ResNet-18 set, (AdamW, Lion) scalar) ==")
@@ -201,6 +237,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--skip-steps", action="store_true", help="only the batch-1 loop")
     parser.add_argument("--skip-loop", action="store_true", help="no batch-1 loop")
+    parser.add_argument("--around", action="store_true",
+                        help="also time MetaOptimize.around(torch AdamW fused) against the bare fused AdamW")
+    parser.add_argument("--around-threads", default="1,0", help="thread counts of --around (0: torch's default)")
     parser.add_argument("--record", default=None, metavar="STEM",
                         help="also write STEM.md and STEM.json (date, machine, command, tables, raw times)")
     args = parser.parse_args()
@@ -215,6 +254,9 @@ def main():
             results[f"step_{name}"] = bench_steps(args, device, name.strip())
         if device.type == "cpu":
             results["first_step"] = bench_first_step(args)
+    if args.around:
+        for name in args.sets.split(","):
+            results[f"around_{name}"] = bench_around(args, device, name.strip())
     if not args.skip_loop:
         results["batch1_loop"] = bench_batch1_loop(args, device)
     if args.record:

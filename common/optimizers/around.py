@@ -12,6 +12,7 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
+from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
 from .metaoptimize import _positional, meta_settings, meta_update
@@ -50,6 +51,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             update's hyperparameters, as MetaOptimize's.
         model: the module whose parameter order block lists follow (else the order of the
             concatenated base param groups).
+        impl: "foreach" (torch._foreach_* passes: the readable reference), "fused" (after the base's
+            step one pass per tensor, z summed in it: a C loop on CPU, torch.compile on CUDA; see
+            around_kernel.py) or "auto" (fused where it runs, else foreach with a warning).
 
     ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
@@ -59,7 +63,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
                  weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
-                 *, model: torch.nn.Module | None = None):
+                 *, model: torch.nn.Module | None = None, impl: str = "auto"):
         bases = list(base) if isinstance(base, (list, tuple)) else [base]
         if not bases or not all(isinstance(b, torch.optim.Optimizer) for b in bases):
             raise ValueError("base: a constructed torch.optim.Optimizer or a list of them")
@@ -121,6 +125,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         self._meta_step = 0
         self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
         self._masks = {}
+        self.impl = impl
+        self._fused = make_around_impl(impl, self._z is not None, self._layout, device,
+                                       {p.dtype for p in self._params}, dtype)
 
     # ---- param groups: the base's own dicts ------------------------------------------------
 
@@ -193,15 +200,21 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 if h is not None:
                     state["trace"] = h.to(device=p.device, dtype=p.dtype, copy=True)
         self._meta_step = int(meta["step"])
+        if self._fused is not None:  # the traces are new tensors: forget the cached pointers
+            self._fused.reset()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def __getstate__(self):  # copy, deepcopy, pickle: all of it (torch's keeps only its own three entries)
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state["_fused"] = None  # a loaded C kernel and cached pointers: made anew
+        return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._patch_step_function()
+        self._fused = make_around_impl(self.impl, self._z is not None, self._layout, self._beta.device,
+                                       {p.dtype for p in self._params}, self._beta.dtype)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -228,10 +241,23 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             return loss
         params = [self._params[i] for i in active]
         states = [self._buffers(p, track) for p in params]
-        lay = self._layout
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
-        alphas = [lay.view(alpha, i) for i in active]
         z = self._z
+        lrs = [hp[p][0] for p in params]
+        if self._fused is not None and not any(isinstance(x, Tensor) for x in lrs):
+            self._fused_step(active, params, states, alpha, hp)
+        else:
+            self._foreach_step(active, params, states, alpha, hp)
+        if track:  # 5. meta update of beta with z
+            self._meta_step += 1
+            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        self._mask(active))
+        return loss
+
+    def _foreach_step(self, active, params, states, alpha, hp):
+        """Steps 1-4 as torch._foreach_* passes (the reference of the fused step)."""
+        lay, z, track = self._layout, self._z, self._z is not None
+        alphas = [lay.view(alpha, i) for i in active]
         if track:  # z_b = sum h g, with h before this step
             z.zero_()
             traces = [s["trace"] for s in states]
@@ -255,11 +281,24 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 torch._foreach_mul_(traces, self.gamma)
             torch._foreach_add_(traces, params)
         torch._foreach_add_(params, w0)  # 3. w = w0 + alpha u
-        if track:  # 5. meta update of beta with z
-            self._meta_step += 1
-            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active))
-        return loss
+
+    def _fused_step(self, active, params, states, alpha, hp):
+        """Steps 1-4 in two passes: w0 = w (one copy), and after the base's step one fused pass per
+        tensor for w, h and z's terms (around_kernel.py)."""
+        torch._foreach_copy_([s["w0"] for s in states], params)
+        for b in self.bases:
+            b.step()
+        if self._z is not None:
+            self._z.zero_()
+        per_group = {}  # one dict per (lr, weight decay): the fused step makes its scalars once per dict
+        items = []
+        for i, p, s in zip(active, params, states):
+            key = hp[p]
+            group_hp = per_group.get(key)
+            if group_hp is None:
+                group_hp = per_group[key] = {"lr": key[0], "weight_decay": key[1]}
+            items.append((i, p, p.grad, s, group_hp, 0))
+        self._fused.step(items, alpha, self.gamma, self._z)
 
     def _mask(self, active: tuple):
         """None when every parameter has a gradient, else the blocks that have one (on the device)."""
