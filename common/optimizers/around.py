@@ -57,7 +57,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
-    alpha per block as a device tensor (no host sync). ``state_dict()`` holds the base state dicts
+    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, which
+    the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
+    own is unset because its default meta rule, Lion, does not read it; Adam, the default here, does. ``state_dict()`` holds the base state dicts
     and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
     """
 
@@ -158,6 +160,21 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def step_sizes(self) -> Tensor:
         """alpha per block (multiplying the base's lr), a device tensor (no host sync)."""
         return torch.exp(self._beta)
+
+    def effective_step_sizes(self) -> Tensor:
+        """lr alpha per block (lr of the base param group of the block's first tensor): what the logs
+        show, as MetaOptimize's step_sizes() does. One lr for all: no host-device copy."""
+        lr_of = {p: g.get("lr", 0.0) for g in self.param_groups for p in g["params"]}
+        lrs = [lr_of[p] for p in self._params]
+        alpha = torch.exp(self._beta)
+        if all(x is lrs[0] or (not isinstance(x, Tensor) and x == lrs[0]) for x in lrs):
+            return alpha * lrs[0]
+        lay, per_block = self._layout, [None] * self.num_blocks
+        for i, lr in enumerate(lrs):
+            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
+                if per_block[b] is None:
+                    per_block[b] = lr
+        return alpha * torch.stack([torch.as_tensor(x, dtype=alpha.dtype).to(alpha.device) for x in per_block])
 
     # ---- state -----------------------------------------------------------------------------
 
