@@ -12,6 +12,7 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
+from . import sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
@@ -128,7 +129,10 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
         self._masks = {}
         self.impl = impl
-        self._fused = make_around_impl(impl, self._z is not None, self._layout, device,
+        # FSDP2 (DTensor) parameters: the step works on the local shards, z is summed across them
+        self._sharding = sharding.Sharding.of(self._params, self._layout)
+        self._step_layout = self._sharding.layout if self._sharding else self._layout
+        self._fused = make_around_impl(impl, self._z is not None, self._step_layout, device,
                                        {p.dtype for p in self._params}, dtype)
 
     # ---- param groups: the base's own dicts ------------------------------------------------
@@ -230,7 +234,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._patch_step_function()
-        self._fused = make_around_impl(self.impl, self._z is not None, self._layout, self._beta.device,
+        self._fused = make_around_impl(self.impl, self._z is not None, self._step_layout, self._beta.device,
                                        {p.dtype for p in self._params}, self._beta.dtype)
 
     # ---- the step --------------------------------------------------------------------------
@@ -257,28 +261,32 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 b.step()
             return loss
         params = [self._params[i] for i in active]
-        states = [self._buffers(p, track) for p in params]
+        local = self._sharding.local if self._sharding else (lambda x: x)
+        states = [{k: local(v) for k, v in self._buffers(p, track).items()} for p in params]
+        hps = [hp[p] for p in params]
+        ws, gs = [local(p) for p in params], [local(p.grad) for p in params]
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
         z = self._z
-        lrs = [hp[p][0] for p in params]
-        if self._fused is not None and not any(isinstance(x, Tensor) for x in lrs):
-            self._fused_step(active, params, states, alpha, hp)
+        if self._fused is not None and not any(isinstance(x, Tensor) for x, _ in hps):
+            self._fused_step(active, ws, gs, states, alpha, hps)
         else:
-            self._foreach_step(active, params, states, alpha, hp)
+            self._foreach_step(active, ws, gs, states, alpha, hps)
+        if track and self._sharding:
+            self._sharding.sum_across_shards(z)
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
             meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
                         self._mask(active))
         return loss
 
-    def _foreach_step(self, active, params, states, alpha, hp):
-        """Steps 1-4 as torch._foreach_* passes (the reference of the fused step)."""
-        lay, z, track = self._layout, self._z, self._z is not None
+    def _foreach_step(self, active, params, grads, states, alpha, hps):
+        """Steps 1-4 as torch._foreach_* passes (the reference of the fused step); params, grads and
+        states are the local tensors (shards under FSDP2), hps their (lr, weight decay)."""
+        lay, z, track = self._step_layout, self._z, self._z is not None
         alphas = [lay.view(alpha, i) for i in active]
         if track:  # z_b = sum h g, with h before this step
             z.zero_()
             traces = [s["trace"] for s in states]
-            grads = [p.grad for p in params]
             _reduce_into(lay, z, [(i,) for i in active], traces, grads)
         w0 = [s["w0"] for s in states]
         torch._foreach_copy_(w0, params)  # 2. w0 = w; the base's own step leaves w1
@@ -287,7 +295,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         torch._foreach_sub_(params, w0)  # u = w1 - w0
         torch._foreach_mul_(params, alphas)  # alpha u
         if track:  # 4. h <- gamma (1 - alpha lr kappa) h + alpha u
-            lrk = [hp[p][0] * hp[p][1] for p in params]
+            lrk = [lr * wd for lr, wd in hps]
             if not all(isinstance(x, (int, float)) for x in lrk):  # a Tensor lr (torch allows it)
                 torch._foreach_mul_(traces, [self.gamma * (1 - a * x) for a, x in zip(alphas, lrk)])
             elif any(x != 0 for x in lrk):
@@ -299,7 +307,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             torch._foreach_add_(traces, params)
         torch._foreach_add_(params, w0)  # 3. w = w0 + alpha u
 
-    def _fused_step(self, active, params, states, alpha, hp):
+    def _fused_step(self, active, params, grads, states, alpha, hps):
         """Steps 1-4 in two passes: w0 = w (one copy), and after the base's step one fused pass per
         tensor for w, h and z's terms (around_kernel.py)."""
         torch._foreach_copy_([s["w0"] for s in states], params)
@@ -309,12 +317,11 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             self._z.zero_()
         per_group = {}  # one dict per (lr, weight decay): the fused step makes its scalars once per dict
         items = []
-        for i, p, s in zip(active, params, states):
-            key = hp[p]
+        for i, p, g, s, key in zip(active, params, grads, states, hps):
             group_hp = per_group.get(key)
             if group_hp is None:
                 group_hp = per_group[key] = {"lr": key[0], "weight_decay": key[1]}
-            items.append((i, p, p.grad, s, group_hp, 0))
+            items.append((i, p, g, s, group_hp, 0))
         self._fused.step(items, alpha, self.gamma, self._z)
 
     def _mask(self, active: tuple):
