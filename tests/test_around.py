@@ -580,3 +580,37 @@ def test_meta_defaults_are_the_documented_ones():
     assert MetaOptimize.around(torch.optim.AdamW(p)).meta_hp["normalizer_param"] == 0.999
     with pytest.raises(ValueError, match="normalizer_param_meta"):
         MetaOptimize.around(torch.optim.AdamW(p), normalizer_param_meta=None)
+
+
+# ---- the torch.compile step (CUDA's), on CPU with a cheap backend -----------------------------
+
+@pytest.fixture
+def compiled(monkeypatch):
+    import common.optimizers.impl as impl_mod
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(impl_mod, "_FORCE_COMPILED", True)
+    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise"])
+def test_the_compiled_step_equals_the_foreach_step(compiled, groups):
+    fused, params_f = run_impl("fused", groups, "Adam", steps=6)
+    assert type(fused._fused).__name__ == "AroundCompiledImpl" and fused._fused.name == "fused"
+    foreach, params_e = run_impl("foreach", groups, "Adam", steps=6)
+    assert_close_runs(fused, params_f, foreach, params_e)
+
+
+def test_a_failing_torch_compile_falls_back_to_foreach_with_one_warning(compiled):
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: no usable driver")
+
+    compiled.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="no usable driver"):
+        auto, params_a = run_impl("auto", "layerwise", "Adam", steps=6)
+    assert auto._fused.name == "foreach"
+    foreach, params_e = run_impl("foreach", "layerwise", "Adam", steps=6)
+    assert_close_runs(auto, params_a, foreach, params_e)
+    with pytest.raises(RuntimeError, match="impl='fused'"):
+        run_impl("fused", "layerwise", "Adam", steps=1)
