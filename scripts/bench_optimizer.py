@@ -172,10 +172,22 @@ def bench_around(args, device, set_name):
             # the wrapper's own state (w0, h) over the base's: floats per weight
             memory[name] = state_floats_per_weight(opt, params) if name.startswith("around") else 0.0
             variants[name] = opt.step
-        rows[threads] = table(f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set "
-                              f"({len(shapes)} tensors), {torch.get_num_threads()} threads, {args.rounds} "
-                              "interleaved rounds (last column: the wrapper's extra state)",
-                              interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
+        timed = interleaved(variants, args.rounds, device, warmup_rounds=2)
+        title = (f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set ({len(shapes)} tensors), "
+                 f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (last column: the wrapper's "
+                 "extra state)")
+        rows[threads] = table(title, timed, memory=memory)
+        # on a loaded machine the round-by-round ratios (both variants timed back to back) and the
+        # ratio of process CPU times are steadier than the ratio of the mins
+        cells = []
+        for name, t in timed.items():
+            paired = statistics.median(a / b for a, b in zip(t.wall, timed[FUSED].wall))
+            cpu = min(t.cpu) / max(min(timed[FUSED].cpu), 1e-9)
+            rows[threads][name].update(paired_median_x_fused=paired, cpu_min_x_fused=cpu)
+            cells.append([name, f"{paired:.2f}", f"{cpu:.2f}"])
+            print(f"{name:40s} x fused: median of per-round ratios {paired:5.2f}, of min CPU times {cpu:5.2f}")
+        MARKDOWN.append(markdown_table(["variant", "x fused AdamW (median of per-round ratios)",
+                                        "x fused AdamW (min CPU time)"], cells))
     torch.set_num_threads(default_threads)
     return rows
 
