@@ -310,7 +310,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def _fused_step(self, active, params, grads, states, alpha, hps):
         """Steps 1-4 in two passes: w0 = w (one copy), and after the base's step one fused pass per
         tensor for w, h and z's terms (around_kernel.py)."""
-        torch._foreach_copy_([s["w0"] for s in states], params)
+        self._fused.save([s["w0"] for s in states], params)
         for b in self.bases:
             b.step()
         if self._z is not None:

@@ -13,6 +13,7 @@ gradient as it was; a base that changed p.grad in place would need impl="foreach
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import warnings
 
@@ -45,6 +46,53 @@ def around_program(track: bool) -> kernels.Program:
     return kernels._PROGRAMS[key]
 
 
+_COPY_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+/* w0 = w before the base's step, tensor by tensor: non-temporal stores (w0 is read back only
+   after the base has streamed all its state, so caching it gains nothing) skip the write-allocate
+   read of w0, a third of a plain copy's traffic. */
+void around_copy(int64_t n, void* const* restrict dst, void* const* restrict src, const int64_t* restrict nbytes,
+                 int nthreads)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t t = 0; t < n; ++t) {
+        char* restrict d = (char*)dst[t];
+        const char* restrict s = (const char*)src[t];
+        const int64_t m = nbytes[t];
+        int64_t i = 0;
+#ifdef __AVX__
+        const int64_t head = (int64_t)((32 - ((uintptr_t)d & 31)) & 31);
+        if (head > 0) { i = head < m ? head : m; memcpy(d, s, (size_t)i); }
+        for (; i + 32 <= m; i += 32)
+            _mm256_stream_si256((__m256i*)(d + i), _mm256_loadu_si256((const __m256i*)(s + i)));
+#endif
+        if (i < m) memcpy(d + i, s + i, (size_t)(m - i));
+    }
+#ifdef __AVX__
+    _mm_sfence();
+#endif
+}
+"""
+
+
+class CopyKernel:
+    """dst[k] = src[k] for contiguous tensors of one dtype, in one C call (CPU)."""
+
+    def __init__(self):
+        self.fn = kernels.load_kernel(_COPY_SOURCE, "around_copy")
+
+    def __call__(self, dst: list, src: list) -> None:
+        n = len(dst)
+        ptr = ctypes.c_void_p * n
+        d, s = ptr(*[t.data_ptr() for t in dst]), ptr(*[t.data_ptr() for t in src])
+        nbytes = (ctypes.c_int64 * n)(*[t.numel() * t.element_size() for t in dst])
+        self.fn(n, ctypes.addressof(d), ctypes.addressof(s), ctypes.addressof(nbytes), torch.get_num_threads())
+
+
 class _ProgramForeach(ForeachImpl):
     """impl.py's foreach runner over the around program (the fused step's fallback)."""
 
@@ -63,6 +111,14 @@ class AroundCImpl(CImpl):
         self.fallback = _ProgramForeach(prog, layout)
         self.fresh = [k for k, name in enumerate(prog.streams) if name in ("w", "g")]
         self._plans = {}
+        self.copy = CopyKernel()
+
+    def save(self, dst: list, src: list) -> None:
+        """w0 = w: the C copy where every pair is contiguous and of one dtype, else torch's."""
+        if all(a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype for a, b in zip(dst, src)):
+            self.copy(dst, src)
+        else:
+            torch._foreach_copy_(dst, src)
 
 
 class AroundCompiledImpl(CompiledImpl):
@@ -71,6 +127,10 @@ class AroundCompiledImpl(CompiledImpl):
     def __init__(self, prog: kernels.Program, layout: Layout, strict: bool = False):
         self.prog, self.layout, self.strict = prog, layout, strict
         self._compiled, self._fallback = {}, None
+
+    @staticmethod
+    def save(dst: list, src: list) -> None:
+        torch._foreach_copy_(dst, src)
 
     def _fail(self, err, items, alpha, gamma, z):
         why = f"the compiled step (torch.compile) failed: {type(err).__name__}: {err}"
