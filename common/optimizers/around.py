@@ -232,6 +232,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("impl", "auto")  # pickled before the fused step existed
+        state.setdefault("_sharding", None)
+        state.setdefault("_step_layout", state["_layout"])
         self.__dict__.update(state)
         self._patch_step_function()
         self._fused = make_around_impl(self.impl, self._z is not None, self._step_layout, self._beta.device,
