@@ -137,10 +137,13 @@ def build_scheduler(optimizer, args, total_steps: int):
 def current_step_sizes(optimizer) -> Tensor:
     """The step size(s) an optimizer is using now, as a 1-D tensor (one entry per block/group).
 
-    MetaOptimize: alpha per block (device tensor, no sync). Others: the lr of each param group.
+    MetaOptimize: lr alpha per block (device tensor, no sync; around a base: the base's lr alpha).
+    Others: the lr of each param group.
     Looks through wrappers that keep the optimizer in `.optimizer` (accelerate, Lightning)."""
     while not hasattr(optimizer, "step_sizes") and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
+    if hasattr(optimizer, "effective_step_sizes") and hasattr(optimizer, "step_sizes"):
+        return optimizer.effective_step_sizes()  # MetaOptimize around a base: lr alpha (step_sizes() is alpha)
     if hasattr(optimizer, "step_sizes"):
         return optimizer.step_sizes()
     if type(optimizer).__module__.split(".")[0] not in ("torch",):

@@ -12,6 +12,13 @@ table.md and figure.png (accuracy against the lr factor, one panel per optimizer
 
     python3 scripts/around_study.py                 # the full study (180 runs, about 1 min on 2 cores)
     python3 scripts/around_study.py --quick --out /tmp/around
+    python3 scripts/around_study.py --stream        # the continual stream (below)
+
+--stream: the same grid on a continual stream instead of epochs: the training images in a random
+order, cycled, --stream-batch at a time, in --tasks tasks of --task-steps steps; each task maps
+the ten labels through a new random permutation (a label-permuted stream: the optimizer must keep
+learning). The score is the online accuracy: each batch predicted before the step on it, averaged
+over the whole stream (as the continual experiments of the project measure it).
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record the table as STEM.md + STEM.json with date, command and machine "
                         "(e.g. results/around_study)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 factors, 2 optimizers, 2 epochs")
+    p.add_argument("--stream", action="store_true", help="the label-permuted continual stream (online accuracy)")
+    p.add_argument("--tasks", type=at_least(1), default=10, help="--stream: tasks (label permutations)")
+    p.add_argument("--task-steps", type=at_least(1), default=200, help="--stream: steps per task")
+    p.add_argument("--stream-batch", type=at_least(1), default=8, help="--stream: images per step")
     return p
 
 
@@ -83,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.factors, args.epochs = [0], [1e-2, 1.0], min(args.epochs, 2)
         args.optimizers = args.optimizers[:1] + (["Muon+AdamW"] if "Muon+AdamW" not in args.optimizers[:1] else [])
+        args.tasks, args.task_steps = min(args.tasks, 2), min(args.task_steps, 20)
+    args.metric = "online_acc" if args.stream else "test_acc"
     return args
 
 
@@ -110,13 +123,44 @@ def train_one(data, name: str, arm: str, factor: float, seed: int, epochs: int) 
     return {"optimizer": name, "arm": arm, "factor": factor, "seed": seed, "test_acc": acc, "final_alpha": alpha}
 
 
+def train_one_stream(data, name: str, arm: str, factor: float, seed: int, tasks: int, task_steps: int,
+                     batch: int) -> dict:
+    """The label-permuted stream: online accuracy (each batch predicted before its step)."""
+    x_train, y_train = data[0], data[1]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = make_model(HIDDEN_SIZE)
+    base = OPTIMIZERS[name][1](model, factor)
+    opt = MetaOptimize.around(base, model=model, **META) if arm == "around" else None
+    steppers = [opt] if opt else (base if isinstance(base, list) else [base])
+    order = torch.randperm(len(x_train), generator=gen)
+    correct, seen, at = 0.0, 0, 0
+    for _ in range(tasks):
+        relabel = torch.randperm(10, generator=gen)
+        for _ in range(task_steps):
+            idx = order[(at + torch.arange(batch)) % len(order)]
+            at += batch
+            logits = model(x_train[idx])
+            y = relabel[y_train[idx]]
+            correct += (logits.detach().argmax(1) == y).float().sum().item()
+            seen += batch
+            for b in steppers:
+                b.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, y).backward()
+            for b in steppers:
+                b.step()
+    alpha = opt.step_sizes().max().item() if opt else 1.0
+    return {"optimizer": name, "arm": arm, "factor": factor, "seed": seed, "online_acc": correct / seen,
+            "final_alpha": alpha}
+
+
 def summarize(runs, args) -> dict:
     table = {}
     for name in args.optimizers:
         for arm in ARMS:
             rows = []
             for f in args.factors:
-                accs = torch.tensor([r["test_acc"] for r in runs if (r["optimizer"], r["arm"], r["factor"]) == (name, arm, f)])
+                accs = torch.tensor([r[args.metric] for r in runs if (r["optimizer"], r["arm"], r["factor"]) == (name, arm, f)])
                 alphas = [r["final_alpha"] for r in runs if (r["optimizer"], r["arm"], r["factor"]) == (name, arm, f)]
                 rows.append({"factor": f, "mean": accs.mean().item(), "std": accs.std().item() if len(accs) > 1 else 0.0,
                              "n": len(accs), "final_alpha_mean": sum(alphas) / len(alphas)})
@@ -151,11 +195,14 @@ def plot(table, args, path) -> None:
             ax.errorbar([x["factor"] for x in r], [x["mean"] for x in r], yerr=[x["std"] for x in r],
                         capsize=3, label=label, **style)
         ax.axhline(0.1, color="grey", lw=0.8, ls=":")
-        ax.set(xscale="log", ylim=(0, 1.02), title=OPTIMIZERS[name][0], xlabel="lr factor", ylabel="test accuracy")
+        ax.set(xscale="log", ylim=(0, 1.02), title=OPTIMIZERS[name][0], xlabel="lr factor",
+               ylabel="online accuracy" if args.stream else "test accuracy")
         ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.suptitle(f"digits, MLP 64-{HIDDEN_SIZE}-10, {args.epochs} epochs, {len(args.seeds)} seed(s)")
+    what = (f"label-permuted stream, {args.tasks} tasks x {args.task_steps} steps of {args.stream_batch}"
+            if args.stream else f"{args.epochs} epochs")
+    fig.suptitle(f"digits, MLP 64-{HIDDEN_SIZE}-10, {what}, {len(args.seeds)} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -171,12 +218,18 @@ def main(argv=None) -> dict:
     start = time.time()
     data = load_data()
     grid = [(o, a, f, s) for o in args.optimizers for a in ARMS for f in args.factors for s in args.seeds]
-    runs = [train_one(data, o, a, f, s, args.epochs) for o, a, f, s in tqdm(grid, desc="runs", unit="run")]
+    if args.stream:
+        runs = [train_one_stream(data, o, a, f, s, args.tasks, args.task_steps, args.stream_batch)
+                for o, a, f, s in tqdm(grid, desc="runs", unit="run")]
+    else:
+        runs = [train_one(data, o, a, f, s, args.epochs) for o, a, f, s in tqdm(grid, desc="runs", unit="run")]
     table = summarize(runs, args)
     text = format_table(table, args)
     wall = time.time() - start
     print(text)
     config = {"command": [sys.argv[0], *args.argv], "seeds": args.seeds, "epochs": args.epochs,
+              "stream": {"tasks": args.tasks, "task_steps": args.task_steps, "batch": args.stream_batch}
+              if args.stream else None, "metric": args.metric,
               "factors": args.factors, "optimizers": {o: OPTIMIZERS[o][0] for o in args.optimizers}, "meta": META,
               "batch_size": BATCH_SIZE, "hidden_size": HIDDEN_SIZE}
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -187,10 +240,14 @@ def main(argv=None) -> dict:
     print(f"wrote {args.out}/{{results.json,table.md,figure.png}} ({len(runs)} runs, {wall:.1f} s)")
     if args.record:
         paths = write_results(
-            args.record, title="MetaOptimize around torch's optimizers on digits (scripts/around_study.py)",
+            args.record, title="MetaOptimize around torch's optimizers on digits (scripts/around_study.py)"
+            + (": the label-permuted continual stream, online accuracy" if args.stream else ""),
             table=text, raw={"config": config, "summary": table, "runs": runs, "wall_time_s": wall}, argv=args.argv,
             notes=[f"{len(runs)} runs ({len(args.optimizers)} optimizers x 2 arms x {len(args.factors)} lr factors x "
-                   f"{len(args.seeds)} seeds, {args.epochs} epochs each) in {wall:.1f} s of wall time, 1 torch thread."],
+                   f"{len(args.seeds)} seeds, "
+                   + (f"{args.tasks} tasks x {args.task_steps} steps of {args.stream_batch} images each"
+                      if args.stream else f"{args.epochs} epochs each")
+                   + f") in {wall:.1f} s of wall time, 1 torch thread."],
             env=env)
         print(f"recorded {paths[0]} and {paths[1]}")
     return {"summary": table, "text": text, "wall_time_s": wall, "runs": runs}

@@ -6,6 +6,7 @@
     python3 scripts/bench_optimizer.py --threads 1,0 --processes 6 --quick --skip-loop
                                                            # part 1 at 1 thread and torch's default, in 6
                                                            # fresh processes: min/median/max of the ratios
+    python3 scripts/bench_optimizer.py --around --skip-steps --skip-loop   # MetaOptimize.around only
 
 Part 1 times `optimizer.step()` alone, with fixed random gradients, on the parameter tensors of
 the CIFAR ResNet-18 (62 tensors, 11.17M weights) and of the llama2.c 15M transformer (56 tensors):
@@ -171,6 +172,53 @@ print(first, time.perf_counter() - start, opt.impl)
 """
 
 
+def bench_around(args, device, set_name):
+    """MetaOptimize.around(torch AdamW fused) against the bare fused AdamW, at each thread count of
+    --threads (0: torch's default), interleaved in one process."""
+    make_model, _ = PARAMETER_SETS[set_name]
+    shapes = [p.shape for p in make_model().parameters()]
+    factories = {FUSED: torch_adamw("fused"), FOREACH: torch_adamw("foreach")}
+    for meta, impl in (("Adam", "fused"), ("fixed", "fused"), ("Adam", "foreach")):
+        factories[f"around(AdamW fused) {meta}, impl={impl}"] = (
+            lambda params, meta=meta, impl=impl: MetaOptimize.around(
+                torch_adamw("fused")(params), alg_meta=meta, alpha0=1.0, impl=impl, **PAPER_META))
+    gen = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
+    default_threads, rows = torch.get_num_threads(), {}
+    for threads in args.threads:
+        torch.set_num_threads(threads or default_threads)
+        print(f"\n== MetaOptimize.around(AdamW fused).step() on the {set_name} parameter set, {device}, "
+              f"{torch.get_num_threads()} threads ==")
+        variants, memory = {}, {}
+        for name, make in factories.items():
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = make(params)
+            opt.step()
+            # the wrapper's own state (w0, h) over the base's: floats per weight
+            memory[name] = state_floats_per_weight(opt, params) if name.startswith("around") else 0.0
+            variants[name] = opt.step
+        timed = interleaved(variants, args.rounds, device, warmup_rounds=2)
+        title = (f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set ({len(shapes)} tensors), "
+                 f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (last column: the wrapper's "
+                 "extra state)")
+        rows[threads] = table(title, timed, memory=memory)
+        # on a loaded machine the round-by-round ratios (both variants timed back to back) and the
+        # ratio of process CPU times are steadier than the ratio of the mins
+        cells = []
+        for name, t in timed.items():
+            paired = statistics.median(a / b for a, b in zip(t.wall, timed[FUSED].wall))
+            cpu = min(t.cpu) / max(min(timed[FUSED].cpu), 1e-9)
+            rows[threads][name].update(paired_median_x_fused=paired, cpu_min_x_fused=cpu)
+            cells.append([name, f"{paired:.2f}", f"{cpu:.2f}"])
+            print(f"{name:40s} x fused: median of per-round ratios {paired:5.2f}, of min CPU times {cpu:5.2f}")
+        MARKDOWN.append(markdown_table(["variant", "x fused AdamW (median of per-round ratios)",
+                                        "x fused AdamW (min CPU time)"], cells))
+    torch.set_num_threads(default_threads)
+    return rows
+
+
 def bench_first_step(args, device):
     """Construction + first step in a fresh process, on each parameter set: on CPU building the fused
     C kernel (empty cache) or loading it (cached); on CUDA compiling the step (torch.compile)."""
@@ -288,6 +336,9 @@ def main():
     parser.add_argument("--skip-first-step", action="store_true", help="no first-step (build/compile time) part")
     parser.add_argument("--only-first-step", action="store_true", help="only the first-step (build/compile time) part")
     parser.add_argument("--raw-json", default=None, help=argparse.SUPPRESS)  # a child of --processes
+    parser.add_argument("--around", action="store_true",
+                        help="also time MetaOptimize.around(torch AdamW fused) against the bare fused AdamW (at each "
+                             "--threads count)")
     parser.add_argument("--record", default=None, metavar="STEM",
                         help="also write STEM.md and STEM.json (date, machine, command, tables, raw times)")
     args = parser.parse_args()
@@ -311,6 +362,9 @@ def main():
         torch.set_num_threads(default_threads)
     if args.only_first_step or not (args.skip_steps or args.skip_first_step):
         results["first_step"] = bench_first_step(args, device)
+    if args.around:
+        for name in args.sets.split(","):
+            results[f"around_{name.strip()}"] = bench_around(args, device, name.strip())
     if not args.skip_loop:
         results["batch1_loop"] = bench_batch1_loop(args, device)
     if args.raw_json:

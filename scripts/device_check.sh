@@ -36,12 +36,8 @@ part() {  # part SECONDS TITLE COMMAND...
         python3 scripts/bench_optimizer.py --device cuda --quick --rounds 15 --skip-loop --skip-first-step
     part 90 "first step's compile time (torch.compile), ResNet-18 and 15M transformer" \
         python3 scripts/bench_optimizer.py --device cuda --quick --only-first-step
-    if python3 scripts/bench_optimizer.py --help | grep -q -- "--variants"; then
-        part 45 "wrapped optimizer: MetaOptimize.around(torch AdamW fused) against fused AdamW" \
-            python3 scripts/bench_optimizer.py --device cuda --variants around --rounds 15 --skip-loop
-    else  # TODO: the around variant of bench_optimizer.py is being added (its own function); run it here then
-        echo "=== wrapped-optimizer benchmark: bench_optimizer.py has no --variants option yet (skipped)"
-    fi
+    part 45 "wrapped optimizer: MetaOptimize.around(torch AdamW fused) against fused AdamW" \
+        python3 scripts/bench_optimizer.py --device cuda --around --skip-steps --skip-loop --rounds 15
     part 90 "CIFAR-10 training throughput" \
         python3 scripts/bench_train.py --device cuda --steps 100 --repeats 5 --step-repeats 20
     part 90 "TinyStories training throughput" \

@@ -423,3 +423,194 @@ def test_a_tensor_lr_in_one_group_follows_the_reference():
                           split_hp(HP)[1])
     step_with_reference(opt, params, ref, curvature, noise, 20)
     assert_follows_reference(opt, params, ref)
+
+
+# ---- the fused step (around_kernel.py) against the foreach step and the reference -------------
+
+def run_impl(impl, groups, meta, base="AdamW", steps=15, gamma=0.95):
+    weights, curvature, noise = make_problem()
+    params = make_params(weights)
+    opt = MetaOptimizeAround(BASES[base](params), alg_meta=meta, alpha0=1.0, meta_stepsize=2e-2, gamma=gamma,
+                             stepsize_groups=groups, impl=impl, **META_HP)
+    for t in range(steps):
+        for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
+            p.grad = g
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("groups", ["scalar", "layerwise", "nodewise", "weightwise", [1, 3]], ids=str)
+@pytest.mark.parametrize("meta", ["fixed", "Adam", "Lion"])
+def test_the_fused_step_equals_the_foreach_step(meta, groups):
+    fused, params_f = run_impl("fused", groups, meta)
+    foreach, params_e = run_impl("foreach", groups, meta)
+    assert type(fused._fused).__name__ == "AroundCImpl" and foreach._fused is None
+    assert_close_runs(fused, params_f, foreach, params_e)
+    for p, q in zip(params_f, params_e):  # and the traces
+        if meta != "fixed":
+            torch.testing.assert_close(fused.state[p]["trace"], foreach.state[q]["trace"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon+AdamW", "lion_pytorch.Lion"])
+def test_the_fused_step_equals_the_foreach_step_for_other_bases(name):
+    fused, params_f = run_impl("fused", "nodewise", "Adam", base=name)
+    foreach, params_e = run_impl("foreach", "nodewise", "Adam", base=name)
+    assert_close_runs(fused, params_f, foreach, params_e)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_both_impls_follow_the_float64_reference(impl, monkeypatch):
+    import common.optimizers.around as around
+
+    real = around.make_around_impl
+    monkeypatch.setattr(around, "make_around_impl", lambda _impl, *a: real(impl, *a))
+    opt, params, ref = run_against_around_reference("AdamW", "layerwise")
+    assert (opt._fused is None) == (impl == "foreach")
+    assert_follows_reference(opt, params, ref)
+
+
+def test_the_fused_step_falls_back_on_non_contiguous_tensors():
+    """A transposed parameter cannot go to the C loop: the program's foreach runs it, same result."""
+    torch.manual_seed(0)
+    runs = []
+    for impl in ("fused", "foreach"):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(5, 4).t())  # non-contiguous
+        opt = MetaOptimizeAround(torch.optim.AdamW([w], lr=1e-2), meta_stepsize=1e-2, impl=impl)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            w.grad = torch.randn(4, 5, generator=gen)
+            opt.step()
+        runs.append((w.detach().clone(), opt.step_sizes()))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_load_state_dict_into_the_same_optimizer_continues_as_before():
+    """The fused step caches the traces' pointers: loading a state dict (new trace tensors) must reset them."""
+    model, opt = small_run()
+    train(model, opt, 4)
+    weights, saved = copy.deepcopy(list(model.parameters())), copy.deepcopy(opt.state_dict())
+    train(model, opt, 4, seed=2)
+    after = [p.detach().clone() for p in model.parameters()], opt.step_sizes().clone()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    opt.load_state_dict(saved)
+    train(model, opt, 4, seed=2)
+    for p, q in zip(model.parameters(), after[0]):
+        assert torch.equal(p.detach(), q)
+    assert torch.equal(opt.step_sizes(), after[1])
+
+
+def test_bad_impl_is_a_value_error():
+    with pytest.raises(ValueError, match="impl"):
+        MetaOptimize.around(torch.optim.AdamW([nn.Parameter(torch.zeros(2))]), impl="nope")
+
+
+# ---- memory: at most 2 extra floats per weight --------------------------------------------------
+
+def wrapper_bytes(opt):
+    """The wrapper's own tensors, not the base's state: per-tensor state (w0, h), and the per-block
+    vectors (beta, meta state, z) with the fused step's buffers."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+    per_tensor = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    per_block = [opt._beta, *opt._meta_state.values(), *([opt._z] if opt._z is not None else [])]
+    if opt._fused is not None:
+        per_block += [plan["partials"] for plan in opt._fused._plans.values()]
+    return size(per_tensor), size(per_block)
+
+
+@pytest.mark.parametrize("meta", ["fixed", "Adam"])
+@pytest.mark.parametrize("groups", ["scalar", "layerwise", "nodewise"])
+def test_the_wrapper_keeps_at_most_two_floats_per_weight(groups, meta):
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = MetaOptimize.around(torch.optim.AdamW(model.parameters(), lr=1e-3), alg_meta=meta, stepsize_groups=groups)
+    train_model = nn.functional.mse_loss
+    x, y = torch.randn(8, 64), torch.randn(8, 10)
+    for _ in range(2):
+        opt.zero_grad()
+        train_model(model(x), y).backward()
+        opt.step()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_tensor, per_block = wrapper_bytes(opt)
+    assert per_tensor == (1 if meta == "fixed" else 2) * weight_bytes  # w0 (and h, with a meta rule)
+    assert per_block <= 4 * 8 * opt.num_blocks + 8 * 64  # beta, meta state, z (and the chunks' partial sums)
+    # the state dict holds the traces, not w0 (a scratch buffer)
+    meta_sd = opt.state_dict()["meta"]
+    assert "w0" not in meta_sd and all(t is None or t.numel() for t in meta_sd["trace"])
+
+
+# ---- step sizes and defaults ---------------------------------------------------------------------
+
+def test_step_sizes_are_alpha_and_the_logs_lr_alpha():
+    from common.optim_flags import current_step_sizes
+
+    p, q = nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(2))
+    base = torch.optim.AdamW([{"params": [p], "lr": 0.1}, {"params": [q]}], lr=0.01)
+    opt = MetaOptimize.around(base, alpha0=0.5, stepsize_groups="nodewise")
+    torch.testing.assert_close(opt.step_sizes(), torch.full((5,), 0.5))
+    torch.testing.assert_close(current_step_sizes(opt), torch.tensor([0.05, 0.05, 0.05, 0.005, 0.005]))
+    one = MetaOptimize.around(torch.optim.AdamW([p, q], lr=0.01), alpha0=0.5)
+    torch.testing.assert_close(current_step_sizes(one), torch.tensor([0.005]))
+    sched = torch.optim.lr_scheduler.StepLR(one, step_size=1, gamma=0.1)
+    p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    one.step()
+    sched.step()  # the logs follow the base's scheduled lr; alpha stays alpha
+    torch.testing.assert_close(current_step_sizes(one), 1e-3 * one.step_sizes())
+
+
+def test_meta_defaults_are_the_documented_ones():
+    import inspect
+
+    around_sig = inspect.signature(MetaOptimize.around).parameters
+    class_sig = inspect.signature(MetaOptimizeAround.__init__).parameters
+    for name in ("alg_meta", "alpha0", "meta_stepsize", "gamma", "stepsize_groups", "weight_decay_meta",
+                 "normalizer_param_meta", "momentum_param_meta", "lion_beta2_meta", "impl"):
+        assert around_sig[name].default == class_sig[name].default, name
+    mo_sig = inspect.signature(MetaOptimize.__init__).parameters
+    for name in ("weight_decay_meta", "momentum_param_meta", "lion_beta2_meta"):  # as MetaOptimize's
+        assert around_sig[name].default == mo_sig[name].default, name
+    # MetaOptimize leaves normalizer_param_meta unset (its default meta rule, Lion, does not read it);
+    # around's default rule Adam reads it: the paper's 0.999, and unset is an error naming it
+    assert around_sig["normalizer_param_meta"].default == 0.999 and mo_sig["normalizer_param_meta"].default is None
+    p = [nn.Parameter(torch.zeros(2))]
+    assert MetaOptimize.around(torch.optim.AdamW(p)).meta_hp["normalizer_param"] == 0.999
+    with pytest.raises(ValueError, match="normalizer_param_meta"):
+        MetaOptimize.around(torch.optim.AdamW(p), normalizer_param_meta=None)
+
+
+# ---- the torch.compile step (CUDA's), on CPU with a cheap backend -----------------------------
+
+@pytest.fixture
+def compiled(monkeypatch):
+    import common.optimizers.impl as impl_mod
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(impl_mod, "_FORCE_COMPILED", True)
+    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise"])
+def test_the_compiled_step_equals_the_foreach_step(compiled, groups):
+    fused, params_f = run_impl("fused", groups, "Adam", steps=6)
+    assert type(fused._fused).__name__ == "AroundCompiledImpl" and fused._fused.name == "fused"
+    foreach, params_e = run_impl("foreach", groups, "Adam", steps=6)
+    assert_close_runs(fused, params_f, foreach, params_e)
+
+
+def test_a_failing_torch_compile_falls_back_to_foreach_with_one_warning(compiled):
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: no usable driver")
+
+    compiled.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="no usable driver"):
+        auto, params_a = run_impl("auto", "layerwise", "Adam", steps=6)
+    assert auto._fused.name == "foreach"
+    foreach, params_e = run_impl("foreach", "layerwise", "Adam", steps=6)
+    assert_close_runs(auto, params_a, foreach, params_e)
+    with pytest.raises(RuntimeError, match="impl='fused'"):
+        run_impl("fused", "layerwise", "Adam", steps=1)

@@ -53,3 +53,19 @@ def test_around_study_quick_writes_results_table_and_figure(tmp_path):
     assert len(results["runs"]) == 2 * 2 * 2  # 2 optimizers x 2 arms x 2 factors x 1 seed
     assert all(0 <= r["test_acc"] <= 1 and math.isfinite(r["final_alpha"]) for r in results["runs"])
     assert (out / "figure.png").stat().st_size > 1000
+
+
+def test_around_study_stream_quick_scores_online_accuracy(tmp_path):
+    out = tmp_path / "stream"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "around_study.py"), "--stream", "--quick",
+                           "--task-steps", "20", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["metric"] == "online_acc" and results["config"]["stream"]["tasks"] == 2
+    runs = results["runs"]
+    assert len(runs) == 8 and all(0 <= r["online_acc"] <= 1 and "test_acc" not in r for r in runs)
+    # the Muon+AdamW stream at its own lr learns something within a task (chance is 0.1)
+    best = max(r["online_acc"] for r in runs if r["optimizer"] == "Muon+AdamW" and r["factor"] == 1.0)
+    assert best > 0.15, best

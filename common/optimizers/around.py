@@ -12,6 +12,8 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
+from . import sharding
+from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
 from .metaoptimize import _positional, meta_settings, meta_update
@@ -50,10 +52,15 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             update's hyperparameters, as MetaOptimize's.
         model: the module whose parameter order block lists follow (else the order of the
             concatenated base param groups).
+        impl: "foreach" (torch._foreach_* passes: the readable reference), "fused" (after the base's
+            step one pass per tensor, z summed in it: a C loop on CPU, torch.compile on CUDA; see
+            around_kernel.py) or "auto" (fused where it runs, else foreach with a warning).
 
     ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
-    alpha per block as a device tensor (no host sync). ``state_dict()`` holds the base state dicts
+    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, which
+    the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
+    own is unset because its default meta rule, Lion, does not read it; Adam, the default here, does. ``state_dict()`` holds the base state dicts
     and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
     A block whose z is not finite skips that step's meta update, counted in ``skipped_nonfinite``
     (as MetaOptimize's).
@@ -61,7 +68,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     def __init__(self, base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
                  weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
-                 *, model: torch.nn.Module | None = None):
+                 *, model: torch.nn.Module | None = None, impl: str = "auto"):
         bases = list(base) if isinstance(base, (list, tuple)) else [base]
         if not bases or not all(isinstance(b, torch.optim.Optimizer) for b in bases):
             raise ValueError("base: a constructed torch.optim.Optimizer or a list of them")
@@ -124,6 +131,12 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # meta updates skipped: z not finite
         self._z = torch.zeros(num_blocks, device=device, dtype=dtype) if alg_meta != "fixed" else None
         self._masks = {}
+        self.impl = impl
+        # FSDP2 (DTensor) parameters: the step works on the local shards, z is summed across them
+        self._sharding = sharding.Sharding.of(self._params, self._layout)
+        self._step_layout = self._sharding.layout if self._sharding else self._layout
+        self._fused = make_around_impl(impl, self._z is not None, self._step_layout, device,
+                                       {p.dtype for p in self._params}, dtype)
 
     # ---- param groups: the base's own dicts ------------------------------------------------
 
@@ -159,6 +172,21 @@ class MetaOptimizeAround(torch.optim.Optimizer):
     def step_sizes(self) -> Tensor:
         """alpha per block (multiplying the base's lr), a device tensor (no host sync)."""
         return torch.exp(self._beta)
+
+    def effective_step_sizes(self) -> Tensor:
+        """lr alpha per block (lr of the base param group of the block's first tensor): what the logs
+        show, as MetaOptimize's step_sizes() does. One lr for all: no host-device copy."""
+        lr_of = {p: g.get("lr", 0.0) for g in self.param_groups for p in g["params"]}
+        lrs = [lr_of[p] for p in self._params]
+        alpha = torch.exp(self._beta)
+        if all(x is lrs[0] or (not isinstance(x, Tensor) and x == lrs[0]) for x in lrs):
+            return alpha * lrs[0]
+        lay, per_block = self._layout, [None] * self.num_blocks
+        for i, lr in enumerate(lrs):
+            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
+                if per_block[b] is None:
+                    per_block[b] = lr
+        return alpha * torch.stack([torch.as_tensor(x, dtype=alpha.dtype).to(alpha.device) for x in per_block])
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -203,15 +231,24 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         self._meta_step = int(meta["step"])
         if torch.is_tensor(meta.get("skipped_nonfinite")):  # older state dicts lack the counter
             self._skipped.copy_(meta["skipped_nonfinite"].reshape(()))
+        if self._fused is not None:  # the traces are new tensors: forget the cached pointers
+            self._fused.reset()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def __getstate__(self):  # copy, deepcopy, pickle: all of it (torch's keeps only its own three entries)
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state["_fused"] = None  # a loaded C kernel and cached pointers: made anew
+        return state
 
     def __setstate__(self, state):
+        state.setdefault("impl", "auto")  # pickled before the fused step existed
+        state.setdefault("_sharding", None)
+        state.setdefault("_step_layout", state["_layout"])
         self.__dict__.update(state)
         self._patch_step_function()
+        self._fused = make_around_impl(self.impl, self._z is not None, self._step_layout, self._beta.device,
+                                       {p.dtype for p in self._params}, self._beta.dtype)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -237,15 +274,32 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 b.step()
             return loss
         params = [self._params[i] for i in active]
-        states = [self._buffers(p, track) for p in params]
-        lay = self._layout
+        local = self._sharding.local if self._sharding else (lambda x: x)
+        states = [{k: local(v) for k, v in self._buffers(p, track).items()} for p in params]
+        hps = [hp[p] for p in params]
+        ws, gs = [local(p) for p in params], [local(p.grad) for p in params]
         alpha = torch.exp(self._beta)  # 1. beta as it is before this step
-        alphas = [lay.view(alpha, i) for i in active]
         z = self._z
+        if self._fused is not None and not any(isinstance(x, Tensor) for x, _ in hps):
+            self._fused_step(active, ws, gs, states, alpha, hps)
+        else:
+            self._foreach_step(active, ws, gs, states, alpha, hps)
+        if track and self._sharding:
+            self._sharding.sum_across_shards(z)
+        if track:  # 5. meta update of beta with z
+            self._meta_step += 1
+            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        self._mask(active))
+        return loss
+
+    def _foreach_step(self, active, params, grads, states, alpha, hps):
+        """Steps 1-4 as torch._foreach_* passes (the reference of the fused step); params, grads and
+        states are the local tensors (shards under FSDP2), hps their (lr, weight decay)."""
+        lay, z, track = self._step_layout, self._z, self._z is not None
+        alphas = [lay.view(alpha, i) for i in active]
         if track:  # z_b = sum h g, with h before this step
             z.zero_()
             traces = [s["trace"] for s in states]
-            grads = [p.grad for p in params]
             _reduce_into(lay, z, [(i,) for i in active], traces, grads)
         w0 = [s["w0"] for s in states]
         torch._foreach_copy_(w0, params)  # 2. w0 = w; the base's own step leaves w1
@@ -254,7 +308,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         torch._foreach_sub_(params, w0)  # u = w1 - w0
         torch._foreach_mul_(params, alphas)  # alpha u
         if track:  # 4. h <- gamma (1 - alpha lr kappa) h + alpha u
-            lrk = [hp[p][0] * hp[p][1] for p in params]
+            lrk = [lr * wd for lr, wd in hps]
             if not all(isinstance(x, (int, float)) for x in lrk):  # a Tensor lr (torch allows it)
                 torch._foreach_mul_(traces, [self.gamma * (1 - a * x) for a, x in zip(alphas, lrk)])
             elif any(x != 0 for x in lrk):
@@ -265,11 +319,23 @@ class MetaOptimizeAround(torch.optim.Optimizer):
                 torch._foreach_mul_(traces, self.gamma)
             torch._foreach_add_(traces, params)
         torch._foreach_add_(params, w0)  # 3. w = w0 + alpha u
-        if track:  # 5. meta update of beta with z
-            self._meta_step += 1
-            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active), self._skipped)
-        return loss
+
+    def _fused_step(self, active, params, grads, states, alpha, hps):
+        """Steps 1-4 in two passes: w0 = w (one copy), and after the base's step one fused pass per
+        tensor for w, h and z's terms (around_kernel.py)."""
+        self._fused.save([s["w0"] for s in states], params)
+        for b in self.bases:
+            b.step()
+        if self._z is not None:
+            self._z.zero_()
+        per_group = {}  # one dict per (lr, weight decay): the fused step makes its scalars once per dict
+        items = []
+        for i, p, g, s, key in zip(active, params, grads, states, hps):
+            group_hp = per_group.get(key)
+            if group_hp is None:
+                group_hp = per_group[key] = {"lr": key[0], "weight_decay": key[1]}
+            items.append((i, p, g, s, group_hp, 0))
+        self._fused.step(items, alpha, self.gamma, self._z)
 
     def _mask(self, active: tuple):
         """None when every parameter has a gradient, else the blocks that have one (on the device)."""

@@ -286,13 +286,14 @@ class MetaOptimize(torch.optim.Optimizer):
     @staticmethod
     def around(base, alg_meta="Adam", alpha0=1.0, meta_stepsize=1e-3, gamma=1.0, stepsize_groups="scalar",
                weight_decay_meta=0.0, normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_beta2_meta=0.9,
-               *, model=None):
+               *, model=None, impl="auto"):
         """MetaOptimize around a constructed torch.optim.Optimizer, or a list of them (spec section 10):
         its own step() runs and alpha scales the change it makes. See `MetaOptimizeAround`."""
         from .around import MetaOptimizeAround
 
         return MetaOptimizeAround(base, alg_meta, alpha0, meta_stepsize, gamma, stepsize_groups, weight_decay_meta,
-                                  normalizer_param_meta, momentum_param_meta, lion_beta2_meta, model=model)
+                                  normalizer_param_meta, momentum_param_meta, lion_beta2_meta, model=model,
+                                  impl=impl)
 
     # ---- param groups and blocks -------------------------------------------------------------
 
