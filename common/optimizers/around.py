@@ -289,7 +289,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
             meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active))
+                        self._mask(active), self._skipped)
         return loss
 
     def _foreach_step(self, active, params, grads, states, alpha, hps):

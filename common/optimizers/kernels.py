@@ -550,7 +550,7 @@ def load_kernel(source: str, name: str = "mo_step"):
             _ANNOUNCED = True
     fn = getattr(ctypes.CDLL(str(path)), name)
     fn.restype = None
-    pointers = {"mo_step": 8, "mo_step_meta": 8, "mo_meta": 3}[name]
+    pointers = {"mo_step": 8, "mo_step_meta": 8}.get(name, 3)  # mo_meta, around.py's around_copy: 3
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int] \
         + ([ctypes.c_void_p] * 3 if name == "mo_step_meta" else [])
     _LOADED[key] = fn
