@@ -12,6 +12,7 @@ from . import sharding
 from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
 from .hessian import HESSIANS, check_hessian, curvature_kind, curvature_terms
 from .impl import Layout, make_impl
+from .legacy import convert_format_1
 from .rules import BASE_RULES, META_RULES
 
 BASE_ALGS = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adamw": "AdamW", "adam": "AdamW", "lion": "Lion"}
@@ -515,7 +516,7 @@ class MetaOptimize(torch.optim.Optimizer):
             group.setdefault("lr", 1.0)
         with torch.no_grad():
             if meta.get("format", 1) == 1:
-                self._convert_format_1(meta.get("trace_scale"))
+                convert_format_1(self.state, self.param_groups, self.alg_base, meta.get("trace_scale"), self._index)
             for state in self.state.values():  # torch casts state to the parameter's dtype
                 for k, v in state.items():
                     if torch.is_tensor(v) and k != "step" and self.state_dtype is not None:
@@ -527,19 +528,6 @@ class MetaOptimize(torch.optim.Optimizer):
         if torch.is_tensor(meta.get("skipped_nonfinite")):  # older state dicts lack the counter
             self._skipped.copy_(meta["skipped_nonfinite"].reshape(()))
         self._impl.reset()
-
-    def _convert_format_1(self, trace_scale):
-        """Checkpoints before STATE_FORMAT 2 kept AdamW's momentum and the normalizers as moving
-        averages ((1 - rho) m, (1 - lambda) v) and, on CPU, the trace as h / trace_scale."""
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        for p, state in self.state.items():
-            group = groups[p]
-            if self.alg_base == "AdamW" and "momentum" in state:
-                state["momentum"] = state["momentum"] / (1.0 - group["momentum_param_base"])
-            if "normalizer" in state:
-                state["normalizer"] = state["normalizer"] / (1.0 - group["normalizer_param_base"])
-            if trace_scale is not None and "trace" in state:
-                state["trace"] = state["trace"] * float(trace_scale[self._index[p]])
 
     def __getstate__(self):  # copy, deepcopy, pickle, torch.save(optimizer)
         state = dict(self.__dict__)
