@@ -4,8 +4,8 @@
     python3 scripts/bench_baselines.py --device cuda    # on a GPU (also reports allocated memory)
     python3 scripts/bench_baselines.py --rounds 3 --sets resnet18
 
-The paper's overhead table: each method as a user runs it (`build_optimizer` with the default
-flags of `--optimizer NAME`), on the parameter tensors of the CIFAR ResNet-18 (62 tensors,
+The paper's overhead table: each method as a user runs it (`common.specs.build_optimizer` with the
+default flags of `--optimizer NAME`), on the parameter tensors of the CIFAR ResNet-18 (62 tensors,
 11.17M weights) and of the 15M llama2.c transformer (dim 288, 6 layers, 6 heads, SwiGLU hidden
 768, vocab 32000 tied with the output: 56 tensors, 15.19M weights; seq 256 adds no weights),
 with fixed random gradients. All methods of a set live in one process and are timed in
@@ -38,18 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common` without
 import torch
 
 from common.benchmark import environment, interleaved, markdown_table, write_results
-from common.optim_flags import add_optimizer_args, build_optimizer
+from common.specs import build_optimizer
 
-METHODS = {  # row name -> argv for add_optimizer_args
-    "torch AdamW": ["--optimizer", "AdamW"],
-    "MetaOptimize (AdamW, Lion) scalar": ["--optimizer", "HF"],
-    "DoG (+ averaging)": ["--optimizer", "DoG"],
-    "LDoG (+ averaging)": ["--optimizer", "LDoG"],
-    "Prodigy": ["--optimizer", "Prodigy"],
-    "DAdaptAdam": ["--optimizer", "DAdaptAdam"],
-    "ScheduleFree AdamW": ["--optimizer", "ScheduleFree"],
-    "Mechanic (AdamW)": ["--optimizer", "Mechanic"],
-    "gdtuo (Adam / SGD)": ["--optimizer", "gdtuo"],
+METHODS = {  # row name -> spec (common/specs.py), the flags' defaults
+    "torch AdamW": {"optimizer": "AdamW"},
+    "MetaOptimize (AdamW, Lion) scalar": {"optimizer": "HF"},
+    "DoG (+ averaging)": {"optimizer": "DoG"},
+    "LDoG (+ averaging)": {"optimizer": "LDoG"},
+    "Prodigy": {"optimizer": "Prodigy"},
+    "DAdaptAdam": {"optimizer": "DAdaptAdam"},
+    "ScheduleFree AdamW": {"optimizer": "ScheduleFree"},
+    "Mechanic (AdamW)": {"optimizer": "Mechanic"},
+    "gdtuo (Adam / SGD)": {"optimizer": "gdtuo"},
 }
 
 
@@ -126,10 +126,9 @@ def bench_set(key: str, args, device) -> list[dict]:
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
     variants, prepares, memory, allocated = {}, {}, {}, {}
     keep = []
-    for name, argv in METHODS.items():
+    for name, spec in METHODS.items():
         if args.only and not any(o.lower() in name.lower() for o in args.only):
             continue
-        opt_args = add_optimizer_args(argparse.ArgumentParser()).parse_args(argv)
         gc.collect()
         base = 0
         params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.05).to(device)) for s in shapes]
@@ -137,7 +136,7 @@ def bench_set(key: str, args, device) -> list[dict]:
             p.grad = g.clone()
         if device.type == "cuda":
             base = torch.cuda.memory_allocated(device)
-        opt = build_optimizer(params, opt_args)
+        opt = build_optimizer(params, spec)
 
         def prepare(params=params):
             with torch.no_grad():

@@ -24,7 +24,7 @@ import torch
 
 from common import harness
 from common.benchmark import interleaved, sync
-from common.optim_flags import build_optimizer
+from common.specs import build_optimizer, spec_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,14 +37,15 @@ def load_train_module():
 
 
 class Loop:
-    """One training run of the benchmark: model, optimizer and its place in the augmented stream."""
+    """One training run of the benchmark: model, optimizer and its place in the augmented stream.
+    `flags` are train.py's run flags; the optimizer is train.py's spec with `options` replaced."""
 
-    def __init__(self, ct, flags, x, y, device):
+    def __init__(self, ct, flags, options, x, y, device):
         self.ct, self.x, self.y = ct, x, y
         self.args = ct.parse_args(["--device", str(device), *flags])
         torch.manual_seed(0)
         model = ct.MODELS[self.args.model](num_classes=self.args.classes_per_task).to(device)
-        self.optimizer = build_optimizer(model, self.args)
+        self.optimizer = build_optimizer(model, {**spec_from_args(self.args), **options})
         self.model = harness.maybe_compile(model, self.args)
         self.scaler = harness.grad_scaler(self.args, device)
         self.hits = torch.zeros(2, dtype=torch.int64, device=device)
@@ -86,8 +87,8 @@ def main():
     y = torch.randint(0, 10, (args.images,), generator=g).to(device)
     extra = ["--compile"] if args.compile else []
     loops = {
-        "MetaOptimize (AdamW, Adam) scalar": Loop(ct, extra, x, y, device),
-        "AdamW fixed step (--alg-meta fixed)": Loop(ct, ["--alg-meta", "fixed", *extra], x, y, device),
+        "MetaOptimize (AdamW, Adam) scalar": Loop(ct, extra, {}, x, y, device),
+        "AdamW fixed step (--alg-meta fixed)": Loop(ct, extra, {"alg_meta": "fixed"}, x, y, device),
     }
     for loop in loops.values():  # warm-up
         loop.run(min(200, args.steps))

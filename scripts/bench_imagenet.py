@@ -11,8 +11,8 @@ Each optimizer trains its own copy of torchvision's ResNet-18 (same initial weig
 process, in interleaved repetitions (the order alternates), on a fixed synthetic uint8 batch that
 lives on the device (train.py --dummy): no data loading is timed. A step is what train.py does:
 normalise the batch, forward, cross-entropy, backward, optimizer step (and the cosine schedule
-of the AdamW baseline). The optimizers are built by common.optimizers.build_optimizer from the
-paper's flags, as train.py builds them (torch AdamW fused, the fastest torch has, on CPU too).
+of the AdamW baseline). The optimizers are built by common.specs.build_optimizer from specs of the
+paper's settings, as train.py builds them (torch AdamW fused, the fastest torch has, on CPU too).
 Prints images/s per optimizer (median over repetitions) and the ratio MetaOptimize / AdamW.
 
 With --data-dir it also times the training loader alone (JPEG decode, RandomResizedCrop, flip,
@@ -42,19 +42,21 @@ from data import DummyLoader, Normalizer, build_loaders, set_train_position  # n
 
 from common import harness  # noqa: E402
 from common.benchmark import interleaved, sync  # noqa: E402
-from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler  # noqa: E402
+from common.specs import build_optimizer, build_scheduler  # noqa: E402
 
-# key -> (label, the train.py flags that select it): the paper's ImageNet settings (spec section 7)
+# key -> (label, the optimizer's spec, as train.py's flags give it): the paper's ImageNet settings (spec section 7)
 OPTIMIZERS = {
-    "adamw": ("torch AdamW (cosine)", ["--optimizer", "AdamW", "--lr", "1e-3", "--warmup-steps", "10000"]),
-    "adamw-lion": ("MetaOptimize (AdamW, Lion)", ["--alg-base", "AdamW", "--alg-meta", "Lion", "--alpha0", "1e-6"]),
+    "adamw": ("torch AdamW (cosine)", {"optimizer": "AdamW", "lr": 1e-3, "warmup_steps": 10000}),
+    "adamw-lion": ("MetaOptimize (AdamW, Lion)", {"optimizer": "HF", "alg_base": "AdamW", "alg_meta": "Lion",
+                                                  "alpha0": 1e-6}),
     "adamw-lion-blocks": ("MetaOptimize (AdamW, Lion) blocks",
-                          ["--alg-base", "AdamW", "--alg-meta", "Lion", "--alpha0", "1e-6",
-                           "--stepsize-groups", "resnet18_blocks"]),
+                          {"optimizer": "HF", "alg_base": "AdamW", "alg_meta": "Lion", "alpha0": 1e-6,
+                           "stepsize_groups": "resnet18_blocks"}),
     "lion-lion": ("MetaOptimize (Lion, Lion)",
-                  ["--alg-base", "Lion", "--momentum-param-base", "0.99", "--Lion-beta2-base", "0.9",
-                   "--alg-meta", "Lion", "--alpha0", "1e-6"]),
-    "sgdm-lion": ("MetaOptimize (SGDm, Lion)", ["--alg-base", "SGDm", "--alg-meta", "Lion", "--alpha0", "1e-5"]),
+                  {"optimizer": "HF", "alg_base": "Lion", "momentum_param_base": 0.99, "Lion_beta2_base": 0.9,
+                   "alg_meta": "Lion", "alpha0": 1e-6}),
+    "sgdm-lion": ("MetaOptimize (SGDm, Lion)", {"optimizer": "HF", "alg_base": "SGDm", "alg_meta": "Lion",
+                                                "alpha0": 1e-5}),
 }
 BASELINE = "adamw"
 
@@ -110,12 +112,6 @@ def make_folder(root: Path, classes: int, per_class: int) -> None:
     print(f"wrote {classes * (per_class + max(1, per_class // 26))} JPEGs under {root}")
 
 
-def optimizer_args(flags):
-    parser = argparse.ArgumentParser()
-    add_optimizer_args(parser)
-    return parser.parse_args(flags)
-
-
 def main():
     args = parse_args()
     if args.make_folder:
@@ -131,12 +127,11 @@ def main():
     normalize = Normalizer(device, args.channels_last)
     runs = {}
     for key in args.optimizers:
-        name, flags = OPTIMIZERS[key]
+        name, spec = OPTIMIZERS[key]
         m = copy.deepcopy(model)
-        opt_args = optimizer_args(flags)
-        opt = build_optimizer(m, opt_args)
+        opt = build_optimizer(m, spec)
         runs[name] = dict(model=m, net=harness.maybe_compile(m, args), optimizer=opt,
-                          scheduler=build_scheduler(opt, opt_args, total_steps=90 * 5005),
+                          scheduler=build_scheduler(opt, spec, total_steps=90 * 5005),
                           scaler=harness.grad_scaler(args, device))
     del model
     dummy = DummyLoader(1, args.batch_size, args.image_size, 1000, device, seed=0)

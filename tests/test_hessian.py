@@ -11,6 +11,7 @@ from checks import free_port, gloo_group
 from torch.func import functional_call, grad, jvp
 
 from common.optimizers import MetaOptimize
+from common.optimizers.hessian import curvature_terms
 
 IMPLS = ["foreach", "fused"]
 
@@ -190,6 +191,27 @@ def test_block_diagonal_keeps_each_blocks_own_hessian(impl):
         traces[hessian] = [opt.state[p]["trace"].clone() for p in model.parameters()]
     for a, b in ((None, "hvp"), ("hvp", "block_diagonal"), (None, "block_diagonal")):
         assert not all(torch.allclose(x, y) for x, y in zip(traces[a], traces[b])), (a, b)
+
+
+@pytest.mark.parametrize("hessian, kind", [("hvp", "product"), ("block_diagonal", "product"),
+                                           ("block_diagonal", "diagonal"), ("block_diagonal", "rectified")])
+def test_curvature_terms_against_an_explicit_hessian(hessian, kind):
+    """f = w.A w / 2 over w = (a, b): H = (A + A^T) / 2; hvp gives H h, block_diagonal H_bb h_b, a diagonal kind diag(H)."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    H = (A + A.T) / 2
+    a, b = (nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (2, 3))
+    w = torch.cat([a, b])
+    (w @ A @ w / 2).backward(create_graph=True)
+    h = torch.randn(5, generator=gen, dtype=torch.float64)
+    got = torch.cat(curvature_terms(hessian, kind, [a, b], [h[:2], h[2:]], blocks=[0, 1]))
+    if hessian == "hvp":
+        want = H @ h
+    elif kind == "product":
+        want = torch.cat([H[:2, :2] @ h[:2], H[2:, 2:] @ h[2:]])
+    else:
+        want = H.diagonal()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_missing_graph_is_a_clear_error():

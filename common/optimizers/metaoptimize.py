@@ -10,18 +10,18 @@ from torch import Tensor
 
 from . import sharding
 from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
+from .hessian import HESSIANS, check_hessian, curvature_kind, curvature_terms
 from .impl import Layout, make_impl
+from .legacy import convert_format_1
 from .rules import BASE_RULES, META_RULES
 
 BASE_ALGS = {"sgd": "SGD", "sgdm": "SGDm", "rmsprop": "RMSProp", "adamw": "AdamW", "adam": "AdamW", "lion": "Lion"}
 META_ALGS = {"fixed": "fixed", "sgd": "SGD", "rmsprop": "RMSProp", "adam": "Adam", "lion": "Lion"}
-HESSIANS = (None, "hvp", "block_diagonal")
 BASE_HP = ("normalizer_param_base", "momentum_param_base", "lion_beta2_base")  # per group, beside weight_decay
 # what a param group may hold: torch's and the ecosystem's keys (schedulers add more later)
 GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "block", "weight_decay", "weight_decay_base",
               *BASE_HP}
 STATE_FORMAT = 2  # 1 (no "format" entry): base state in EMA form, CPU traces scaled by "trace_scale"
-DIAGONAL_LIMIT = 4096  # the exact Hessian diagonal costs one Hessian-vector product per weight
 
 
 def canonical(value, table: dict[str, str], name: str) -> str:
@@ -429,30 +429,11 @@ class MetaOptimize(torch.optim.Optimizer):
         self._masks = {}
 
     def _check_hessian(self):
-        if self.hessian is None:
-            if self.rectify:
-                raise ValueError("rectify: needs hessian='block_diagonal' with weight-wise blocks")
-            return
-        if self.alg_meta == "fixed":
-            raise ValueError("hessian: a fixed step size keeps no trace; use alg_meta other than 'fixed'")
-        if self.hessian == "block_diagonal" and self._kind == "nodewise":
-            raise ValueError("hessian='block_diagonal' is not available for nodewise blocks (one product per row); "
-                             "use hessian='hvp'")
-        if self.rectify and not (self.hessian == "block_diagonal" and self._kind == "weightwise"):
-            raise ValueError("rectify: needs hessian='block_diagonal' with weight-wise blocks (IDBD)")
-        if self.hessian == "block_diagonal" and self._kind == "weightwise":
-            n = sum(p.numel() for p in self._params)
-            if n > DIAGONAL_LIMIT:
-                raise ValueError(f"hessian='block_diagonal' with weight-wise blocks takes the exact Hessian diagonal, "
-                                 f"one product per weight: {n:,} weights is over {DIAGONAL_LIMIT:,}; use 'hvp'")
+        check_hessian(self.hessian, self.rectify, self.alg_meta, self._kind, self._params)
 
     @property
     def _curvature_kind(self):
-        if self.hessian is None:
-            return None
-        if self.hessian == "block_diagonal" and self._kind == "weightwise":
-            return "rectified" if self.rectify else "diagonal"
-        return "product"
+        return curvature_kind(self.hessian, self.rectify, self._kind)
 
     def _make_impl(self):
         return make_impl(self.impl_name, BASE_RULES[self.alg_base], self.alg_meta != "fixed",
@@ -536,7 +517,7 @@ class MetaOptimize(torch.optim.Optimizer):
             group.setdefault("lr", 1.0)
         with torch.no_grad():
             if meta.get("format", 1) == 1:
-                self._convert_format_1(meta.get("trace_scale"))
+                convert_format_1(self.state, self.param_groups, self.alg_base, meta.get("trace_scale"), self._index)
             for state in self.state.values():  # torch casts state to the parameter's dtype
                 for k, v in state.items():
                     if torch.is_tensor(v) and k != "step" and self.state_dtype is not None:
@@ -548,19 +529,6 @@ class MetaOptimize(torch.optim.Optimizer):
         if torch.is_tensor(meta.get("skipped_nonfinite")):  # older state dicts lack the counter
             self._skipped.copy_(meta["skipped_nonfinite"].reshape(()))
         self._impl.reset()
-
-    def _convert_format_1(self, trace_scale):
-        """Checkpoints before STATE_FORMAT 2 kept AdamW's momentum and the normalizers as moving
-        averages ((1 - rho) m, (1 - lambda) v) and, on CPU, the trace as h / trace_scale."""
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        for p, state in self.state.items():
-            group = groups[p]
-            if self.alg_base == "AdamW" and "momentum" in state:
-                state["momentum"] = state["momentum"] / (1.0 - group["momentum_param_base"])
-            if "normalizer" in state:
-                state["normalizer"] = state["normalizer"] / (1.0 - group["normalizer_param_base"])
-            if trace_scale is not None and "trace" in state:
-                state["trace"] = state["trace"] * float(trace_scale[self._index[p]])
 
     def __getstate__(self):  # copy, deepcopy, pickle, torch.save(optimizer)
         state = dict(self.__dict__)
@@ -663,43 +631,10 @@ class MetaOptimize(torch.optim.Optimizer):
         return masks[1] if keep else masks[0]
 
     def _curvature(self, items):
-        """The Hessian term of spec section 9, from the gradients' graph: H h (hvp), H_bb h_b per
-        block, or the Hessian's diagonal (weight-wise blocks); put in each item's "curvature"."""
-        params = [self._params[it[0]] for it in items]
-        grads = [p.grad for p in params]
-        if any(g.grad_fn is None for g in grads):
-            raise RuntimeError(f"hessian={self.hessian!r} needs the gradient's graph: call "
-                               "loss.backward(create_graph=True) (as for AdaHessian or Sophia), in the closure too")
-        if self._sharding:
-            raise RuntimeError(f"hessian={self.hessian!r} does not support sharded (FSDP) parameters")
-        traces = [it[3]["trace"].to(p.dtype) for it, p in zip(items, params)]
-
-        def hvp(vectors, batched=False):
-            with torch.enable_grad():
-                out = torch.autograd.grad(grads, params, grad_outputs=vectors, retain_graph=True, allow_unused=True,
-                                          is_grads_batched=batched)
-            return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vectors)]
-
-        kind = self._curvature_kind
-        if self.hessian == "hvp":
-            products = hvp(traces)
-        elif kind in ("diagonal", "rectified"):  # diag(H): one product per weight, batched
-            sizes = [p.numel() for p in params]
-            eye = torch.eye(sum(sizes), dtype=params[0].dtype, device=params[0].device)
-            columns = hvp([c.reshape(-1, *p.shape) for c, p in zip(eye.split(sizes, dim=1), params)], batched=True)
-            products = [col.reshape(len(eye), -1)[start:start + n].diagonal().reshape(p.shape)
-                        for col, p, n, start in zip(columns, params, sizes, _starts(sizes))]
-        else:  # block-diagonal: one product per block, with the trace of the other blocks zeroed
-            products = [torch.zeros_like(t) for t in traces]
-            blocks = [self._layout.starts[it[0]] for it in items]
-            for b in sorted(set(blocks)):
-                masked = [t if blk == b else torch.zeros_like(t) for t, blk in zip(traces, blocks)]
-                for k, h in enumerate(hvp(masked)):
-                    if blocks[k] == b:
-                        products[k] = h
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            _average_across_ranks(grads + products)  # DDP's reducer cannot take a double backward
+        """The Hessian term of spec section 9 (hessian.py), put in each item's "curvature"."""
+        products = curvature_terms(self.hessian, self._curvature_kind, [self._params[it[0]] for it in items],
+                                   [it[3]["trace"] for it in items], [self._layout.starts[it[0]] for it in items],
+                                   sharded=bool(self._sharding))
         for it, product in zip(items, products):
             it[3]["curvature"] = product
 
@@ -711,22 +646,3 @@ def _real(t: Tensor) -> Tensor:
 
 def _real_shape(p: Tensor) -> tuple:
     return tuple(p.shape) + ((2,) if p.is_complex() else ())
-
-
-def _average_across_ranks(tensors):
-    """Average the tensors over all ranks in one all-reduce (gloo has no AVG)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    flat = _flatten_dense_tensors([t.detach() for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    for t, avg in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.detach().copy_(avg)
-
-
-def _starts(sizes):
-    out, total = [], 0
-    for n in sizes:
-        out.append(total)
-        total += n
-    return out
