@@ -17,10 +17,12 @@ switching, and checkpoints that hold everything (some packages keep state outsid
 |              | lion-pytorch (Lion)                              |                                              |
 | gdtuo        | gradient-descent-the-ultimate-optimizer          | `GDTUO`: a torch optimizer driving its stack |
 
-Extension points used by common/optimizers.py:
-- BASELINES: --optimizer value -> builder(params, args) -> optimizer
+Extension points used by common/specs.py:
+- BASELINES: --optimizer value -> builder(params, options) -> optimizer (options: a resolved spec,
+  common/specs.py, or any mapping of the baseline's argparse dests)
+- OPTION_PREFIXES: --optimizer value -> the prefix of its options' dests
 - add_baseline_args(parser): flags for the baselines' own knobs (defaults = the packages' defaults)
-- build_baseline(name, params, args)
+- build_baseline(name, params, options)
 - effective_step_sizes(optimizer): 1-D tensor of the step size(s) in use, or None
 
 Step sizes logged (`effective_step_sizes`), comparable to MetaOptimize's alpha:
@@ -52,7 +54,7 @@ import argparse
 import functools
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -107,38 +109,38 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _get(args, dest):
-    if not hasattr(args, dest):
-        raise ValueError(f"{_flag(dest)} is missing from the parsed arguments (use add_optimizer_args)")
-    return getattr(args, dest)
+def _get(options, dest):
+    if dest not in options:
+        raise ValueError(f"{_flag(dest)} is missing from the options (resolve the spec: common.specs.resolve_spec)")
+    return options[dest]
 
 
-def _number(args, dest, **limits) -> float:
+def _number(options, dest, **limits) -> float:
     """The flag's value checked by common.cli.check_number (the one home of numeric flag checks)."""
-    return check_number(_get(args, dest), dest, **limits)
+    return check_number(_get(options, dest), dest, **limits)
 
 
-def _positive(args, dest, **kw):
-    return _number(args, dest, low=0.0, low_open=True, **kw)
+def _positive(options, dest, **kw):
+    return _number(options, dest, low=0.0, low_open=True, **kw)
 
 
-def _nonneg(args, dest, **kw):
-    return _number(args, dest, low=0.0, **kw)
+def _nonneg(options, dest, **kw):
+    return _number(options, dest, low=0.0, **kw)
 
 
-def _unit(args, dest):  # a decay rate in [0, 1)
-    return _number(args, dest, low=0.0, high=1.0, high_open=True)
+def _unit(options, dest):  # a decay rate in [0, 1)
+    return _number(options, dest, low=0.0, high=1.0, high_open=True)
 
 
-def _optional(args, dest, check: Callable):
+def _optional(options, dest, check: Callable):
     """-1 (or None) means unset (the package's default)."""
-    value = _get(args, dest)
-    return None if value is None or value == -1 else check(args, dest)
+    value = _get(options, dest)
+    return None if value is None or value == -1 else check(options, dest)
 
 
-def _floats(args, dest, count: int | None = None) -> tuple[float, ...]:
+def _floats(options, dest, count: int | None = None) -> tuple[float, ...]:
     """A comma-separated list of decay rates in [0, 1), e.g. "0.9,0.999"."""
-    value = _get(args, dest)
+    value = _get(options, dest)
     try:
         items = value if isinstance(value, (list, tuple)) else str(value).strip("()[] ").split(",")
         numbers = tuple(float(x) for x in items if str(x).strip())
@@ -151,8 +153,8 @@ def _floats(args, dest, count: int | None = None) -> tuple[float, ...]:
     return numbers
 
 
-def _choice(args, dest, table: dict[str, str]) -> str:
-    value = _get(args, dest)
+def _choice(options, dest, table: dict[str, str]) -> str:
+    value = _get(options, dest)
     key = str(value).strip().lower()
     if key not in table:
         accepted = ", ".join(dict.fromkeys(table.values()))
@@ -290,13 +292,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _build_dog(params, args, cls):
-    init_eta = _optional(args, "dog_init_eta", _positive)
-    reps_rel = _positive(args, "dog_reps_rel")
-    averaging = bool(_get(args, "dog_averaging"))
-    gamma = _nonneg(args, "dog_avg_gamma") if averaging else None
-    return cls(params, reps_rel=reps_rel, lr=_positive(args, "dog_lr"),
-               weight_decay=_nonneg(args, "dog_weight_decay"), eps=_positive(args, "dog_eps"),
+def _build_dog(params, options, cls):
+    init_eta = _optional(options, "dog_init_eta", _positive)
+    reps_rel = _positive(options, "dog_reps_rel")
+    averaging = bool(_get(options, "dog_averaging"))
+    gamma = _nonneg(options, "dog_avg_gamma") if averaging else None
+    return cls(params, reps_rel=reps_rel, lr=_positive(options, "dog_lr"),
+               weight_decay=_nonneg(options, "dog_weight_decay"), eps=_positive(options, "dog_eps"),
                init_eta=init_eta, averaging_gamma=gamma)
 
 
@@ -305,26 +307,26 @@ def _build_dog(params, args, cls):
 # --------------------------------------------------------------------------------------
 
 
-def _build_prodigy(params, args):
+def _build_prodigy(params, options):
     return _package("prodigyopt").Prodigy(
-        params, lr=_positive(args, "prodigy_lr"), betas=_floats(args, "prodigy_betas", 2),
-        beta3=_optional(args, "prodigy_beta3", _unit), eps=_positive(args, "prodigy_eps"),
-        weight_decay=_nonneg(args, "prodigy_weight_decay"), decouple=bool(_get(args, "prodigy_decouple")),
-        use_bias_correction=bool(_get(args, "prodigy_use_bias_correction")),
-        safeguard_warmup=bool(_get(args, "prodigy_safeguard_warmup")), d0=_positive(args, "prodigy_d0"),
-        d_coef=_positive(args, "prodigy_d_coef"),
-        growth_rate=_number(args, "prodigy_growth_rate", low=1.0, allow_inf=True),
-        slice_p=int(_number(args, "prodigy_slice_p", low=1, integer=True)),
+        params, lr=_positive(options, "prodigy_lr"), betas=_floats(options, "prodigy_betas", 2),
+        beta3=_optional(options, "prodigy_beta3", _unit), eps=_positive(options, "prodigy_eps"),
+        weight_decay=_nonneg(options, "prodigy_weight_decay"), decouple=bool(_get(options, "prodigy_decouple")),
+        use_bias_correction=bool(_get(options, "prodigy_use_bias_correction")),
+        safeguard_warmup=bool(_get(options, "prodigy_safeguard_warmup")), d0=_positive(options, "prodigy_d0"),
+        d_coef=_positive(options, "prodigy_d_coef"),
+        growth_rate=_number(options, "prodigy_growth_rate", low=1.0, allow_inf=True),
+        slice_p=int(_number(options, "prodigy_slice_p", low=1, integer=True)),
     )
 
 
-def _build_dadapt_adam(params, args):
+def _build_dadapt_adam(params, options):
     return _package("dadaptation").DAdaptAdam(
-        params, lr=_positive(args, "dadapt_lr"), betas=_floats(args, "dadapt_betas", 2),
-        eps=_positive(args, "dadapt_eps"), weight_decay=_nonneg(args, "dadapt_weight_decay"),
-        decouple=bool(_get(args, "dadapt_decouple")),
-        use_bias_correction=bool(_get(args, "dadapt_use_bias_correction")), d0=_positive(args, "dadapt_d0"),
-        growth_rate=_number(args, "dadapt_growth_rate", low=1.0, allow_inf=True),
+        params, lr=_positive(options, "dadapt_lr"), betas=_floats(options, "dadapt_betas", 2),
+        eps=_positive(options, "dadapt_eps"), weight_decay=_nonneg(options, "dadapt_weight_decay"),
+        decouple=bool(_get(options, "dadapt_decouple")),
+        use_bias_correction=bool(_get(options, "dadapt_use_bias_correction")), d0=_positive(options, "dadapt_d0"),
+        growth_rate=_number(options, "dadapt_growth_rate", low=1.0, allow_inf=True),
     )
 
 
@@ -359,12 +361,12 @@ class _ScheduleFreeTrainMode:
         return torch.tensor(sizes)
 
 
-def _build_schedulefree(params, args):
+def _build_schedulefree(params, options):
     return _package_class("ScheduleFreeAdamW")(
-        params, lr=_positive(args, "sf_lr"), betas=_floats(args, "sf_betas", 2), eps=_positive(args, "sf_eps"),
-        weight_decay=_nonneg(args, "sf_weight_decay"),
-        warmup_steps=int(_number(args, "sf_warmup_steps", low=0, integer=True)), r=_nonneg(args, "sf_r"),
-        weight_lr_power=_nonneg(args, "sf_weight_lr_power"),
+        params, lr=_positive(options, "sf_lr"), betas=_floats(options, "sf_betas", 2), eps=_positive(options, "sf_eps"),
+        weight_decay=_nonneg(options, "sf_weight_decay"),
+        warmup_steps=int(_number(options, "sf_warmup_steps", low=0, integer=True)), r=_nonneg(options, "sf_r"),
+        weight_lr_power=_nonneg(options, "sf_weight_lr_power"),
     )
 
 
@@ -443,16 +445,16 @@ def mechanic_optimizer(base: str, params, *, base_kwargs: dict | None = None, **
     return cls(params, **{**extra, **(base_kwargs or {})})
 
 
-def _build_mechanic(params, args):
-    base = _choice(args, "mechanic_base", MECHANIC_BASES)
-    base_kwargs = {"lr": _positive(args, "mechanic_base_lr")}
-    wd = _optional(args, "mechanic_base_weight_decay", _nonneg)
+def _build_mechanic(params, options):
+    base = _choice(options, "mechanic_base", MECHANIC_BASES)
+    base_kwargs = {"lr": _positive(options, "mechanic_base_lr")}
+    wd = _optional(options, "mechanic_base_weight_decay", _nonneg)
     if wd is not None:
         base_kwargs["weight_decay"] = wd
     return mechanic_optimizer(
-        base, params, base_kwargs=base_kwargs, s_decay=_nonneg(args, "mechanic_s_decay"),
-        betas=_floats(args, "mechanic_betas"), s_init=_positive(args, "mechanic_s_init"),
-        eps=_positive(args, "mechanic_eps"), store_delta=bool(_get(args, "mechanic_store_delta")),
+        base, params, base_kwargs=base_kwargs, s_decay=_nonneg(options, "mechanic_s_decay"),
+        betas=_floats(options, "mechanic_betas"), s_init=_positive(options, "mechanic_s_init"),
+        eps=_positive(options, "mechanic_eps"), store_delta=bool(_get(options, "mechanic_store_delta")),
     )
 
 
@@ -663,14 +665,14 @@ class GDTUO(torch.optim.Optimizer):
             self._pending = pending if any(w is not None for w in pending) else None
 
 
-def _build_gdtuo(params, args):
-    base = _choice(args, "gdtuo_base", GDTUO_BASES)
-    hyper = _choice(args, "gdtuo_hyper", GDTUO_HYPERS)
-    return GDTUO(params, base=base, hyper=hyper, alpha=_optional(args, "gdtuo_alpha", _positive),
-                 kappa=_positive(args, "gdtuo_kappa"), mu=_unit(args, "gdtuo_mu"),
-                 beta1=_number(args, "gdtuo_beta1", low=0.0, high=1.0, low_open=True, high_open=True),
-                 beta2=_number(args, "gdtuo_beta2", low=0.0, high=1.0, low_open=True, high_open=True),
-                 gamma=_number(args, "gdtuo_gamma", low=0.0, high=1.0, low_open=True, high_open=True))
+def _build_gdtuo(params, options):
+    base = _choice(options, "gdtuo_base", GDTUO_BASES)
+    hyper = _choice(options, "gdtuo_hyper", GDTUO_HYPERS)
+    return GDTUO(params, base=base, hyper=hyper, alpha=_optional(options, "gdtuo_alpha", _positive),
+                 kappa=_positive(options, "gdtuo_kappa"), mu=_unit(options, "gdtuo_mu"),
+                 beta1=_number(options, "gdtuo_beta1", low=0.0, high=1.0, low_open=True, high_open=True),
+                 beta2=_number(options, "gdtuo_beta2", low=0.0, high=1.0, low_open=True, high_open=True),
+                 gamma=_number(options, "gdtuo_gamma", low=0.0, high=1.0, low_open=True, high_open=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -678,14 +680,19 @@ def _build_gdtuo(params, args):
 # --------------------------------------------------------------------------------------
 
 BASELINES: dict[str, Callable] = {
-    "DoG": lambda params, args: _build_dog(params, args, _package_class("DoGAveraged")),
-    "LDoG": lambda params, args: _build_dog(params, args, _package_class("LDoGAveraged")),
+    "DoG": lambda params, options: _build_dog(params, options, _package_class("DoGAveraged")),
+    "LDoG": lambda params, options: _build_dog(params, options, _package_class("LDoGAveraged")),
     "Prodigy": _build_prodigy,
     "Mechanic": _build_mechanic,
     "gdtuo": _build_gdtuo,
     "ScheduleFree": _build_schedulefree,
     "DAdaptAdam": _build_dadapt_adam,
 }
+
+
+# each baseline's options: the flags (argparse dests) with its prefix
+OPTION_PREFIXES = {"DoG": "dog_", "LDoG": "dog_", "Prodigy": "prodigy_", "Mechanic": "mechanic_", "gdtuo": "gdtuo_",
+                   "ScheduleFree": "sf_", "DAdaptAdam": "dadapt_"}
 
 
 def add_baseline_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -769,13 +776,14 @@ def add_baseline_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def build_baseline(name, params, args):
+def build_baseline(name, params, options: Mapping):
+    """The baseline `name` from its options (a resolved spec, `common.specs.resolve_spec`, holds them)."""
     if name not in BASELINES:
         raise ValueError(f"--optimizer: unknown baseline {name!r}; accepted: {', '.join(BASELINES)}")
     params = list(params)
     if not params:
         raise ValueError("--optimizer: the model has no trainable parameters")
-    return BASELINES[name](params, args)
+    return BASELINES[name](params, options)
 
 
 def effective_step_sizes(optimizer):

@@ -44,7 +44,8 @@ import torch
 
 from common import harness
 from common.data import epoch_generator
-from common.optim_flags import add_optimizer_args, build_optimizer
+from common.optim_flags import add_optimizer_args
+from common.specs import build_optimizer, spec_from_args
 
 EXPERIMENT = "idbd"
 # Sutton's Experiment 1 (spec section 9); every one is a flag
@@ -193,16 +194,16 @@ def weight_step_sizes(optimizer, num_seeds: int, num_inputs: int) -> torch.Tenso
     return alpha.reshape(num_seeds, 1).expand(num_seeds, num_inputs)
 
 
-def optimizer_args(args) -> argparse.Namespace:
-    """The flags as MetaOptimize sees them for the [seeds, inputs] weight: a scalar step size per
+def optimizer_spec(args) -> dict:
+    """The optimizer spec (common/specs.py) for the [seeds, inputs] weight: a scalar step size per
     learner is one per row (nodewise); with one block per learner, and the learners' losses summed,
-    the block-diagonal Hessian term is exactly the full product (hvp)."""
-    out = argparse.Namespace(**vars(args))
-    if str(args.stepsize_groups).strip().lower() == "scalar":
-        out.stepsize_groups = "nodewise"
-        if out.hessian == "block_diagonal":
-            out.hessian = "hvp"
-    return out
+    the block-diagonal Hessian term is exactly the full product (hvp). --base-optimizer works too."""
+    spec = spec_from_args(args)
+    if str(spec["stepsize_groups"]).strip().lower() == "scalar":
+        spec["stepsize_groups"] = "nodewise"
+        if spec.get("hessian") == "block_diagonal":
+            spec["hessian"] = "hvp"
+    return spec
 
 
 def step_size_record(alpha: torch.Tensor, seeds: list[int], num_relevant: int) -> dict:
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
     model = torch.nn.Linear(args.num_inputs, args.num_seeds, bias=False).to(device=device, dtype=DTYPE)
     torch.nn.init.zeros_(model.weight)  # row i: the weights of learner i
     w = model.weight
-    optimizer = build_optimizer(model, optimizer_args(args))
+    optimizer = build_optimizer(model, optimizer_spec(args))
     scaler = harness.grad_scaler(args, device)  # disabled (no --amp): its calls pass through
 
     step = 0

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from common import harness, runfolder
 from common.diagnostics import HIST_STEPS, SymmetryProbe
-from common.optim_flags import add_optimizer_args, build_optimizer, check_optimizer_args
+from common.optim_flags import add_optimizer_args, check_hessian_args
+from common.specs import build_optimizer, resolve_spec, spec_from_args
 from l2o.data import DATASETS, StepBatches, as_float
 from l2o.flags import add_optimizee_args, check_optimizee_args, load_optimizee_data
 from l2o.learned import LearnedOptimizer, load_network, protocol_of
@@ -68,7 +69,7 @@ LION_BETAS = (0.9, 0.99)
 LION_SGD = {"lion_fraction": 0.5, "sgd_lr": 0.5, "lion_lr": 0.005}
 EVAL_EVERY, PROBE_EVERY, NOISE_EVERY, NOISE_SAMPLES = 50, 10, 100, 16
 THREADS = 1
-# optimizers built here; any other --optimizer goes to common.optimizers.build_optimizer
+# optimizers built here; any other --optimizer goes to common.specs.build_optimizer
 OWN = {"l2o": "L2O", "adam": "Adam", "sgd": "SGD", "lion": "Lion", "lionsgd": "LionSGD"}
 GRID_METHODS = {"Adam", "SGD", "Lion", "AdamW"}  # the ones with a learning rate to tune
 GRID_CACHE = ".lr_grid"  # in --save-directory: grid results shared by the seeds of a configuration
@@ -101,9 +102,10 @@ def number_list(text: str, kind=float) -> list:
     return values
 
 
-def _project_namespace(args, lr: float | None) -> argparse.Namespace:
-    """The flags as common.optimizers reads them (its --optimizer and --lr)."""
-    return argparse.Namespace(**{**vars(args), "optimizer": args.method, "lr": lr if lr is not None else 1e-3})
+def optimizer_spec(args, lr: float | None) -> dict:
+    """The spec (common/specs.py) of a --optimizer of the paper's experiments, with this script's --lr
+    (1e-3 while the grid has not chosen one); --base-optimizer and --base-args come with it."""
+    return spec_from_args(args, optimizer=args.method, lr=lr if lr is not None else 1e-3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,10 +171,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--optimizer L2O needs --checkpoint (a run folder of l2o/meta_train.py)")
     if args.method not in OWN.values():
         try:
-            check_optimizer_args(_project_namespace(args, args.lr if args.lr != "grid" else None))
+            check_hessian_args(args)
+            spec = resolve_spec(optimizer_spec(args, args.lr if args.lr != "grid" else None))
         except ValueError as e:
             own = f" (or one of this script's own: {', '.join(OWN.values())})" if "--optimizer" in str(e) else ""
             parser.error(f"{e}{own}")
+        if args.lr != "grid" or args.method not in GRID_METHODS:
+            args.optimizer_spec = spec  # recorded in config.json (a grid's lr is chosen later)
     return args
 
 
@@ -192,7 +197,7 @@ def make_optimizer(args, params, lr, network=None) -> torch.optim.Optimizer:
     if args.method == "LionSGD":
         return LionSGD(params, lion_fraction=args.lion_fraction, sgd_lr=args.sgd_lr, lion_lr=args.lion_lr,
                        momentum=args.momentum, betas=betas)
-    return build_optimizer(params, _project_namespace(args, lr))
+    return build_optimizer(params, optimizer_spec(args, lr))
 
 
 def make_optimizee(args, data, seed: int, device):

@@ -14,7 +14,7 @@ backward (TinyStories: gradient clipping at norm 1), optimizer step, zero_grad. 
 of Table 1): torch AdamW, foreach (the reference) and fused; MetaOptimize with the paper's
 configurations of the experiment, scalar and blockwise; the learning-rate-free baselines with the
 protocols of scripts/sweeps/*_lr_free.yaml (DoG with averaging, Prodigy, Mechanic on Adam, gdtuo
-Adam/Adam). All are built by common.optimizers.build_optimizer from train.py's flags, but the two
+Adam/Adam). All are built by common.specs.build_optimizer from a spec of train.py's flags, but the two
 AdamW rows, which are torch.optim.AdamW with foreach=True and with fused=True.
 
 Time: the methods are timed in one process in interleaved rounds (common.benchmark.interleaved,
@@ -58,20 +58,18 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import harness  # noqa: E402
 from common.benchmark import environment, interleaved, markdown_table, sync, write_results  # noqa: E402
-from common.optim_flags import add_optimizer_args, build_optimizer  # noqa: E402
+from common.specs import build_optimizer, resolve_spec  # noqa: E402
 
-# flags of each row (train.py's), per experiment: the paper's configurations (spec section 7) and
-# the learning-rate-free protocols of the *_lr_free.yaml sweeps; None: torch.optim.AdamW itself
-ADAMW = ["--alg-base", "AdamW", "--momentum-param-base", "0.9", "--normalizer-param-base", "0.999",
-         "--weight-decay-base", "0.1"]
-LION = ["--alg-base", "Lion", "--momentum-param-base", "0.99", "--weight-decay-base", "0.1",
-        "--Lion-beta2-base", "0.9"]
-LION_META = ["--alg-meta", "Lion", "--momentum-param-meta", "0.99", "--Lion-beta2-meta", "0.9"]
+# the optimizer spec of each row (common/specs.py), per experiment: the paper's configurations (spec
+# section 7) and the learning-rate-free protocols of the *_lr_free.yaml sweeps; None: torch.optim.AdamW itself
+ADAMW = {"alg_base": "AdamW", "momentum_param_base": 0.9, "normalizer_param_base": 0.999, "weight_decay_base": 0.1}
+LION = {"alg_base": "Lion", "momentum_param_base": 0.99, "weight_decay_base": 0.1, "Lion_beta2_base": 0.9}
+LION_META = {"alg_meta": "Lion", "momentum_param_meta": 0.99, "Lion_beta2_meta": 0.9}
 LR_FREE = {
-    "DoG (+ averaging)": ["--optimizer", "DoG", "--dog-reps-rel", "1e-6"],
-    "Prodigy": ["--optimizer", "Prodigy"],
-    "Mechanic (Adam)": ["--optimizer", "Mechanic", "--mechanic-base", "Adam", "--mechanic-s-init", "1e-6"],
-    "gdtuo (Adam, Adam)": ["--optimizer", "gdtuo", "--gdtuo-base", "Adam", "--gdtuo-hyper", "Adam"],
+    "DoG (+ averaging)": {"optimizer": "DoG", "dog_reps_rel": 1e-6},
+    "Prodigy": {"optimizer": "Prodigy"},
+    "Mechanic (Adam)": {"optimizer": "Mechanic", "mechanic_base": "Adam", "mechanic_s_init": 1e-6},
+    "gdtuo (Adam, Adam)": {"optimizer": "gdtuo", "gdtuo_base": "Adam", "gdtuo_hyper": "Adam"},
 }
 REFERENCE, FUSED = "AdamW (torch, foreach)", "AdamW (torch, fused)"
 
@@ -80,9 +78,10 @@ def table_rows(blocks: str) -> dict:
     """The rows of Table 1 for one model, whose named step-size blocks are `blocks`."""
     return {
         REFERENCE: None, FUSED: None,
-        "MetaOptimize (AdamW, Lion) scalar": [*ADAMW, *LION_META, "--alpha0", "1e-6"],
-        "MetaOptimize (AdamW, Lion) blocks": [*ADAMW, *LION_META, "--alpha0", "1e-6", "--stepsize-groups", blocks],
-        "MetaOptimize (Lion, Lion) scalar": [*LION, *LION_META, "--alpha0", "1e-6"],
+        "MetaOptimize (AdamW, Lion) scalar": {"optimizer": "HF", **ADAMW, **LION_META, "alpha0": 1e-6},
+        "MetaOptimize (AdamW, Lion) blocks": {"optimizer": "HF", **ADAMW, **LION_META, "alpha0": 1e-6,
+                                              "stepsize_groups": blocks},
+        "MetaOptimize (Lion, Lion) scalar": {"optimizer": "HF", **LION, **LION_META, "alpha0": 1e-6},
         **LR_FREE,
     }
 
@@ -251,12 +250,11 @@ def make_experiment(name: str, args, device: torch.device) -> Experiment:
     return Experiment(model, x, y, 1.0, what)
 
 
-def make_optimizer(name: str, flags, params):
-    if flags is None:  # the two AdamW references: torch's own, foreach and fused
+def make_optimizer(name: str, spec, params):
+    if spec is None:  # the two AdamW references: torch's own, foreach and fused
         return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1,
                                  **({"fused": True} if name == FUSED else {"foreach": True}))
-    parser = add_optimizer_args(argparse.ArgumentParser())
-    return build_optimizer(params, parser.parse_args(flags))
+    return build_optimizer(params, spec)
 
 
 def bench_experiment(name: str, args, device: torch.device, child_memory=None, memory_only=False) -> dict:
@@ -286,10 +284,10 @@ def bench_experiment(name: str, args, device: torch.device, child_memory=None, m
     warm = copy.deepcopy(exp.model)
     iteration(warm, torch.optim.SGD(warm.parameters(), lr=0.0), harness.grad_scaler(amp, device))
     del warm
-    for method, flags in methods.items():
+    for method, spec in methods.items():
         with PeakMemory(device, measure=memory_here) as peak:  # the copy, its gradients and state, warm-up
             model = copy.deepcopy(exp.model)
-            opt = make_optimizer(method, flags, list(model.parameters()))
+            opt = make_optimizer(method, spec, list(model.parameters()))
             scaler = harness.grad_scaler(amp, device)
             for _ in range(args.warmup):
                 iteration(model, opt, scaler)
@@ -330,7 +328,7 @@ def bench_experiment(name: str, args, device: torch.device, child_memory=None, m
             "?" if mem is None or ref_mem is None else f"{(mem - ref_mem) / 2**20:+,.0f}",
             "?" if mem is None or not ref_mem else f"{mem / ref_mem:.2f}",
         ])
-        raw["methods"][m] = {"flags": methods[m], "seconds_per_iteration": per_iter[m], "peak_memory_bytes": mem}
+        raw["methods"][m] = {"spec": methods[m] and resolve_spec(methods[m]), "seconds_per_iteration": per_iter[m], "peak_memory_bytes": mem}
     columns = ["method", "ms/iter (median)", "ms/iter (min)", "time x AdamW", "time x fused AdamW",
                "peak MB", "extra MB", "memory x AdamW"]
     table = markdown_table(columns, rows)

@@ -14,7 +14,6 @@ the paper's 60-epoch run. On a shared, noisy machine prefer many short repetitio
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from common import harness
 from common.benchmark import environment, interleaved, markdown_table, sync, write_results
 from common.data import DeviceBatches
 from common.models import cifar_resnet18
-from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler
+from common.specs import build_optimizer, build_scheduler
 
 TRAIN_IMAGES, TEST_IMAGES, EPOCHS = 50_000, 10_000, 60  # the paper's CIFAR-10 run
 
@@ -58,11 +57,9 @@ def parse_args(argv=None):
     return args
 
 
-def optimizer_args(name: str, groups: str) -> argparse.Namespace:
-    """The paper's default flags (cifar10/train.py with no arguments), for --optimizer `name`."""
-    parser = argparse.ArgumentParser()
-    add_optimizer_args(parser)
-    return parser.parse_args(["--optimizer", name, "--stepsize-groups", groups])
+def optimizer_spec(name: str, groups: str) -> dict:
+    """The paper's default flags (cifar10/train.py with no arguments) as a spec, for --optimizer `name`."""
+    return {"optimizer": name, **({"stepsize_groups": groups} if name == "HF" else {})}
 
 
 class Trainer:
@@ -72,8 +69,9 @@ class Trainer:
         self.name = name
         self.model = cifar_resnet18().to(device)
         self.model.load_state_dict(state)
-        self.opt = build_optimizer(self.model, optimizer_args(opt_name, args.stepsize_groups))
-        self.sched = build_scheduler(self.opt, optimizer_args(opt_name, args.stepsize_groups), total_steps=10**9)
+        spec = optimizer_spec(opt_name, args.stepsize_groups)
+        self.opt = build_optimizer(self.model, spec)
+        self.sched = build_scheduler(self.opt, spec, total_steps=10**9)
         self.scaler = harness.grad_scaler(args, device)
         self.net = harness.maybe_compile(self.model, args)
         self.args, self.device = args, device

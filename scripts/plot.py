@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `common`
 import plot_idbd  # noqa: E402  (Sutton's tracking task, experiment idbd)
 import plot_l2o  # noqa: E402  (the learned-optimizer figures, experiments l2o_eval and l2o_meta)
 from plotting import (  # noqa: E402  (the helpers the figure makers share)
@@ -77,6 +78,8 @@ from summarize import (  # noqa: E402  (scripts/ is not a package)
     varying_keys,
 )
 
+from common import specs  # noqa: E402  (which flags belong to which optimizer)
+
 # metrics drawn against epochs/iterations, with their axis labels
 CURVE_METRICS = {"test/acc": "test accuracy (%)", "val/loss": "validation loss", "train/loss": "training loss"}
 # the metric of the alpha0 robustness figure: the first of these the runs have
@@ -90,28 +93,27 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 # --------------------------------------------------------------------------------------
 
 
-BASELINE_PREFIXES = {"dog": "dog_", "ldog": "dog_", "prodigy": "prodigy_", "mechanic": "mechanic_",
-                     "gdtuo": "gdtuo_", "schedulefree": "sf_", "dadaptadam": "dadapt_"}
+def _optimizer_options(config: dict) -> set[str] | None:
+    """The keys of a run's config.json that belong to its optimizer: those of its spec (common/specs.py,
+    from the flags it records; the recorded `optimizer_spec` is that same spec). None when the config is
+    not one the registry can read (another --optimizer): then every key counts."""
+    try:
+        return set(specs.spec_from_args(argparse.Namespace(**config)))
+    except (ValueError, TypeError):
+        return None
 
 
-# the flags of torch AdamW with its cosine schedule (--optimizer AdamW)
-ADAMW_KEYS = ("lr", "warmup_steps", "momentum_param_base", "normalizer_param_base", "weight_decay_base")
-
-
-def _relevant(key: str, optimizer: str) -> bool:
-    """Whether a config key means something for this --optimizer (config.json holds every flag)."""
-    if key.startswith(tuple(BASELINE_PREFIXES.values())):
-        own = BASELINE_PREFIXES.get(optimizer)
-        return bool(own) and key.startswith(own)
-    if optimizer in ("hf", "metaoptimize", ""):
-        return key not in ("lr", "warmup_steps")
-    return optimizer == "adamw" and key in ADAMW_KEYS
+def _relevant(key: str, own: set[str] | None) -> bool:
+    """Whether a config key means something for the run (config.json holds every flag): an option of
+    its optimizer, or no optimizer's option at all."""
+    return own is None or key in own or not specs.is_option(key)
 
 
 def method_label(config: dict, keys: list[str]) -> str:
     """A short name for a configuration, e.g. "AdamW+Adam resnet18_blocks" or "Lion fixed α=1e-4"."""
     optimizer = str(config.get("optimizer", "")).lower()
-    keys = [k for k in keys if _relevant(k, optimizer)]
+    own = _optimizer_options(config)
+    keys = [k for k in keys if _relevant(k, own)]
     parts = []
     covered = {"optimizer"}
     if optimizer in ("hf", "metaoptimize") and "alg_base" in config:

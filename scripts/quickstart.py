@@ -43,15 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.optim_flags import (
-    STATE_DTYPES,
-    add_optimizer_args,
-    as_flags,
-    build_optimizer,
-    current_step_sizes,
-    eval_weights,
-)
-from common.optimizers import MetaOptimize
+from common.optim_flags import current_step_sizes, eval_weights
+from common.specs import STATE_DTYPES, build_optimizer, resolve_spec
 
 # ---- defaults (every one is a flag below) ----------------------------------------------
 ALPHAS = "1e-6,1e-5,1e-4,1e-3,1e-2"  # alpha0 grid
@@ -73,15 +66,18 @@ WEIGHT_DECAY_META, NORMALIZER_PARAM_META, MOMENTUM_PARAM_META, LION_BETA2_META =
 METHODS = {
     "fixed": ("fixed-step {base}", "alpha", None),
     "metaoptimize": ("MetaOptimize ({base}, {meta})", "alpha0", None),
-    "dog": ("DoG", "r_eps (relative)", ["--optimizer", "DoG", "--dog-reps-rel", "{a}"]),
-    "prodigy": ("Prodigy", "d0", ["--optimizer", "Prodigy", "--prodigy-d0", "{a}"]),
-    "mechanic": ("Mechanic (Adam)", "s_init", ["--optimizer", "Mechanic", "--mechanic-base", "Adam",
-                                               "--mechanic-s-init", "{a}"]),
-    "gdtuo": ("gdtuo (Adam, Adam)", "alpha of Adam", ["--optimizer", "gdtuo", "--gdtuo-base", "Adam",
-                                                      "--gdtuo-hyper", "Adam", "--gdtuo-alpha", "{a}"]),
-    "dadapt": ("D-Adaptation Adam", "d0", ["--optimizer", "DAdaptAdam", "--dadapt-d0", "{a}"]),
-    "schedulefree": ("Schedule-Free AdamW", "lr", ["--optimizer", "ScheduleFree", "--sf-lr", "{a}"]),
+    "dog": ("DoG", "r_eps (relative)", ({"optimizer": "DoG"}, "dog_reps_rel")),
+    "prodigy": ("Prodigy", "d0", ({"optimizer": "Prodigy"}, "prodigy_d0")),
+    "mechanic": ("Mechanic (Adam)", "s_init", ({"optimizer": "Mechanic", "mechanic_base": "Adam"}, "mechanic_s_init")),
+    "gdtuo": ("gdtuo (Adam, Adam)", "alpha of Adam",
+              ({"optimizer": "gdtuo", "gdtuo_base": "Adam", "gdtuo_hyper": "Adam"}, "gdtuo_alpha")),
+    "dadapt": ("D-Adaptation Adam", "d0", ({"optimizer": "DAdaptAdam"}, "dadapt_d0")),
+    "schedulefree": ("Schedule-Free AdamW", "lr", ({"optimizer": "ScheduleFree"}, "sf_lr")),
 }
+# the MetaOptimize flags below: the options of the two MetaOptimize arms' spec
+HF_KEYS = ("alg_base", "alg_meta", "meta_stepsize", "gamma", "stepsize_groups", "weight_decay_base",
+           "normalizer_param_base", "momentum_param_base", "Lion_beta2_base", "weight_decay_meta",
+           "normalizer_param_meta", "momentum_param_meta", "Lion_beta2_meta", "state_dtype")
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -148,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", default=None, metavar="STEM",
                    help="also record the table and timings as STEM.md + STEM.json, with date, command and machine "
                         "(e.g. results/quickstart)")
-    # the same names, meanings and -1 = unset convention as common.optimizers.add_optimizer_args
+    # the same names, meanings and -1 = unset convention as common.optim_flags.add_optimizer_args
     g = p.add_argument_group("optimizer (the MetaOptimize arm; the fixed arm uses the same base with --alg-meta fixed)")
     g.add_argument("--alg-base", default=ALG_BASE, help="base update: SGD, SGDm, RMSProp, AdamW, Lion")
     g.add_argument("--alg-meta", default=ALG_META, help="meta update: fixed, SGD, RMSProp, Adam, Lion")
@@ -168,26 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _unset(value):
-    return None if value == -1 else value
+def method_spec(args, method: str, alpha0: float) -> dict:
+    """The optimizer spec of one arm (common/specs.py): MetaOptimize as configured, its base with alpha
+    fixed at alpha0, or a baseline whose own initial step size is alpha0."""
+    spec, key = METHODS[method][2] or ({"optimizer": "HF", **{k: getattr(args, k) for k in HF_KEYS}}, "alpha0")
+    if method == "fixed":
+        spec = {**spec, "alg_meta": "fixed"}
+    return {**spec, key: alpha0}
 
 
 def make_optimizer(params, args, method: str, alpha0: float) -> torch.optim.Optimizer:
-    """The optimizer of one arm: MetaOptimize as configured, its base with alpha fixed at alpha0, or a
-    baseline (built as every train.py builds it) whose own initial step size is alpha0."""
-    flags = METHODS[method][2]
-    if flags is not None:
-        argv = [f.format(a=repr(alpha0)) for f in flags]
-        return build_optimizer(params, add_optimizer_args(argparse.ArgumentParser()).parse_args(argv))
-    return MetaOptimize(
-        params, alg_base=args.alg_base, alg_meta="fixed" if method == "fixed" else args.alg_meta,
-        alpha0=alpha0, meta_stepsize=args.meta_stepsize, gamma=args.gamma, stepsize_groups=args.stepsize_groups,
-        weight_decay_base=_unset(args.weight_decay_base), normalizer_param_base=_unset(args.normalizer_param_base),
-        momentum_param_base=_unset(args.momentum_param_base), lion_beta2_base=_unset(args.Lion_beta2_base),
-        weight_decay_meta=_unset(args.weight_decay_meta), normalizer_param_meta=_unset(args.normalizer_param_meta),
-        momentum_param_meta=_unset(args.momentum_param_meta), lion_beta2_meta=_unset(args.Lion_beta2_meta),
-        state_dtype=STATE_DTYPES[args.state_dtype],
-    )
+    return build_optimizer(params, method_spec(args, method, alpha0))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -195,12 +182,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in quickstart.json
     # check the optimizer flags now, so bad input fails before any training, naming its flag
-    probe = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
     for method in args.methods:
         try:
-            make_optimizer(probe, args, method, args.alphas[0])
+            resolve_spec(method_spec(args, method, args.alphas[0]))
         except ValueError as e:
-            parser.error(as_flags(str(e)))
+            parser.error(str(e))
     return args
 
 

@@ -36,6 +36,7 @@ IGNORED_KEYS = {
     "seed", "run_name", "save_directory", "data_dir", "command", "start_time", "resume", "max_time",
     "device", "log_every", "wandb", "wandb_project", "wandb_entity", "workers", "num_workers",
     "stop_at_step", "start_over", "weights_checksum", "compile",
+    "optimizer_spec",  # the optimizer flags again, resolved (common/specs.py): the flags are compared one by one
 }
 # shared configuration keys named above the table (the others are in config.json)
 SHARED_SHOWN = ["experiment", "optimizer", "alg_base", "alg_meta", "alpha0", "stepsize_groups", "gamma",

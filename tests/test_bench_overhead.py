@@ -45,7 +45,7 @@ def test_quick_metaoptimize_rows_on_the_transformer(tmp_path):
                                                 "MetaOptimize (Lion, Lion) scalar"])
     rows = data["raw"]["tinystories"]["methods"]
     # the blocks row really has the model's 7 transformer blocks (56 tensors, as the 15M model)
-    assert "transformer_blocks_15m" in rows["MetaOptimize (AdamW, Lion) blocks"]["flags"]
+    assert rows["MetaOptimize (AdamW, Lion) blocks"]["spec"]["stepsize_groups"] == "transformer_blocks_15m"
 
 
 @pytest.mark.slow
