@@ -14,7 +14,6 @@ All optimizer construction goes through `build(spec, model)`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from dataclasses import dataclass, field
@@ -133,16 +132,6 @@ def build(spec: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
 
         return LearnedOptimizer.from_checkpoint(model.parameters(), NETWORKS / spec["checkpoint"],
                                                 lr=spec.get("lr", 1.0))
-    return _build_registry(model, spec)
+    from common.specs import build_optimizer
 
-
-def _build_registry(model, spec):  # TEMP until common.specs: the parser's defaults plus the spec
-    from common.optim_flags import add_optimizer_args, build_optimizer
-
-    args = add_optimizer_args(argparse.ArgumentParser()).parse_args([])
-    unknown = [k for k in spec if not hasattr(args, k)]
-    if unknown:
-        raise ValueError(f"spec: unknown option(s) {', '.join(unknown)}")
-    for k, v in spec.items():
-        setattr(args, k, v)
-    return build_optimizer(model, args)
+    return build_optimizer(model, spec)
