@@ -49,8 +49,10 @@ def ratios(times: dict[str, dict[str, float]], workloads) -> dict[str, dict[str,
         best = min((times[m].get(w, INF) for m in times), default=INF)
         for m in times:
             t = times[m].get(w, INF)
-            out[m][w] = INF if not math.isfinite(best) or not math.isfinite(t) else t / best if best > 0 else \
-                (1.0 if t == 0 else INF)
+            if not (math.isfinite(best) and math.isfinite(t)):
+                out[m][w] = INF
+            else:  # a time of 0 (a target met at the start) ties with the fastest
+                out[m][w] = 1.0 if t == best else t / best if best > 0 else INF
     return out
 
 
