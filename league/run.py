@@ -243,7 +243,9 @@ def plot_profiles(record: dict, methods, folder: Path) -> list[Path]:
             ax.step(taus, [scoring.profile(ratios[m], workloads, t) for t in taus], where="post",
                     ls="-" if i < 10 else "--", label=f"{m} ({record['scores'][ruleset]['steps'][m]:.3f})")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=6, loc="upper left", ncol=2)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method (score)",
+                  title_fontsize=7)
+        fig.set_size_inches(9, 4.2)  # room for the legend beside the curves
         path = folder / f"profile_{ruleset}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=DPI)
