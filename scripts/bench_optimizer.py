@@ -108,6 +108,23 @@ def table(title: str, timed: dict, inner: int = 1, unit: float = 1e3, unit_name:
     return rows
 
 
+def prepared_steps(factories, shapes, device):
+    """Each factory's optimizer over its own parameters of `shapes`, with the same fixed random
+    gradients, after one step: its step() to time, and its state in floats per weight."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
+    variants, memory = {}, {}
+    for name, make in factories.items():
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt = make(params)
+        opt.step()
+        memory[name] = state_floats_per_weight(opt, params)
+        variants[name] = opt.step
+    return variants, memory
+
+
 def bench_steps(args, device, set_name):
     make_model, blocks = PARAMETER_SETS[set_name]
     shapes = [p.shape for p in make_model().parameters()]
@@ -126,17 +143,7 @@ def bench_steps(args, device, set_name):
             factories[f"AdamW+{meta} {k}"] = metaoptimize("AdamW", meta, k)
     factories["AdamW+Lion scalar, bf16 state"] = metaoptimize("AdamW", "Lion", state_dtype=torch.bfloat16)
     factories["AdamW+Lion scalar, foreach"] = metaoptimize("AdamW", "Lion", impl="foreach")
-    gen = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
-    variants, memory = {}, {}
-    for name, make in factories.items():
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt = make(params)
-        opt.step()
-        memory[name] = state_floats_per_weight(opt, params)
-        variants[name] = opt.step
+    variants, memory = prepared_steps(factories, shapes, device)
     return table(f"optimizer.step(), {set_name} parameter set ({len(shapes)} tensors, "
                  f"{sum(s.numel() for s in shapes):,} weights), {threads} threads, {args.rounds} interleaved rounds",
                  interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
@@ -182,23 +189,14 @@ def bench_around(args, device, set_name):
         factories[f"around(AdamW fused) {meta}, impl={impl}"] = (
             lambda params, meta=meta, impl=impl: MetaOptimize.around(
                 torch_adamw("fused")(params), alg_meta=meta, alpha0=1.0, impl=impl, **PAPER_META))
-    gen = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device) for s in shapes]
     default_threads, rows = torch.get_num_threads(), {}
     for threads in args.threads:
         torch.set_num_threads(threads or default_threads)
         print(f"\n== MetaOptimize.around(AdamW fused).step() on the {set_name} parameter set, {device}, "
               f"{torch.get_num_threads()} threads ==")
-        variants, memory = {}, {}
-        for name, make in factories.items():
-            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt = make(params)
-            opt.step()
-            # the wrapper's own state (w0, h) over the base's: floats per weight
-            memory[name] = state_floats_per_weight(opt, params) if name.startswith("around") else 0.0
-            variants[name] = opt.step
+        variants, memory = prepared_steps(factories, shapes, device)
+        # the wrapper's own state (w0, h) over the base's: floats per weight
+        memory = {name: m if name.startswith("around") else 0.0 for name, m in memory.items()}
         timed = interleaved(variants, args.rounds, device, warmup_rounds=2)
         title = (f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set ({len(shapes)} tensors), "
                  f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (last column: the wrapper's "

@@ -14,7 +14,6 @@ gradient as it was; a base that changed p.grad in place would need impl="foreach
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import warnings
 
 import torch
@@ -143,29 +142,7 @@ class AroundCompiledImpl(CompiledImpl):
 
 def make_around_impl(impl: str, track: bool, layout: Layout, device: torch.device, param_dtypes, meta_dtype):
     """The fused step for `impl` on this device, or None for the foreach path of around.py; "auto"
-    falls back to foreach with one warning that says why, "fused" raises."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl: unknown value {impl!r}; accepted: {', '.join(IMPLS)}")
-    if impl == "foreach" or device.type not in ("cpu", "cuda"):
-        return None
-    prog = around_program(track)
-    why = None
-    if not set(param_dtypes) <= set(_impl.FUSED_DTYPES):
-        why = f"dtypes {sorted(str(d) for d in set(param_dtypes) - set(_impl.FUSED_DTYPES))} are not supported"
-    elif device.type == "cpu" and not _impl._FORCE_COMPILED:
-        try:
-            return AroundCImpl(prog, layout, param_dtypes, meta_dtype)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-            why = f"the fused CPU step could not be built: {err}"
-    else:
-        try:
-            if device.type == "cuda":
-                import triton  # noqa: F401  (torch.compile's GPU backend)
-        except ImportError:
-            why = "torch.compile needs triton on CUDA"
-        else:
-            return AroundCompiledImpl(prog, layout, strict=impl == "fused")
-    if impl == "fused":
-        raise RuntimeError(f"impl='fused' is not available: {why}")
-    warnings.warn(f"MetaOptimizeAround: using impl='foreach' because {why}", stacklevel=3)
-    return None
+    falls back to foreach with one warning that says why, "fused" raises (impl.pick_fused)."""
+    prog = around_program(track) if impl != "foreach" else None
+    return _impl.pick_fused(impl, device, param_dtypes, lambda: AroundCImpl(prog, layout, param_dtypes, meta_dtype),
+                            lambda strict: AroundCompiledImpl(prog, layout, strict=strict), who="MetaOptimizeAround")

@@ -417,21 +417,21 @@ class CompiledImpl:
         self._fallback = ForeachImpl(*self._args)
 
 
-def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
-              meta_dtype=torch.float32, curvature_kind=None, meta=None):
-    """The implementation `impl` asks for on this device: "auto" takes the fused step where it runs
-    and otherwise falls back to foreach with one warning that says why."""
+def pick_fused(impl: str, device: torch.device, dtypes, make_c, make_compiled, who: str = "MetaOptimize"):
+    """The fused step `impl` asks for on this device: `make_c()` on CPU (the generated C loop),
+    `make_compiled(strict)` on CUDA (torch.compile; a failure at its first call falls back then, or
+    raises when strict); None for foreach (impl="foreach", another device, or "auto" where the fused
+    step cannot run: then with one warning that says why). impl="fused" raises where it cannot run."""
     if impl not in IMPLS:
         raise ValueError(f"impl: unknown value {impl!r}; accepted: {', '.join(IMPLS)}")
     if impl == "foreach" or device.type not in ("cpu", "cuda"):
-        return ForeachImpl(base, track, layout, curvature_kind)
-    dtypes = set(param_dtypes) | ({state_dtype} if state_dtype is not None else set())
+        return None
     why = None
-    if not dtypes <= set(FUSED_DTYPES):
-        why = f"dtypes {sorted(str(d) for d in dtypes - set(FUSED_DTYPES))} are not supported by the fused step"
+    if not set(dtypes) <= set(FUSED_DTYPES):
+        why = f"dtypes {sorted(str(d) for d in set(dtypes) - set(FUSED_DTYPES))} are not supported by the fused step"
     elif device.type == "cpu" and not _FORCE_COMPILED:
         try:
-            return CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta)
+            return make_c()
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:
             why = f"the fused CPU step could not be built: {err}"
     else:
@@ -440,9 +440,20 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
                 import triton  # noqa: F401  (torch.compile's GPU backend)
         except ImportError:
             why = "torch.compile needs triton on CUDA"
-        else:  # a failure at its first call falls back then (or raises: impl="fused")
-            return CompiledImpl(base, track, layout, curvature_kind, strict=impl == "fused", meta=meta)
+        else:
+            return make_compiled(impl == "fused")
     if impl == "fused":
         raise RuntimeError(f"impl='fused' is not available: {why}")
-    warnings.warn(f"MetaOptimize: using impl='foreach' because {why}", stacklevel=3)
-    return ForeachImpl(base, track, layout, curvature_kind)
+    warnings.warn(f"{who}: using impl='foreach' because {why}", stacklevel=4)
+    return None
+
+
+def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device, param_dtypes, state_dtype,
+              meta_dtype=torch.float32, curvature_kind=None, meta=None):
+    """The implementation `impl` asks for on this device (see pick_fused): the fused step where it
+    runs, else foreach."""
+    dtypes = set(param_dtypes) | ({state_dtype} if state_dtype is not None else set())
+    fused = pick_fused(impl, device, dtypes,
+                       lambda: CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta),
+                       lambda strict: CompiledImpl(base, track, layout, curvature_kind, strict=strict, meta=meta))
+    return fused if fused is not None else ForeachImpl(base, track, layout, curvature_kind)
