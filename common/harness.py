@@ -75,6 +75,7 @@ import torch
 from common import cli, runfolder, sharded
 from common.cli import UsageError, parse_max_time
 from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
+from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
 
 __all__ = [
     "ArgParser",
@@ -110,21 +111,8 @@ __all__ = [
 ]
 
 PROCESS_START = time.monotonic()  # --max-time counts from here (the import happens at process start)
-MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
 DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
-
-
-def step_size_metrics(sizes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """The metric keys of a 1-D tensor of step sizes and the values logged under them (a tensor on
-    the sizes' device: no host sync): `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS
-    blocks `step_size/min`, `step_size/median`, `step_size/max`. Every logger of step sizes (the
-    harness, common/integrations.py) names them by this rule."""
-    sizes = sizes.detach().reshape(-1)
-    if sizes.numel() > MAX_LOGGED_BLOCKS:
-        return ["step_size/min", "step_size/median", "step_size/max"], torch.stack(
-            [sizes.min(), sizes.median(), sizes.max()])
-    return [f"step_size/block_{i}" for i in range(sizes.numel())], sizes
 
 
 class Diverged(Exception):
@@ -727,38 +715,12 @@ class Run:
     # ---- divergence ------------------------------------------------------------------------
 
     def _check_state(self, optimizer, step) -> dict:
-        """The step sizes as metrics (`step_size/block_i`, or min/median/max for many blocks), after
-        checking that they and the weights are finite (else Diverged). One host sync."""
-        from common.optim_flags import current_step_sizes
-
-        sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
-        keys, shown = step_size_metrics(sizes)
-        many = sizes.numel() > MAX_LOGGED_BLOCKS
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        finite = torch.stack([torch.isfinite(sharded.local(p).detach()).all().to(sizes.device) for p in params]).all() \
-            if params else torch.ones((), dtype=torch.bool, device=sizes.device)
-        if self.world_size > 1 and sharded.any_sharded(params):  # each rank checked its own shards
-            import torch.distributed as dist
-
-            finite = finite.float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        nonfinite_sizes = (~torch.isfinite(sizes)).sum()
-        # MetaOptimize's count of meta updates skipped on a non-finite z, read in the same host sync
-        skipped = getattr(optimizer, "skipped_nonfinite", None)
-        extra = [skipped.to(sizes.device).float().reshape(1)] if torch.is_tensor(skipped) else []
-        *values, nonfinite_sizes, weights_finite = torch.cat(
-            [shown, *extra, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
-        if extra:
-            keys = [*keys, "meta/skipped_nonfinite"]
-            values[-1] = int(values[-1])
-        if nonfinite_sizes:
-            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-            which = f"the step size of block {bad} is {values[bad]}" if not many and bad is not None \
-                else "a step size is not finite"
-            self._diverge(step, f"{which} ({int(nonfinite_sizes)} of {sizes.numel()} blocks)")
-        if not weights_finite:
-            self._diverge(step, "a weight is not finite")
-        return dict(zip(keys, values))
+        """The step sizes as metrics (common/step_metrics.py), after checking that they and the
+        weights are finite (else Diverged). One host sync."""
+        checked = check_state(optimizer, self.world_size)
+        if checked.problem is not None:
+            self._diverge(step, checked.problem)
+        return checked.metrics
 
     def _check_metrics(self, metrics: dict, step) -> None:
         """A non-finite loss or step size among `metrics` ends the run as diverged. With an enabled
