@@ -72,8 +72,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import cli, runfolder, sharded
+from common import cli, distributed, runfolder, sharded
 from common.cli import UsageError, parse_max_time
+from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
 from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
 
@@ -263,78 +264,11 @@ def run_main(main) -> None:
 # Devices, distributed, AMP, compile
 # --------------------------------------------------------------------------------------
 
-_DIST = {"rank": 0, "world_size": 1, "local_rank": 0, "initialised": False, "group_of_one": False}
-
-
 def setup_distributed(args=None) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group.
-
-    nccl on CUDA, gloo otherwise. Not under torchrun (or WORLD_SIZE=1): (0, 1, 0), and no process
-    group unless --fsdp asks for one (a group of one process: FSDP2 and its checkpoints need one).
-    Safe to call more than once.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wants_group = world > 1 or getattr(args, "fsdp", False)
-    # an earlier call without --fsdp (another run in this process) set up no group: make it now
-    if _DIST["initialised"] and not (wants_group and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
-        return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
-    if wants_group:
-        import torch.distributed as dist
-
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        want = getattr(args, "device", "auto") if args is not None else "auto"
-        use_cuda = torch.cuda.is_available() and not str(want).startswith("cpu")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            backend = "nccl" if use_cuda else "gloo"
-            if world > 1:
-                dist.init_process_group(backend=backend)
-            else:  # no torchrun: an in-process store, no port
-                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-                _DIST["group_of_one"] = True
-        _DIST.update(rank=rank, world_size=world, local_rank=local_rank)
-    _DIST["initialised"] = True
-    return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
-
-
-def is_main() -> bool:
-    """True on rank 0 (and always when not distributed)."""
-    return _DIST["rank"] == 0
-
-
-def cleanup_distributed(barrier: bool = False) -> None:
-    """Tear the process group down. `barrier=True` (a normal end) first waits until every rank is
-    done communicating: a rank that destroys gloo while its peer still uses it can abort at exit."""
-    if _DIST["world_size"] > 1 or _DIST["group_of_one"]:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            if barrier:
-                dist.barrier()
-            dist.destroy_process_group()
-    _DIST.update(rank=0, world_size=1, local_rank=0, initialised=False, group_of_one=False)
-
-
-def resolve_device(text: str = "auto") -> torch.device:
-    """--device: auto (cuda if available, on this rank's GPU under torchrun), cpu, cuda, cuda:N, mps."""
-    text = str(text or "auto").strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {text!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", _DIST["local_rank"] if _DIST["world_size"] > 1 else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {text}: MPS is not available on this machine")
-    return device
+    """(rank, world_size, local_rank): `distributed.setup` with the run's --fsdp and --device."""
+    if args is None:
+        return distributed.setup()
+    return distributed.setup(group=bool(getattr(args, "fsdp", False)), device=getattr(args, "device", "auto"))
 
 
 def seed_everything(seed: int) -> None:
@@ -372,33 +306,15 @@ def shard(model, units, args, device):
 
 
 def distribute(model, device, args=None):
-    """Wrap in DistributedDataParallel under torchrun (world size > 1); unchanged otherwise, and
-    for a model that `shard` sharded (FSDP2 does the gradient reduction itself).
-
-    `args`: the run's flags; a Hessian trace (--hessian) is refused under DDP, whose reducer cannot
-    take the second backward (a script that runs the forward through the module itself instead can
-    use it: MetaOptimize then averages the gradients and products across the ranks)."""
-    if _DIST["world_size"] <= 1 or sharded.is_sharded(model):
-        return model
-    if getattr(args, "hessian", "none") not in (None, "none"):
-        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({_DIST['world_size']} ranks): its "
+    """`distributed.distribute` (DDP under torchrun), after refusing a Hessian trace (--hessian)
+    under DDP, whose reducer cannot take the second backward (a script that runs the forward through
+    the module itself instead can use it: MetaOptimize then averages the gradients and products
+    across the ranks). `args`: the run's flags."""
+    world = distributed.world_size()
+    if world > 1 and not sharded.is_sharded(model) and getattr(args, "hessian", "none") not in (None, "none"):
+        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({world} ranks): its "
                          "reducer cannot take the second backward; run on one process (python3, not torchrun)")
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = torch.device(device)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def gradient_sync(net, sync: bool):
-    """A context for the forward and backward of one micro-batch of gradient accumulation: with
-    sync=False the gradients only accumulate on this rank (DDP's no_sync; FSDP2 keeps them unsharded),
-    the backward with sync=True reduces their sum. A no-op for one process without --fsdp."""
-    wrapped = getattr(net, "_orig_mod", net)  # under torch.compile
-    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext() if sync else wrapped.no_sync()
-    if sharded.is_sharded(wrapped):
-        sharded.set_gradient_sync(wrapped, sync)
-    return contextlib.nullcontext()
+    return distributed.distribute(model, device)
 
 
 def training_state(model, optimizer, scheduler, scaler) -> dict:
@@ -460,22 +376,6 @@ def graph_backward(loss, optimizer) -> bool:
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         loss.backward(create_graph=True)
     return True
-
-
-def unwrap(model):
-    """The plain module under torch.compile / DDP wrappers (its state_dict keys have no prefixes)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-# --------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------
 
 
 def _to_python(value):
