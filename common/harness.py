@@ -66,17 +66,20 @@ import signal
 import string
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from common import cli, distributed, runfolder, sharded
+from common import cli, distributed, runfolder, sharded, train_step
 from common.cli import UsageError, parse_max_time
 from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
+from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
+from common.optimizers.blocks import resolve_stepsize_groups
 from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
+from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
 
 __all__ = [
     "ArgParser",
@@ -176,8 +179,6 @@ def add_fsdp_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_fsdp_args(args) -> None:
-    from common.optim_flags import OPTIMIZER_CHOICES
-
     if getattr(args, "amp", "none") == "fp16":
         raise UsageError("--fsdp does not take --amp fp16 (--dtype float16): its gradient scaler would check each "
                          "rank's shards on their own and the ranks could disagree on skipping a step; use --amp bf16")
@@ -206,8 +207,6 @@ def check_args(args):
         if isinstance(value, float) and math.isnan(value):
             raise UsageError(f"{cli.flag_name(key)} must be a finite number, got nan")
     if hasattr(args, "optimizer"):
-        from common.optim_flags import check_optimizer_args
-
         check_optimizer_args(args)
     if getattr(args, "fsdp", False):
         _check_fsdp_args(args)
@@ -218,9 +217,6 @@ def check_stepsize_groups(args, build_model) -> None:
     """--stepsize-groups against the model's trainable tensors (UsageError naming the flag), for an
     experiment's `parse_args`: `build_model()` runs on the meta device (no memory, no data), so a
     sweep checks it before it writes or submits anything. Only MetaOptimize (--optimizer HF) reads it."""
-    from common.optim_flags import OPTIMIZER_CHOICES, as_flags
-    from common.optimizers.blocks import resolve_stepsize_groups
-
     spec = getattr(args, "stepsize_groups", None)
     if spec is None or OPTIMIZER_CHOICES.get(str(getattr(args, "optimizer", "HF")).strip().lower()) != "HF":
         return
@@ -279,21 +275,17 @@ def seed_everything(seed: int) -> None:
 
 def amp_context(args, device):
     """Autocast context for --amp bf16/fp16 (a no-op context for --amp none)."""
-    amp = getattr(args, "amp", "none")
-    if amp in (None, "none"):
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return train_step.autocast(getattr(args, "amp", "none"), device)
 
 
 def grad_scaler(args, device) -> torch.amp.GradScaler:
     """GradScaler, enabled only for --amp fp16 (when disabled its calls pass through)."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=getattr(args, "amp", "none") == "fp16")
+    return train_step.scaler(getattr(args, "amp", "none"), device)
 
 
 def maybe_compile(model, args):
     """torch.compile(model) with --compile. Save `unwrap(model).state_dict()` in checkpoints."""
-    return torch.compile(model) if getattr(args, "compile", False) else model
+    return train_step.compile_model(model, bool(getattr(args, "compile", False)))
 
 
 def shard(model, units, args, device):
@@ -347,35 +339,6 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-
-
-def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
-    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step.
-
-    An optimizer that reads the gradient's graph (MetaOptimize with --hessian) gets
-    `backward(create_graph=True)`, and its gradients are dropped after the step (they hold the graph)."""
-    optimizer.zero_grad(set_to_none=True)
-    graph = graph_backward(scaler.scale(loss), optimizer)
-    scaler.step(optimizer)
-    scaler.update()
-    if graph:
-        optimizer.zero_grad(set_to_none=True)  # frees this step's graph before the next forward
-    if scheduler is not None:
-        scheduler.step()
-
-
-def graph_backward(loss, optimizer) -> bool:
-    """`loss.backward()`, with create_graph=True when the optimizer's step needs the gradient's graph
-    (a Hessian trace); returns whether it did."""
-    from common.optim_flags import needs_graph
-
-    if not needs_graph(optimizer):
-        loss.backward()
-        return False
-    with warnings.catch_warnings():  # torch warns of the param <-> grad cycle; we drop the grads each step
-        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        loss.backward(create_graph=True)
-    return True
 
 
 def _to_python(value):
@@ -451,8 +414,6 @@ class Run:
             # a timestamp plus a random suffix: runs started in the same second get their own folders
             name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             if self.world_size > 1:  # every rank must use rank 0's timestamp
-                import torch.distributed as dist
-
                 box = [name]
                 dist.broadcast_object_list(box, src=0)
                 name = box[0]
@@ -490,8 +451,6 @@ class Run:
             except tuple(_CLAIM_ERRORS.values()) as e:
                 error = e
         if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
-            import torch.distributed as dist
-
             box = [None if error is None else (type(error).__name__, str(error))]
             dist.broadcast_object_list(box, src=0)
             if box[0] is not None and error is None:
@@ -594,8 +553,6 @@ class Run:
         self._stop_calls += 1
         if self._stop_calls % DDP_STOP_CHECK_EVERY and self._stop_at is None:  # --stop-at-step: every call
             return False
-        import torch.distributed as dist
-
         flag = torch.tensor([float(self._stop_flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and not self._stop_flag:
@@ -819,8 +776,6 @@ class Run:
         its name, to go into checkpoint.pt."""
         box = [runfolder.SHARDS.format(secrets.token_hex(4))]
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.broadcast_object_list(box, src=0)
         folder = self.dir / box[0]
         try:
@@ -870,8 +825,6 @@ class Run:
             # checked again before the replace: the folder may have been replaced during a long write
             atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f), check=self._check_folder)
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def _config_id(self) -> str:
