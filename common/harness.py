@@ -1,5 +1,10 @@
 """The experiment harness every `train.py` shares: flags, run folder, logging, run control, DDP, AMP.
 
+It reads the flags and holds the `Run`; the parts below it take values: common/distributed.py
+(process group, rank, device, DDP), common/train_step.py (autocast, GradScaler, compile,
+backward-and-step), common/step_metrics.py (step sizes as metrics, the finiteness check),
+common/sharded.py (FSDP2 and its checkpoints), common/runfolder.py (the run-folder rules).
+
 A training script uses it like this (see cifar10/train.py):
 
     parser = harness.ArgParser(description=...)
@@ -62,7 +67,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import string
 import sys
 import time
@@ -79,6 +83,7 @@ from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
 from common.optimizers.blocks import resolve_stepsize_groups
 from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
+from common.stop_control import DDP_STOP_CHECK_EVERY, PROCESS_START, StopControl  # noqa: F401 (re-exported)
 from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -114,8 +119,6 @@ __all__ = [
     "unwrap",
 ]
 
-PROCESS_START = time.monotonic()  # --max-time counts from here (the import happens at process start)
-DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
 
 
@@ -420,7 +423,6 @@ class Run:
         args.run_name = self.name = str(name)
         self.dir = Path(getattr(args, "save_directory", "outputs")) / self.name
         self.resume_requested = bool(getattr(args, "resume", False))
-        self._stop_at = getattr(args, "stop_at_step", None)
 
         self._opened = False
         self._closed = False
@@ -437,9 +439,8 @@ class Run:
         self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
         self._elapsed_before = 0.0  # training seconds of earlier segments of this run (from the checkpoint)
         self._t0 = time.monotonic()
-        self._stop_flag = False
-        self._stop_calls = 0
-        self.stop_reason: str | None = None
+        self._stopper = StopControl(self.max_time, getattr(args, "max_time", None), getattr(args, "stop_at_step", None),
+                                    self.is_main, self.world_size, self.device)
 
         for run in list(_ACTIVE):  # an earlier run of this process on this folder that never closed
             if run.dir.resolve() == self.dir.resolve():
@@ -467,12 +468,7 @@ class Run:
                 self.close()
                 raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
         seed_everything(int(getattr(args, "seed", 0)))
-        self._old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            with contextlib.suppress(ValueError, OSError):  # not the main thread: no handlers
-                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
-                    continue  # started with Ctrl-C ignored (nohup, `&` in a script): keep it so
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._stopper.install()
 
     def _claim_folder(self):
         """Rank 0: create and lock the run folder, clear stale temp files, apply the resume rules."""
@@ -520,12 +516,26 @@ class Run:
 
     # ---- time and stopping ---------------------------------------------------------------
 
-    def _on_signal(self, signum, frame):  # only sets a flag; the loop saves between steps
-        self._stop_flag = True
-        self.stop_reason = signal.Signals(signum).name
-        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nCtrl-C: stopping with a checkpoint after this step (press it again to abort)", file=sys.stderr)
+    @property
+    def stop_reason(self) -> str | None:
+        """Why should_stop() said yes (a signal's name, "--max-time ...", "another rank stopped")."""
+        return self._stopper.reason
+
+    @stop_reason.setter
+    def stop_reason(self, value):
+        self._stopper.reason = value
+
+    @property
+    def _stop_flag(self) -> bool:  # tests set it: as if only this rank got the signal
+        return self._stopper.flag
+
+    @_stop_flag.setter
+    def _stop_flag(self, value):
+        self._stopper.flag = bool(value)
+
+    @property
+    def _on_signal(self):
+        return self._stopper.on_signal
 
     def elapsed(self) -> float:
         """Seconds of training so far, over all segments of a resumed run."""
@@ -537,27 +547,9 @@ class Run:
         `step` (optimizer steps done) serves the hidden test flag --stop-at-step: from that step on,
         rank 0 sends itself SIGTERM. Under DDP the ranks agree (an all-reduce every
         DDP_STOP_CHECK_EVERY calls; every call with --stop-at-step, so tests stop at that step), so
-        call it the same number of times on every rank.
+        call it the same number of times on every rank (common/stop_control.py).
         """
-        if self._stop_at is not None and step is not None and step >= self._stop_at and self.is_main \
-                and not self._stop_flag:
-            if signal.SIGTERM in self._old_handlers:
-                os.kill(os.getpid(), signal.SIGTERM)  # our handler runs before the next bytecode
-            else:  # no handler of ours (not the main thread): only what it would do
-                self._stop_flag, self.stop_reason = True, "SIGTERM"
-        if not self._stop_flag and self.max_time is not None and time.monotonic() - PROCESS_START >= self.max_time:
-            self._stop_flag = True
-            self.stop_reason = f"--max-time {self.args.max_time}"
-        if self.world_size <= 1:
-            return self._stop_flag
-        self._stop_calls += 1
-        if self._stop_calls % DDP_STOP_CHECK_EVERY and self._stop_at is None:  # --stop-at-step: every call
-            return False
-        flag = torch.tensor([float(self._stop_flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and not self._stop_flag:
-            self._stop_flag, self.stop_reason = True, "another rank stopped"
-        return self._stop_flag
+        return self._stopper.should_stop(step)
 
     def stop(self, progress: dict, where: str) -> int:
         """Stop early: checkpoint (unless one of this step exists), close, say how to continue; returns 0."""
@@ -954,10 +946,8 @@ class Run:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-        for sig, handler in getattr(self, "_old_handlers", {}).items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, handler)
-        self._old_handlers = {}
+        if hasattr(self, "_stopper"):
+            self._stopper.restore()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
