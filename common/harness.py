@@ -67,7 +67,6 @@ import os
 import random
 import secrets
 import shutil
-import string
 import sys
 import time
 from pathlib import Path
@@ -79,9 +78,10 @@ import torch.distributed as dist
 from common import cli, distributed, runfolder, sharded, train_step
 from common.cli import UsageError, parse_max_time
 from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
+from common.metric_log import MetricLog
 from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
 from common.optimizers.blocks import resolve_stepsize_groups
-from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
+from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
 from common.stop_control import DDP_STOP_CHECK_EVERY, PROCESS_START, StopControl  # noqa: F401 (re-exported)
 from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
@@ -426,8 +426,7 @@ class Run:
 
         self._opened = False
         self._closed = False
-        self._metrics_file = None
-        self._wandb = None
+        self._log = None  # the MetricLog, once the folder is claimed
         self._lock = None
         self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
         self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
@@ -635,36 +634,22 @@ class Run:
         if self._opened or not self.is_main:
             self._opened = True
             return
+        config = None
         if not (self.resume_requested and (self.dir / CONFIG).exists()):
             config = {k: _to_python(v) for k, v in vars(self.args).items()}
             config.update(experiment=self.experiment, command=list(sys.argv),
                           start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-            runfolder.write_json(self.dir / CONFIG, config)
-        try:
-            self._metrics_file = open(self.dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
+        wandb = None
         if getattr(self.args, "wandb", False):
-            self._init_wandb()
+            wandb = dict(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
+                         config={**{k: _to_python(v) for k, v in vars(self.args).items()}, "experiment": self.experiment})
+        self._log = MetricLog(self.dir, wandb)
+        self._log.open(config)
         self._opened = True
 
-    def _init_wandb(self):
-        import wandb
-
-        id_file = self.dir / WANDB_ID
-        if id_file.exists():
-            run_id = id_file.read_text().strip()
-        else:
-            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            atomic_write_bytes(id_file, lambda f: f.write(run_id.encode()))
-        config = {k: _to_python(v) for k, v in vars(self.args).items()}
-        config["experiment"] = self.experiment
-        self._wandb = wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
-                                 id=run_id, resume="allow", config=config, dir=str(self.dir))
-        # our own step as the x axis: after a resume the steps between the checkpoint and the
-        # interruption are logged again, which wandb's monotonic internal step would drop
-        self._wandb.define_metric("step")
-        self._wandb.define_metric("*", step_metric="step")
+    @property
+    def _wandb(self):
+        return self._log.wandb if self._log is not None else None
 
     def log(self, metrics: dict, step: int) -> None:
         """One line in metrics.jsonl (with "step" and "time") and one wandb.log (rank 0).
@@ -678,13 +663,7 @@ class Run:
             return
         self._open()  # checks that the folder is still this run's
         record = {"step": int(step), "time": round(self.elapsed(), 3), **metrics}
-        try:
-            self._metrics_file.write(json.dumps(record) + "\n")
-            self._metrics_file.flush()
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
-        if self._wandb is not None:
-            self._wandb.log(record)
+        self._log.write(record)
 
     def log_step_sizes(self, optimizer, step: int, extra: dict | None = None) -> bool:
         """Every --log-every steps: log the step size per block (`step_size/block_i`) plus `extra`,
@@ -708,10 +687,7 @@ class Run:
         return True
 
     def _metrics_offset(self) -> int:
-        if self._metrics_file is None:
-            return 0
-        self._metrics_file.flush()
-        return self._metrics_file.tell()
+        return self._log.offset() if self._log is not None else 0
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -924,7 +900,7 @@ class Run:
             config.setdefault("changes", []).append(
                 {"step": step, "flag": cli.flag_name(key), "key": key, "old": old, "new": new})
         self._check_folder()
-        runfolder.write_json(self.dir / CONFIG, config)
+        MetricLog(self.dir).write_config(config)
 
     # ---- the end -------------------------------------------------------------------------
 
@@ -939,13 +915,9 @@ class Run:
         for bar in self._bars:
             bar.close()
         self._bars = []
-        if self._metrics_file is not None:
-            with contextlib.suppress(OSError):
-                self._metrics_file.close()
-            self._metrics_file = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if hasattr(self, "_stopper"):
             self._stopper.restore()
         if self._lock is not None:
