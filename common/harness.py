@@ -3,7 +3,9 @@
 It reads the flags and holds the `Run`; the parts below it take values: common/distributed.py
 (process group, rank, device, DDP), common/train_step.py (autocast, GradScaler, compile,
 backward-and-step), common/step_metrics.py (step sizes as metrics, the finiteness check),
-common/sharded.py (FSDP2 and its checkpoints), common/runfolder.py (the run-folder rules).
+common/stop_control.py (signals, --max-time, stop agreement across ranks), common/metric_log.py
+(config.json, metrics.jsonl, wandb), common/sharded.py (FSDP2 and its checkpoints),
+common/runfolder.py (the run-folder rules).
 
 A training script uses it like this (see cifar10/train.py):
 
