@@ -1,5 +1,12 @@
 """The experiment harness every `train.py` shares: flags, run folder, logging, run control, DDP, AMP.
 
+It reads the flags and holds the `Run`; the parts below it take values: common/distributed.py
+(process group, rank, device, DDP), common/train_step.py (autocast, GradScaler, compile,
+backward-and-step), common/step_metrics.py (step sizes as metrics, the finiteness check),
+common/stop_control.py (signals, --max-time, stop agreement across ranks), common/metric_log.py
+(config.json, metrics.jsonl, wandb), common/sharded.py (FSDP2 and its checkpoints),
+common/runfolder.py (the run-folder rules).
+
 A training script uses it like this (see cifar10/train.py):
 
     parser = harness.ArgParser(description=...)
@@ -62,19 +69,24 @@ import os
 import random
 import secrets
 import shutil
-import signal
-import string
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from common import cli, runfolder, sharded
+from common import cli, distributed, runfolder, sharded, train_step
 from common.cli import UsageError, parse_max_time
-from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, WANDB_ID, RunFolderError
+from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
+from common.metric_log import MetricLog
+from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
+from common.optimizers.blocks import resolve_stepsize_groups
+from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolderError
+from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
+from common.stop_control import DDP_STOP_CHECK_EVERY, PROCESS_START, StopControl  # noqa: F401 (re-exported)
+from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
 
 __all__ = [
     "ArgParser",
@@ -109,22 +121,7 @@ __all__ = [
     "unwrap",
 ]
 
-PROCESS_START = time.monotonic()  # --max-time counts from here (the import happens at process start)
-MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
-DDP_STOP_CHECK_EVERY = 20  # under DDP, ranks agree on stopping every this many should_stop() calls
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
-
-
-def step_size_metrics(sizes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """The metric keys of a 1-D tensor of step sizes and the values logged under them (a tensor on
-    the sizes' device: no host sync): `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS
-    blocks `step_size/min`, `step_size/median`, `step_size/max`. Every logger of step sizes (the
-    harness, common/integrations.py) names them by this rule."""
-    sizes = sizes.detach().reshape(-1)
-    if sizes.numel() > MAX_LOGGED_BLOCKS:
-        return ["step_size/min", "step_size/median", "step_size/max"], torch.stack(
-            [sizes.min(), sizes.median(), sizes.max()])
-    return [f"step_size/block_{i}" for i in range(sizes.numel())], sizes
 
 
 class Diverged(Exception):
@@ -187,8 +184,6 @@ def add_fsdp_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_fsdp_args(args) -> None:
-    from common.optim_flags import OPTIMIZER_CHOICES
-
     if getattr(args, "amp", "none") == "fp16":
         raise UsageError("--fsdp does not take --amp fp16 (--dtype float16): its gradient scaler would check each "
                          "rank's shards on their own and the ranks could disagree on skipping a step; use --amp bf16")
@@ -217,8 +212,6 @@ def check_args(args):
         if isinstance(value, float) and math.isnan(value):
             raise UsageError(f"{cli.flag_name(key)} must be a finite number, got nan")
     if hasattr(args, "optimizer"):
-        from common.optim_flags import check_optimizer_args
-
         check_optimizer_args(args)
     if getattr(args, "fsdp", False):
         _check_fsdp_args(args)
@@ -229,9 +222,6 @@ def check_stepsize_groups(args, build_model) -> None:
     """--stepsize-groups against the model's trainable tensors (UsageError naming the flag), for an
     experiment's `parse_args`: `build_model()` runs on the meta device (no memory, no data), so a
     sweep checks it before it writes or submits anything. Only MetaOptimize (--optimizer HF) reads it."""
-    from common.optim_flags import OPTIMIZER_CHOICES, as_flags
-    from common.optimizers.blocks import resolve_stepsize_groups
-
     spec = getattr(args, "stepsize_groups", None)
     if spec is None or OPTIMIZER_CHOICES.get(str(getattr(args, "optimizer", "HF")).strip().lower()) != "HF":
         return
@@ -275,78 +265,11 @@ def run_main(main) -> None:
 # Devices, distributed, AMP, compile
 # --------------------------------------------------------------------------------------
 
-_DIST = {"rank": 0, "world_size": 1, "local_rank": 0, "initialised": False, "group_of_one": False}
-
-
 def setup_distributed(args=None) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group.
-
-    nccl on CUDA, gloo otherwise. Not under torchrun (or WORLD_SIZE=1): (0, 1, 0), and no process
-    group unless --fsdp asks for one (a group of one process: FSDP2 and its checkpoints need one).
-    Safe to call more than once.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wants_group = world > 1 or getattr(args, "fsdp", False)
-    # an earlier call without --fsdp (another run in this process) set up no group: make it now
-    if _DIST["initialised"] and not (wants_group and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
-        return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
-    if wants_group:
-        import torch.distributed as dist
-
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        want = getattr(args, "device", "auto") if args is not None else "auto"
-        use_cuda = torch.cuda.is_available() and not str(want).startswith("cpu")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            backend = "nccl" if use_cuda else "gloo"
-            if world > 1:
-                dist.init_process_group(backend=backend)
-            else:  # no torchrun: an in-process store, no port
-                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-                _DIST["group_of_one"] = True
-        _DIST.update(rank=rank, world_size=world, local_rank=local_rank)
-    _DIST["initialised"] = True
-    return _DIST["rank"], _DIST["world_size"], _DIST["local_rank"]
-
-
-def is_main() -> bool:
-    """True on rank 0 (and always when not distributed)."""
-    return _DIST["rank"] == 0
-
-
-def cleanup_distributed(barrier: bool = False) -> None:
-    """Tear the process group down. `barrier=True` (a normal end) first waits until every rank is
-    done communicating: a rank that destroys gloo while its peer still uses it can abort at exit."""
-    if _DIST["world_size"] > 1 or _DIST["group_of_one"]:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            if barrier:
-                dist.barrier()
-            dist.destroy_process_group()
-    _DIST.update(rank=0, world_size=1, local_rank=0, initialised=False, group_of_one=False)
-
-
-def resolve_device(text: str = "auto") -> torch.device:
-    """--device: auto (cuda if available, on this rank's GPU under torchrun), cpu, cuda, cuda:N, mps."""
-    text = str(text or "auto").strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {text!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", _DIST["local_rank"] if _DIST["world_size"] > 1 else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {text}: MPS is not available on this machine")
-    return device
+    """(rank, world_size, local_rank): `distributed.setup` with the run's --fsdp and --device."""
+    if args is None:
+        return distributed.setup()
+    return distributed.setup(group=bool(getattr(args, "fsdp", False)), device=getattr(args, "device", "auto"))
 
 
 def seed_everything(seed: int) -> None:
@@ -357,21 +280,17 @@ def seed_everything(seed: int) -> None:
 
 def amp_context(args, device):
     """Autocast context for --amp bf16/fp16 (a no-op context for --amp none)."""
-    amp = getattr(args, "amp", "none")
-    if amp in (None, "none"):
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return train_step.autocast(getattr(args, "amp", "none"), device)
 
 
 def grad_scaler(args, device) -> torch.amp.GradScaler:
     """GradScaler, enabled only for --amp fp16 (when disabled its calls pass through)."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=getattr(args, "amp", "none") == "fp16")
+    return train_step.scaler(getattr(args, "amp", "none"), device)
 
 
 def maybe_compile(model, args):
     """torch.compile(model) with --compile. Save `unwrap(model).state_dict()` in checkpoints."""
-    return torch.compile(model) if getattr(args, "compile", False) else model
+    return train_step.compile_model(model, bool(getattr(args, "compile", False)))
 
 
 def shard(model, units, args, device):
@@ -384,33 +303,15 @@ def shard(model, units, args, device):
 
 
 def distribute(model, device, args=None):
-    """Wrap in DistributedDataParallel under torchrun (world size > 1); unchanged otherwise, and
-    for a model that `shard` sharded (FSDP2 does the gradient reduction itself).
-
-    `args`: the run's flags; a Hessian trace (--hessian) is refused under DDP, whose reducer cannot
-    take the second backward (a script that runs the forward through the module itself instead can
-    use it: MetaOptimize then averages the gradients and products across the ranks)."""
-    if _DIST["world_size"] <= 1 or sharded.is_sharded(model):
-        return model
-    if getattr(args, "hessian", "none") not in (None, "none"):
-        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({_DIST['world_size']} ranks): its "
+    """`distributed.distribute` (DDP under torchrun), after refusing a Hessian trace (--hessian)
+    under DDP, whose reducer cannot take the second backward (a script that runs the forward through
+    the module itself instead can use it: MetaOptimize then averages the gradients and products
+    across the ranks). `args`: the run's flags."""
+    world = distributed.world_size()
+    if world > 1 and not sharded.is_sharded(model) and getattr(args, "hessian", "none") not in (None, "none"):
+        raise UsageError(f"--hessian {args.hessian} does not work with DDP ({world} ranks): its "
                          "reducer cannot take the second backward; run on one process (python3, not torchrun)")
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = torch.device(device)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def gradient_sync(net, sync: bool):
-    """A context for the forward and backward of one micro-batch of gradient accumulation: with
-    sync=False the gradients only accumulate on this rank (DDP's no_sync; FSDP2 keeps them unsharded),
-    the backward with sync=True reduces their sum. A no-op for one process without --fsdp."""
-    wrapped = getattr(net, "_orig_mod", net)  # under torch.compile
-    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext() if sync else wrapped.no_sync()
-    if sharded.is_sharded(wrapped):
-        sharded.set_gradient_sync(wrapped, sync)
-    return contextlib.nullcontext()
+    return distributed.distribute(model, device)
 
 
 def training_state(model, optimizer, scheduler, scaler) -> dict:
@@ -443,51 +344,6 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-
-
-def backward_and_step(loss, optimizer, scaler, scheduler=None) -> None:
-    """zero_grad, (scaled) backward, optimizer step (the scaler skips it on overflow), schedule step.
-
-    An optimizer that reads the gradient's graph (MetaOptimize with --hessian) gets
-    `backward(create_graph=True)`, and its gradients are dropped after the step (they hold the graph)."""
-    optimizer.zero_grad(set_to_none=True)
-    graph = graph_backward(scaler.scale(loss), optimizer)
-    scaler.step(optimizer)
-    scaler.update()
-    if graph:
-        optimizer.zero_grad(set_to_none=True)  # frees this step's graph before the next forward
-    if scheduler is not None:
-        scheduler.step()
-
-
-def graph_backward(loss, optimizer) -> bool:
-    """`loss.backward()`, with create_graph=True when the optimizer's step needs the gradient's graph
-    (a Hessian trace); returns whether it did."""
-    from common.optim_flags import needs_graph
-
-    if not needs_graph(optimizer):
-        loss.backward()
-        return False
-    with warnings.catch_warnings():  # torch warns of the param <-> grad cycle; we drop the grads each step
-        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        loss.backward(create_graph=True)
-    return True
-
-
-def unwrap(model):
-    """The plain module under torch.compile / DDP wrappers (its state_dict keys have no prefixes)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-# --------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------
 
 
 def _to_python(value):
@@ -563,20 +419,16 @@ class Run:
             # a timestamp plus a random suffix: runs started in the same second get their own folders
             name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
             if self.world_size > 1:  # every rank must use rank 0's timestamp
-                import torch.distributed as dist
-
                 box = [name]
                 dist.broadcast_object_list(box, src=0)
                 name = box[0]
         args.run_name = self.name = str(name)
         self.dir = Path(getattr(args, "save_directory", "outputs")) / self.name
         self.resume_requested = bool(getattr(args, "resume", False))
-        self._stop_at = getattr(args, "stop_at_step", None)
 
         self._opened = False
         self._closed = False
-        self._metrics_file = None
-        self._wandb = None
+        self._log = None  # the MetricLog, once the folder is claimed
         self._lock = None
         self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
         self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
@@ -588,9 +440,8 @@ class Run:
         self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
         self._elapsed_before = 0.0  # training seconds of earlier segments of this run (from the checkpoint)
         self._t0 = time.monotonic()
-        self._stop_flag = False
-        self._stop_calls = 0
-        self.stop_reason: str | None = None
+        self._stopper = StopControl(self.max_time, getattr(args, "max_time", None), getattr(args, "stop_at_step", None),
+                                    self.is_main, self.world_size, self.device)
 
         for run in list(_ACTIVE):  # an earlier run of this process on this folder that never closed
             if run.dir.resolve() == self.dir.resolve():
@@ -602,8 +453,6 @@ class Run:
             except tuple(_CLAIM_ERRORS.values()) as e:
                 error = e
         if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
-            import torch.distributed as dist
-
             box = [None if error is None else (type(error).__name__, str(error))]
             dist.broadcast_object_list(box, src=0)
             if box[0] is not None and error is None:
@@ -620,12 +469,7 @@ class Run:
                 self.close()
                 raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
         seed_everything(int(getattr(args, "seed", 0)))
-        self._old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            with contextlib.suppress(ValueError, OSError):  # not the main thread: no handlers
-                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
-                    continue  # started with Ctrl-C ignored (nohup, `&` in a script): keep it so
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._stopper.install()
 
     def _claim_folder(self):
         """Rank 0: create and lock the run folder, clear stale temp files, apply the resume rules."""
@@ -673,12 +517,26 @@ class Run:
 
     # ---- time and stopping ---------------------------------------------------------------
 
-    def _on_signal(self, signum, frame):  # only sets a flag; the loop saves between steps
-        self._stop_flag = True
-        self.stop_reason = signal.Signals(signum).name
-        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nCtrl-C: stopping with a checkpoint after this step (press it again to abort)", file=sys.stderr)
+    @property
+    def stop_reason(self) -> str | None:
+        """Why should_stop() said yes (a signal's name, "--max-time ...", "another rank stopped")."""
+        return self._stopper.reason
+
+    @stop_reason.setter
+    def stop_reason(self, value):
+        self._stopper.reason = value
+
+    @property
+    def _stop_flag(self) -> bool:  # tests set it: as if only this rank got the signal
+        return self._stopper.flag
+
+    @_stop_flag.setter
+    def _stop_flag(self, value):
+        self._stopper.flag = bool(value)
+
+    @property
+    def _on_signal(self):
+        return self._stopper.on_signal
 
     def elapsed(self) -> float:
         """Seconds of training so far, over all segments of a resumed run."""
@@ -690,29 +548,9 @@ class Run:
         `step` (optimizer steps done) serves the hidden test flag --stop-at-step: from that step on,
         rank 0 sends itself SIGTERM. Under DDP the ranks agree (an all-reduce every
         DDP_STOP_CHECK_EVERY calls; every call with --stop-at-step, so tests stop at that step), so
-        call it the same number of times on every rank.
+        call it the same number of times on every rank (common/stop_control.py).
         """
-        if self._stop_at is not None and step is not None and step >= self._stop_at and self.is_main \
-                and not self._stop_flag:
-            if signal.SIGTERM in self._old_handlers:
-                os.kill(os.getpid(), signal.SIGTERM)  # our handler runs before the next bytecode
-            else:  # no handler of ours (not the main thread): only what it would do
-                self._stop_flag, self.stop_reason = True, "SIGTERM"
-        if not self._stop_flag and self.max_time is not None and time.monotonic() - PROCESS_START >= self.max_time:
-            self._stop_flag = True
-            self.stop_reason = f"--max-time {self.args.max_time}"
-        if self.world_size <= 1:
-            return self._stop_flag
-        self._stop_calls += 1
-        if self._stop_calls % DDP_STOP_CHECK_EVERY and self._stop_at is None:  # --stop-at-step: every call
-            return False
-        import torch.distributed as dist
-
-        flag = torch.tensor([float(self._stop_flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and not self._stop_flag:
-            self._stop_flag, self.stop_reason = True, "another rank stopped"
-        return self._stop_flag
+        return self._stopper.should_stop(step)
 
     def stop(self, progress: dict, where: str) -> int:
         """Stop early: checkpoint (unless one of this step exists), close, say how to continue; returns 0."""
@@ -727,38 +565,12 @@ class Run:
     # ---- divergence ------------------------------------------------------------------------
 
     def _check_state(self, optimizer, step) -> dict:
-        """The step sizes as metrics (`step_size/block_i`, or min/median/max for many blocks), after
-        checking that they and the weights are finite (else Diverged). One host sync."""
-        from common.optim_flags import current_step_sizes
-
-        sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
-        keys, shown = step_size_metrics(sizes)
-        many = sizes.numel() > MAX_LOGGED_BLOCKS
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        finite = torch.stack([torch.isfinite(sharded.local(p).detach()).all().to(sizes.device) for p in params]).all() \
-            if params else torch.ones((), dtype=torch.bool, device=sizes.device)
-        if self.world_size > 1 and sharded.any_sharded(params):  # each rank checked its own shards
-            import torch.distributed as dist
-
-            finite = finite.float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        nonfinite_sizes = (~torch.isfinite(sizes)).sum()
-        # MetaOptimize's count of meta updates skipped on a non-finite z, read in the same host sync
-        skipped = getattr(optimizer, "skipped_nonfinite", None)
-        extra = [skipped.to(sizes.device).float().reshape(1)] if torch.is_tensor(skipped) else []
-        *values, nonfinite_sizes, weights_finite = torch.cat(
-            [shown, *extra, torch.stack([nonfinite_sizes.float(), finite.float()])]).tolist()
-        if extra:
-            keys = [*keys, "meta/skipped_nonfinite"]
-            values[-1] = int(values[-1])
-        if nonfinite_sizes:
-            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-            which = f"the step size of block {bad} is {values[bad]}" if not many and bad is not None \
-                else "a step size is not finite"
-            self._diverge(step, f"{which} ({int(nonfinite_sizes)} of {sizes.numel()} blocks)")
-        if not weights_finite:
-            self._diverge(step, "a weight is not finite")
-        return dict(zip(keys, values))
+        """The step sizes as metrics (common/step_metrics.py), after checking that they and the
+        weights are finite (else Diverged). One host sync."""
+        checked = check_state(optimizer, self.world_size)
+        if checked.problem is not None:
+            self._diverge(step, checked.problem)
+        return checked.metrics
 
     def _check_metrics(self, metrics: dict, step) -> None:
         """A non-finite loss or step size among `metrics` ends the run as diverged. With an enabled
@@ -824,36 +636,22 @@ class Run:
         if self._opened or not self.is_main:
             self._opened = True
             return
+        config = None
         if not (self.resume_requested and (self.dir / CONFIG).exists()):
             config = {k: _to_python(v) for k, v in vars(self.args).items()}
             config.update(experiment=self.experiment, command=list(sys.argv),
                           start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
-            runfolder.write_json(self.dir / CONFIG, config)
-        try:
-            self._metrics_file = open(self.dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
+        wandb = None
         if getattr(self.args, "wandb", False):
-            self._init_wandb()
+            wandb = dict(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
+                         config={**{k: _to_python(v) for k, v in vars(self.args).items()}, "experiment": self.experiment})
+        self._log = MetricLog(self.dir, wandb)
+        self._log.open(config)
         self._opened = True
 
-    def _init_wandb(self):
-        import wandb
-
-        id_file = self.dir / WANDB_ID
-        if id_file.exists():
-            run_id = id_file.read_text().strip()
-        else:
-            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            atomic_write_bytes(id_file, lambda f: f.write(run_id.encode()))
-        config = {k: _to_python(v) for k, v in vars(self.args).items()}
-        config["experiment"] = self.experiment
-        self._wandb = wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
-                                 id=run_id, resume="allow", config=config, dir=str(self.dir))
-        # our own step as the x axis: after a resume the steps between the checkpoint and the
-        # interruption are logged again, which wandb's monotonic internal step would drop
-        self._wandb.define_metric("step")
-        self._wandb.define_metric("*", step_metric="step")
+    @property
+    def _wandb(self):
+        return self._log.wandb if self._log is not None else None
 
     def log(self, metrics: dict, step: int) -> None:
         """One line in metrics.jsonl (with "step" and "time") and one wandb.log (rank 0).
@@ -867,13 +665,7 @@ class Run:
             return
         self._open()  # checks that the folder is still this run's
         record = {"step": int(step), "time": round(self.elapsed(), 3), **metrics}
-        try:
-            self._metrics_file.write(json.dumps(record) + "\n")
-            self._metrics_file.flush()
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.dir / METRICS)) from None
-        if self._wandb is not None:
-            self._wandb.log(record)
+        self._log.write(record)
 
     def log_step_sizes(self, optimizer, step: int, extra: dict | None = None) -> bool:
         """Every --log-every steps: log the step size per block (`step_size/block_i`) plus `extra`,
@@ -897,10 +689,7 @@ class Run:
         return True
 
     def _metrics_offset(self) -> int:
-        if self._metrics_file is None:
-            return 0
-        self._metrics_file.flush()
-        return self._metrics_file.tell()
+        return self._log.offset() if self._log is not None else 0
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -957,8 +746,6 @@ class Run:
         its name, to go into checkpoint.pt."""
         box = [runfolder.SHARDS.format(secrets.token_hex(4))]
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.broadcast_object_list(box, src=0)
         folder = self.dir / box[0]
         try:
@@ -1008,8 +795,6 @@ class Run:
             # checked again before the replace: the folder may have been replaced during a long write
             atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f), check=self._check_folder)
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def _config_id(self) -> str:
@@ -1117,7 +902,7 @@ class Run:
             config.setdefault("changes", []).append(
                 {"step": step, "flag": cli.flag_name(key), "key": key, "old": old, "new": new})
         self._check_folder()
-        runfolder.write_json(self.dir / CONFIG, config)
+        MetricLog(self.dir).write_config(config)
 
     # ---- the end -------------------------------------------------------------------------
 
@@ -1132,17 +917,11 @@ class Run:
         for bar in self._bars:
             bar.close()
         self._bars = []
-        if self._metrics_file is not None:
-            with contextlib.suppress(OSError):
-                self._metrics_file.close()
-            self._metrics_file = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        for sig, handler in getattr(self, "_old_handlers", {}).items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, handler)
-        self._old_handlers = {}
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if hasattr(self, "_stopper"):
+            self._stopper.restore()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -1,6 +1,6 @@
 """Step sizes in the tools people train with: a Lightning callback and an HF Trainer callback that
 log an optimizer's step size per block under the experiments' keys (`step_size/block_i`, or
-`step_size/min`, `/median`, `/max` beyond 64 blocks: `common.harness.step_size_metrics`).
+`step_size/min`, `/median`, `/max` beyond 64 blocks: `common.step_metrics.step_size_metrics`).
 
     from common.integrations import StepSizeMonitor      # Lightning
     trainer = L.Trainer(callbacks=[StepSizeMonitor()])
@@ -21,8 +21,8 @@ import functools
 
 import torch
 
-from common.harness import step_size_metrics
 from common.optim_flags import current_step_sizes
+from common.step_metrics import step_size_metrics
 
 __all__ = ["step_size_logs"]  # and, imported by name (they import their framework), StepSizeMonitor, StepSizeCallback
 

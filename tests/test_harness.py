@@ -14,7 +14,7 @@ import pytest
 import torch
 from checks import free_port
 
-from common import harness
+from common import harness, stop_control
 from common.optimizers import MetaOptimize
 
 
@@ -344,10 +344,10 @@ def test_signal_sets_stop_flag(tmp_path, sig):
 
 def test_max_time_counts_process_wall_time(tmp_path, monkeypatch):
     # --max-time counts from process start; pytest's process may be minutes old by now
-    monkeypatch.setattr(harness, "PROCESS_START", time.monotonic())
+    monkeypatch.setattr(stop_control, "PROCESS_START", time.monotonic())
     run = harness.start_run(make_args(tmp_path, "--max-time", "00:01:00"), "x")
     assert run.max_time == 60.0 and not run.should_stop()
-    monkeypatch.setattr(harness, "PROCESS_START", harness.PROCESS_START - 61)
+    monkeypatch.setattr(stop_control, "PROCESS_START", stop_control.PROCESS_START - 61)
     assert run.should_stop() and "--max-time" in run.stop_reason
     run.close()
 
