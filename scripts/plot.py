@@ -78,8 +78,6 @@ from summarize import (  # noqa: E402  (scripts/ is not a package)
     varying_keys,
 )
 
-from common import specs  # noqa: E402  (which flags belong to which optimizer)
-
 # metrics drawn against epochs/iterations, with their axis labels
 CURVE_METRICS = {"test/acc": "test accuracy (%)", "val/loss": "validation loss", "train/loss": "training loss"}
 # the metric of the alpha0 robustness figure: the first of these the runs have
@@ -93,12 +91,20 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 # --------------------------------------------------------------------------------------
 
 
+def _specs():
+    """common.specs (which flags belong to which optimizer), imported at first use: it imports torch,
+    and the scripts' imports stay torch-free (a login node, `sweep.py`'s start-up)."""
+    from common import specs
+
+    return specs
+
+
 def _optimizer_options(config: dict) -> set[str] | None:
     """The keys of a run's config.json that belong to its optimizer: those of its spec (common/specs.py,
     from the flags it records; the recorded `optimizer_spec` is that same spec). None when the config is
     not one the registry can read (another --optimizer): then every key counts."""
     try:
-        return set(specs.spec_from_args(argparse.Namespace(**config)))
+        return set(_specs().spec_from_args(argparse.Namespace(**config)))
     except (ValueError, TypeError):
         return None
 
@@ -106,7 +112,7 @@ def _optimizer_options(config: dict) -> set[str] | None:
 def _relevant(key: str, own: set[str] | None) -> bool:
     """Whether a config key means something for the run (config.json holds every flag): an option of
     its optimizer, or no optimizer's option at all."""
-    return own is None or key in own or not specs.is_option(key)
+    return own is None or key in own or not _specs().is_option(key)
 
 
 def method_label(config: dict, keys: list[str]) -> str:
