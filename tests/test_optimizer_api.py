@@ -166,9 +166,8 @@ def test_state_dict_hooks_see_the_meta_state():
     assert seen[0][:3] == ["alg_base", "alg_meta", "beta"] and seen[1] is True
 
 
-def test_complex_parameters_are_refused_by_the_packaged_class_which_follows_the_dtype():
-    with pytest.raises(ValueError, match="complex"):  # MetaOptimize takes them: tests/test_complex_params.py
-        MetaOptimize_AdamW_Lion_hg([nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+def test_the_packaged_class_follows_the_dtype_and_hvp_refuses_complex_parameters():
+    # complex parameters (as their real views) are held against the real run in tests/test_complex_params.py
     with pytest.raises(ValueError, match="hessian='hvp' does not support complex"):
         MetaOptimize([nn.Parameter(torch.zeros(3, dtype=torch.complex64))], alg_meta="SGD", hessian="hvp")
     p = nn.Parameter(torch.randn(4, dtype=torch.float64))
