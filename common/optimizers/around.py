@@ -16,7 +16,7 @@ from . import sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
-from .metaoptimize import _positional, meta_settings, meta_update
+from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -343,9 +343,5 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             return None
         mask = self._masks.get(active)
         if mask is None:
-            host = torch.zeros(self.num_blocks, dtype=torch.bool)
-            lay = self._layout
-            for i in active:
-                host[lay.starts[i]:lay.starts[i] + lay.units[i]] = True
-            mask = self._masks[active] = host.to(self._beta.device)
+            mask = self._masks[active] = blocks_of(self._layout, active, self.num_blocks).to(self._beta.device)
         return mask

@@ -108,6 +108,15 @@ def meta_update(alg_meta, beta, z, meta_state: dict, hp: dict, t: int, mask=None
         torch.where(mask, new, buf, out=buf)
 
 
+def blocks_of(layout, active, num_blocks: int) -> Tensor:
+    """A host bool per block: True for the blocks of the tensors `active` (indices into the layout),
+    those that had a gradient this step."""
+    mask = torch.zeros(num_blocks, dtype=torch.bool)
+    for i in active:
+        mask[layout.starts[i]:layout.starts[i] + layout.units[i]] = True
+    return mask
+
+
 def keep_nonfinite(z, keep, skipped):
     """The uint8 `keep` mask of a fused meta update (set: the block keeps its state) with the blocks
     whose z is not finite added, counted in `skipped`; as `meta_update` does."""
@@ -623,10 +632,7 @@ class MetaOptimize(torch.optim.Optimizer):
             return None
         masks = self._masks.get(active)
         if masks is None:
-            mask = torch.zeros(self.num_blocks, dtype=torch.bool)
-            lay = self._layout
-            for i in active:
-                mask[lay.starts[i]:lay.starts[i] + lay.units[i]] = True
+            mask = blocks_of(self._layout, active, self.num_blocks)
             masks = self._masks[active] = (mask.to(self._beta.device), (~mask).to(torch.uint8))
         return masks[1] if keep else masks[0]
 
