@@ -24,6 +24,7 @@ are seeded by --seed, the epoch and its index): it ends with the weights of an u
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total_steps=args.epochs * steps_per_epoch)
     scaler = harness.grad_scaler(args, device)
+    # an overflow the scaler skipped is not divergence: the epoch's cumulative sums would keep its inf
+    skips_overflow = scaler.is_enabled()
 
     epoch, batch, step = 0, 0, 0  # next epoch, next batch within it, optimizer steps done
     sums = torch.zeros(3, device=device)  # this epoch's train loss sum, correct, count (this rank; no sync)
@@ -216,13 +219,17 @@ def main(argv=None) -> int:
                 harness.backward_and_step(loss, optimizer, scaler, scheduler)
                 step, batch, images_here = step + 1, batch + 1, images_here + len(labels)
                 with torch.no_grad():  # device-side sums, read every --log-every steps
-                    sums[0] += loss.detach().float() * len(labels)
-                    sums[1] += (out.argmax(1) == labels).sum()
-                    sums[2] += len(labels)
+                    batch_sums = torch.stack([loss.detach().float() * len(labels),
+                                              (out.argmax(1) == labels).sum().float(),
+                                              torch.tensor(float(len(labels)), device=device)])
+                    if skips_overflow:  # a loss the GradScaler skipped (fp16 overflow) stays out of the sums
+                        batch_sums = torch.where(torch.isfinite(batch_sums[0]), batch_sums, 0.0)
+                    sums += batch_sums
                 bar.update()
                 if step % run.log_every == 0:  # every rank: the sums are reduced over the ranks
                     totals = all_reduce_sum(sums, run.world_size)
                     loss_sum, correct, count = (a - b for a, b in zip(totals, logged))
+                    count = count or math.nan  # a window of skipped steps only: logged as null, as one overflow
                     now = time.monotonic()
                     record = {"epoch": epoch + batch / steps_per_epoch, "train/loss": loss_sum / count,
                               "train/acc": 100.0 * correct / count, "images_per_s": count / (now - t_log)}
@@ -235,6 +242,7 @@ def main(argv=None) -> int:
         bar.close()
 
         train_loss, train_correct, train_count = all_reduce_sum(sums, run.world_size)
+        train_count = train_count or math.nan
         images_per_s = images_here * run.world_size / max(time.monotonic() - t_epoch, 1e-9)
         sync_buffers(model, run.world_size)
         test = evaluate(model, val, normalize, optimizer, args, run, int(val_batches))

@@ -223,3 +223,31 @@ def test_torchrun_two_ranks_identical_weights(image_folder, tmp_path):
     n = CLASSES * VAL_PER_CLASS
     for key in ("test/acc", "test/acc5"):
         assert epoch[0][key] * n / 100 == pytest.approx(round(epoch[0][key] * n / 100))
+
+
+def test_an_fp16_overflow_the_scaler_skipped_does_not_end_the_run(tmp_path, monkeypatch):
+    """Issue 28 item 6: one step whose loss overflows under --amp fp16 (the GradScaler skips it) leaves its
+    batch out of the epoch's sums, so the window averages after it stay finite and the run finishes. Before,
+    the epoch's cumulative sums kept the inf and the next log of the window ended the run as diverged."""
+    spec = importlib.util.spec_from_file_location("imagenet_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def spiking(out, labels, **kwargs):  # the 2nd training loss overflows (inf or nan gradients: a skipped step)
+        calls.append(out.requires_grad)
+        loss = torch.nn.functional.cross_entropy(out, labels, **kwargs)
+        return loss * float("inf") if calls.count(True) == 2 and out.requires_grad else loss
+
+    monkeypatch.setattr(module, "F", type("F", (), {"cross_entropy": staticmethod(spiking)}))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = ["--dummy", "--dummy-size", "32", "--epochs", "1", "--amp", "fp16", "--save-directory", tmp_path,
+            "--run-name", "o", "--alg-base", "AdamW", "--alg-meta", "Lion", "--alpha0", "1e-4", *SMALL]
+    args[args.index("--log-every") + 1] = "2"  # the overflow falls inside a window, not at its end
+    assert module.main([str(a) for a in args]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["finished"] and not summary.get("diverged")
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "o") if "train/loss" in r]
+    assert len(losses) == 3 and all(v is not None and np.isfinite(v) for v in losses)  # steps 2, 4 and the epoch
+    state = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    assert state["scaler"]["scale"] < 65536.0  # the scaler did skip a step (and halved its scale)
