@@ -16,7 +16,7 @@ from . import sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
-from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
+from .metaoptimize import _positional, blocks_of, lr_times_alpha, meta_settings, meta_update
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -58,8 +58,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
-    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, which
-    the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
+    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, the step
+    size applied, which the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
     own is unset because its default meta rule, Lion, does not read it; Adam, the default here, does. ``state_dict()`` holds the base state dicts
     and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
     A block whose z is not finite skips that step's meta update, counted in ``skipped_nonfinite``
@@ -174,19 +174,10 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         return torch.exp(self._beta)
 
     def effective_step_sizes(self) -> Tensor:
-        """lr alpha per block (lr of the base param group of the block's first tensor): what the logs
-        show, as MetaOptimize's step_sizes() does. One lr for all: no host-device copy."""
+        """The step size applied now, lr alpha per block (lr of the base param group of the block's
+        first tensor), a device tensor (no host sync), as MetaOptimize's."""
         lr_of = {p: g.get("lr", 0.0) for g in self.param_groups for p in g["params"]}
-        lrs = [lr_of[p] for p in self._params]
-        alpha = torch.exp(self._beta)
-        if all(x is lrs[0] or (not isinstance(x, Tensor) and x == lrs[0]) for x in lrs):
-            return alpha * lrs[0]
-        lay, per_block = self._layout, [None] * self.num_blocks
-        for i, lr in enumerate(lrs):
-            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
-                if per_block[b] is None:
-                    per_block[b] = lr
-        return alpha * torch.stack([torch.as_tensor(x, dtype=alpha.dtype).to(alpha.device) for x in per_block])
+        return lr_times_alpha(self.step_sizes(), [lr_of[p] for p in self._params], self._layout)
 
     # ---- state -----------------------------------------------------------------------------
 
