@@ -44,7 +44,7 @@ def test_lr_scales_the_tuned_step_size_like_a_scaled_alpha(impl):
     base_hp, meta_hp = split_hp(hp)
     ref = Reference(weights, "AdamW", "Adam", 4e-2 * lr, 2e-2, 0.9, block_ids(SHAPES, "scalar"), base_hp, meta_hp)
     step_with_reference(opt, params, ref, curvature, noise, 30)
-    assert_follows_reference(opt, params, ref, alpha_atol=0)
+    assert_follows_reference(opt, params, ref, alpha_atol=0, sizes=opt.effective_step_sizes())
 
 
 @pytest.mark.parametrize("make_scheduler", [
@@ -175,6 +175,19 @@ def test_the_packaged_class_follows_the_dtype_and_hvp_refuses_complex_parameters
     p.grad = torch.randn(4, dtype=torch.float64)
     opt.step()
     assert opt.step_sizes().dtype == torch.float64 and p.dtype == torch.float64
+
+
+def test_step_sizes_are_alpha_and_effective_step_sizes_lr_alpha_per_block():
+    """A block takes the lr of its first tensor's param group; step_sizes() stays alpha."""
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    def groups():
+        return [{"params": [p], "lr": 0.5}, {"params": [q], "lr": 0.1}]
+
+    for opt in (MetaOptimize(groups(), alpha0=1e-3, stepsize_groups="layerwise"),
+                MetaOptimize_AdamW_Lion_hg(groups(), alpha0=1e-3, stepsize_blocks="layerwise")):
+        torch.testing.assert_close(opt.step_sizes(), torch.full((2,), 1e-3))
+        torch.testing.assert_close(opt.effective_step_sizes(), torch.tensor([5e-4, 1e-4]))
+        torch.testing.assert_close(effective_step_sizes(opt), torch.tensor([5e-4, 1e-4]))
 
 
 def test_effective_step_sizes_looks_through_wrappers():
