@@ -58,8 +58,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
 
     ``param_groups`` are the base optimizers' own param group dicts, so LR schedulers and
     gradient clipping act on the base's lr and alpha multiplies it. ``step_sizes()`` returns
-    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, the step
-    size applied, which the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
+    alpha per block as a device tensor (no host sync); ``effective_step_sizes()`` lr alpha, which
+    the experiments log. ``normalizer_param_meta`` defaults to 0.999 (the paper's): MetaOptimize's
     own is unset because its default meta rule, Lion, does not read it; Adam, the default here, does. ``state_dict()`` holds the base state dicts
     and the meta state (beta, meta momentum and normalizer, meta step, traces) together.
     A block whose z is not finite skips that step's meta update, counted in ``skipped_nonfinite``

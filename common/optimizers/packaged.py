@@ -29,8 +29,8 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
 
     As in the torch ecosystem (beyond the authors' package): param groups may set `weight_decay`,
     `b1`, `b2` and `lr` (1 by default, a multiplier on the tuned step size, which LR schedulers
-    change; `step_sizes()` reports alpha, `effective_step_sizes()` lr alpha); a group added later (`add_param_group`) is a new
-    block at alpha0.
+    change; `step_sizes()` reports alpha, `effective_step_sizes()` lr alpha); a group added later
+    (`add_param_group`) is a new block at alpha0.
     """
 
     def __init__(self, params, meta_stepsize=1e-3, alpha0=1e-3, stepsize_blocks="scalar", gamma=0.9999,
