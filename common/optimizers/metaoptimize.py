@@ -230,9 +230,9 @@ class MetaOptimize(torch.optim.Optimizer):
 
     `step_sizes()` returns alpha per block and `effective_step_sizes()` lr alpha (lr of the block's
     first param group), as device tensors (no host sync): `.tolist()` them when you log. State per
-    tensor: "step", "momentum" and "normalizer" as in the spec (sums for AdamW), "trace" (h); beta and the meta state are in
-    `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update their local shards, and z
-    is summed across the shards, so every rank keeps the same beta.
+    tensor: "step", "momentum" and "normalizer" as in the spec (sums for AdamW), "trace" (h); beta
+    and the meta state are in `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update
+    their local shards, and z is summed across the shards, so every rank keeps the same beta.
 
     Non-finite gradients: a block whose z (sum of h g) is NaN or inf at a step skips that step's
     meta update (beta and its meta state unchanged, as for a block without gradients), and
