@@ -12,11 +12,11 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
-from . import sharding
+from . import metaoptimize, sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
-from .metaoptimize import _positional, blocks_of, lr_times_alpha, meta_settings, meta_update
+from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -177,7 +177,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         """The step size applied now, lr alpha per block (lr of the base param group of the block's
         first tensor), a device tensor (no host sync), as MetaOptimize's."""
         lr_of = {p: g.get("lr", 0.0) for g in self.param_groups for p in g["params"]}
-        return lr_times_alpha(self.step_sizes(), [lr_of[p] for p in self._params], self._layout)
+        return metaoptimize.lr_times_alpha(self.step_sizes(), [lr_of[p] for p in self._params], self._layout)
 
     # ---- state -----------------------------------------------------------------------------
 
