@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += len(y)
             bar.update()
-            run.log_step_sizes(optimizer, step)
+            run.log_step(optimizer, step)
             if run.should_stop(step):
                 bar.close()
                 return run.stop(progress(), f"at epoch {epoch + 1}, batch {batch}/{len(train)}")

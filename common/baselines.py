@@ -23,9 +23,10 @@ Extension points used by common/specs.py:
 - OPTION_PREFIXES: --optimizer value -> the prefix of its options' dests
 - add_baseline_args(parser): flags for the baselines' own knobs (defaults = the packages' defaults)
 - build_baseline(name, params, options)
-- effective_step_sizes(optimizer): 1-D tensor of the step size(s) in use, or None
+- d_adapted_step_sizes(optimizer): Prodigy's and DAdaptAdam's step sizes (d * lr), or None
+- the other baselines' classes: an `effective_step_sizes()` method
 
-Step sizes logged (`effective_step_sizes`), comparable to MetaOptimize's alpha:
+Step sizes logged (`common.step_metrics.effective_step_sizes`), comparable to MetaOptimize's lr alpha:
 DoG: eta = lr * rbar / sqrt(G) (one per param group; LDoG one per tensor); Prodigy and
 DAdaptAdam: d * lr (times Adam's bias correction when it is on); ScheduleFree: the warmed-up lr;
 Mechanic: sum(s) * base lr (s scales the base optimizer's accumulated update); gdtuo: the
@@ -66,7 +67,7 @@ __all__ = [
     "GDTUO",
     "add_baseline_args",
     "build_baseline",
-    "effective_step_sizes",
+    "d_adapted_step_sizes",
     "mechanic_optimizer",
 ]
 
@@ -328,17 +329,6 @@ def _build_dadapt_adam(params, options):
         use_bias_correction=bool(_get(options, "dadapt_use_bias_correction")), d0=_positive(options, "dadapt_d0"),
         growth_rate=_number(options, "dadapt_growth_rate", low=1.0, allow_inf=True),
     )
-
-
-def _d_adapted_lr(optimizer) -> torch.Tensor:
-    """Prodigy / DAdaptAdam: the Adam lr of the next step, d * lr (* bias correction)."""
-    sizes = []
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        k = group["k"]
-        bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if group["use_bias_correction"] else 1.0
-        sizes.append(float(group["d"]) * float(group["lr"]) * bc)
-    return torch.tensor(sizes)
 
 
 class _ScheduleFreeTrainMode:
@@ -786,12 +776,16 @@ def build_baseline(name, params, options: Mapping):
     return BASELINES[name](params, options)
 
 
-def effective_step_sizes(optimizer):
-    """The step size(s) a baseline is using, as a 1-D float tensor; None for other optimizers."""
+def d_adapted_step_sizes(optimizer) -> torch.Tensor | None:
+    """Prodigy and DAdaptAdam: the Adam lr of the next step per param group, d * lr (* bias
+    correction), as a 1-D float tensor; None for other optimizers."""
     adapted = _loaded("prodigyopt", "Prodigy") + _loaded("dadaptation", "DAdaptAdam")
-    if adapted and isinstance(optimizer, adapted):
-        return _d_adapted_lr(optimizer)
-    fn = getattr(optimizer, "effective_step_sizes", None)
-    if callable(fn):
-        return fn()
-    return None
+    if not (adapted and isinstance(optimizer, adapted)):
+        return None
+    sizes = []
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        k = group["k"]
+        bc = ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if group["use_bias_correction"] else 1.0
+        sizes.append(float(group["d"]) * float(group["lr"]) * bc)
+    return torch.tensor(sizes)

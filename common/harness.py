@@ -20,7 +20,7 @@ A training script uses it like this (see cifar10/train.py):
     state = run.resume(model, optimizer, scheduler, scaler)   # --resume: the rest of the checkpoint
     for ...:
         ...
-        run.log_step_sizes(optimizer, step)        # every --log-every steps; checks for divergence
+        run.log_step(optimizer, step, {...})       # every --log-every steps; checks for divergence
         if run.should_stop(step):                  # --max-time, SIGTERM, SIGUSR1, SIGINT
             return run.stop(progress(), "at epoch 3, batch 7/500")   # checkpoint, message, exit code 0
     run.log({...}, step)
@@ -667,26 +667,30 @@ class Run:
         record = {"step": int(step), "time": round(self.elapsed(), 3), **metrics}
         self._log.write(record)
 
-    def log_step_sizes(self, optimizer, step: int, extra: dict | None = None) -> bool:
-        """Every --log-every steps: log the step size per block (`step_size/block_i`) plus `extra`,
-        after checking that the step sizes and weights are finite (else: diverged). Every rank calls it.
+    def is_log_step(self, step: int) -> bool:
+        """Whether `log_step` logs at `step` (every --log-every steps)."""
+        return step % self.log_every == 0
+
+    def log_step(self, optimizer, step: int, metrics: dict | None = None) -> None:
+        """Every --log-every steps: check that the step sizes and weights are finite (else:
+        diverged), and log the step sizes (`step_size/block_i`, `common.step_metrics`) with
+        `metrics` in one line. Every rank calls it; on other steps it does nothing.
 
         More than 64 blocks: `step_size/min`, `step_size/median`, `step_size/max`. Optimizers with
-        an lr (the scheduled AdamW baseline) also log `lr`. Returns whether it logged.
+        an lr (the scheduled AdamW baseline) also log `lr`.
         """
-        if step % self.log_every:
-            return False
-        metrics = self._check_state(optimizer, step)
+        if not self.is_log_step(step):
+            return
+        record = self._check_state(optimizer, step)
         # the lr of optimizers whose step size it is (MetaOptimize's lr only scales its step sizes)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         if hasattr(optimizer, "step_sizes"):
             lr = None
         if isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1):
-            metrics["lr"] = _to_python(lr)
-        if extra:
-            metrics.update(extra)
-        self.log(metrics, step)
-        return True
+            record["lr"] = _to_python(lr)
+        if metrics:
+            record.update(metrics)
+        self.log(record, step)
 
     def _metrics_offset(self) -> int:
         return self._log.offset() if self._log is not None else 0

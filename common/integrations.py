@@ -9,7 +9,7 @@ log an optimizer's step size per block under the experiments' keys (`step_size/b
     trainer = Trainer(model, args, ...)
     StepSizeCallback.attach(trainer)
 
-The step sizes are those of `common.optim_flags.current_step_sizes`: lr alpha per block for
+The step sizes are those of `common.step_metrics.effective_step_sizes`: lr alpha per block for
 MetaOptimize (through the wrappers the frameworks put around it), each group's lr for others.
 They are read (one host sync) only on the steps that log. Lightning and transformers are imported
 when a class is first asked for, so `common` needs neither.
@@ -21,16 +21,9 @@ import functools
 
 import torch
 
-from common.optim_flags import current_step_sizes
-from common.step_metrics import step_size_metrics
+from common.step_metrics import effective_step_sizes, step_size_metrics
 
-__all__ = ["step_size_logs"]  # and, imported by name (they import their framework), StepSizeMonitor, StepSizeCallback
-
-
-def step_size_logs(optimizer, prefix: str = "") -> dict[str, float]:
-    """The step sizes of `optimizer` as metrics (one host sync); `prefix` goes after "step_size/"."""
-    keys, values = step_size_metrics(current_step_sizes(optimizer).float())
-    return {k.replace("step_size/", "step_size/" + prefix, 1): v for k, v in zip(keys, values.tolist())}
+__all__ = []  # imported by name (they import their framework): StepSizeMonitor, StepSizeCallback
 
 
 def __getattr__(name):
@@ -73,7 +66,9 @@ def _lightning_monitor():
             optimizers = trainer.optimizers
             metrics = {}
             for j, optimizer in enumerate(optimizers):
-                metrics.update(step_size_logs(optimizer, f"optimizer_{j}/" if len(optimizers) > 1 else ""))
+                keys, sizes = step_size_metrics(effective_step_sizes(optimizer).float(),
+                                                f"optimizer_{j}/" if len(optimizers) > 1 else "")
+                metrics.update(zip(keys, sizes.tolist()))  # one host sync per optimizer
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -100,7 +95,8 @@ def _hf_callback():
         def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
             if logs is None or optimizer is None or "learning_rate" not in logs:  # training logs only
                 return
-            metrics = step_size_logs(optimizer)
+            keys, sizes = step_size_metrics(effective_step_sizes(optimizer).float())
+            metrics = dict(zip(keys, sizes.tolist()))  # one host sync
             logs.update(metrics)
             last = state.log_history[-1] if state.log_history else {}
             if last.get("step") == state.global_step and "learning_rate" in last:

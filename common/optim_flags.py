@@ -11,7 +11,6 @@ import argparse
 import contextlib
 
 import torch
-from torch import Tensor
 
 from common import baselines, specs
 from common.specs import (
@@ -24,7 +23,7 @@ from common.specs import (
 )
 
 __all__ = ["add_optimizer_args", "as_flags", "build_optimizer", "build_scheduler", "check_optimizer_args",
-           "current_step_sizes", "eval_weights", "needs_graph", "optimizer_choices", "spec_from_args",
+           "eval_weights", "needs_graph", "optimizer_choices", "spec_from_args",
            "HESSIANS", "OPTIMIZER_CHOICES", "STATE_DTYPES"]
 
 
@@ -132,25 +131,6 @@ def needs_graph(optimizer) -> bool:
 def build_scheduler(optimizer, args, total_steps: int):
     """Linear warm-up then cosine decay to 0 for the AdamW baseline; None for MetaOptimize (`specs.build_scheduler`)."""
     return specs.build_scheduler(optimizer, spec_from_args(args), total_steps)
-
-
-def current_step_sizes(optimizer) -> Tensor:
-    """The step size(s) an optimizer is using now, as a 1-D tensor (one entry per block/group).
-
-    MetaOptimize: lr alpha per block (device tensor, no sync; around a base: the base's lr alpha).
-    Others: the lr of each param group.
-    Looks through wrappers that keep the optimizer in `.optimizer` (accelerate, Lightning)."""
-    while not hasattr(optimizer, "step_sizes") and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    if hasattr(optimizer, "effective_step_sizes") and hasattr(optimizer, "step_sizes"):
-        return optimizer.effective_step_sizes()  # MetaOptimize around a base: lr alpha (step_sizes() is alpha)
-    if hasattr(optimizer, "step_sizes"):
-        return optimizer.step_sizes()
-    if type(optimizer).__module__.split(".")[0] not in ("torch",):
-        sizes = baselines.effective_step_sizes(optimizer)
-        if sizes is not None:
-            return sizes
-    return torch.tensor([float(g["lr"]) for g in optimizer.param_groups])
 
 
 @contextlib.contextmanager

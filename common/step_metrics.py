@@ -1,5 +1,7 @@
-"""Step sizes and finiteness as metrics: the key rule every logger of step sizes names them by (the
-harness, common/integrations.py), and the one-host-sync check that step sizes and weights are finite.
+"""Step sizes and finiteness as metrics: the step sizes any optimizer applies now
+(`effective_step_sizes`), the key rule every logger of step sizes names them by
+(`step_size_metrics`: the harness, common/integrations.py), and the one-host-sync check that step
+sizes and weights are finite (`check_state`).
 
 Keys: `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS blocks `step_size/min`,
 `step_size/median`, `step_size/max` (docs/CONTRACTS.md); MetaOptimize's count of meta updates
@@ -12,24 +14,40 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from common import sharded
-from common.optim_flags import current_step_sizes
+from common import baselines, sharded
 
-__all__ = ["MAX_LOGGED_BLOCKS", "StateCheck", "check_state", "step_size_metrics"]
+__all__ = ["MAX_LOGGED_BLOCKS", "StateCheck", "check_state", "effective_step_sizes", "step_size_metrics"]
 
 MAX_LOGGED_BLOCKS = 64  # more blocks than this: log step_size/min, /median, /max instead
 
 
-def step_size_metrics(sizes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+def effective_step_sizes(optimizer) -> Tensor:
+    """The step size(s) any optimizer applies now, as a 1-D tensor (one entry per block or group):
+    its own `effective_step_sizes()` where it has one (MetaOptimize, MetaOptimize.around and the
+    packaged class: lr alpha per block, a device tensor, no host sync; the baselines), the d-adapted
+    lr of Prodigy and D-Adaptation, else the lr of each param group. Looks through wrappers that
+    keep the optimizer in `.optimizer` (accelerate, Lightning)."""
+    while not hasattr(optimizer, "effective_step_sizes") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if hasattr(optimizer, "effective_step_sizes"):
+        return optimizer.effective_step_sizes()
+    sizes = baselines.d_adapted_step_sizes(optimizer)
+    if sizes is not None:
+        return sizes
+    return torch.tensor([float(g["lr"]) for g in optimizer.param_groups])
+
+
+def step_size_metrics(sizes: Tensor, prefix: str = "") -> tuple[list[str], Tensor]:
     """The metric keys of a 1-D tensor of step sizes and the values logged under them (a tensor on
-    the sizes' device: no host sync): `step_size/block_i` per block, or beyond MAX_LOGGED_BLOCKS
-    blocks `step_size/min`, `step_size/median`, `step_size/max`."""
+    the sizes' device: no host sync): `step_size/<prefix>block_i` per block, or beyond
+    MAX_LOGGED_BLOCKS blocks `step_size/<prefix>min`, `/<prefix>median`, `/<prefix>max`."""
     sizes = sizes.detach().reshape(-1)
     if sizes.numel() > MAX_LOGGED_BLOCKS:
-        return ["step_size/min", "step_size/median", "step_size/max"], torch.stack(
+        return [f"step_size/{prefix}{k}" for k in ("min", "median", "max")], torch.stack(
             [sizes.min(), sizes.median(), sizes.max()])
-    return [f"step_size/block_{i}" for i in range(sizes.numel())], sizes
+    return [f"step_size/{prefix}block_{i}" for i in range(sizes.numel())], sizes
 
 
 class StateCheck:
@@ -45,7 +63,7 @@ def check_state(optimizer, world_size: int = 1) -> StateCheck:
     """The step sizes of `optimizer` as metrics, and whether they and its weights are finite, in one
     host sync. Under several ranks with sharded parameters each rank checks its own shards and the
     ranks agree (an all-reduce)."""
-    sizes = current_step_sizes(optimizer).detach().float().reshape(-1)
+    sizes = effective_step_sizes(optimizer).detach().float().reshape(-1)
     keys, shown = step_size_metrics(sizes)
     many = sizes.numel() > MAX_LOGGED_BLOCKS
     params = [p for g in optimizer.param_groups for p in g["params"]]

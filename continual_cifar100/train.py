@@ -275,7 +275,9 @@ def train(args) -> dict | None:
                                         refresh=False)
                 else:
                     record = None
-                if not run.log_step_sizes(optimizer, step, extra=record) and record:
+                if run.is_log_step(step):
+                    run.log_step(optimizer, step, record)
+                elif record:
                     run.log(record, step)
                 if step < end and run.should_stop(step):  # at a task's last step, stop after its evaluation
                     bar.close()

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
 
     if state is None:  # the step sizes at the start (alpha0), so that their curves begin there
         alpha = weight_step_sizes(optimizer, args.num_seeds, args.num_inputs)
-        run.log_step_sizes(optimizer, 0, extra=step_size_record(alpha, seeds, args.num_relevant))
+        run.log_step(optimizer, 0, step_size_record(alpha, seeds, args.num_relevant))
     measure_from = args.num_examples - args.measure_last  # examples with index >= this are measured
     bar = run.progress(args.num_examples, desc=f"{args.method} ({args.num_seeds} seeds)", initial=step)
     xs = ys = None
@@ -290,7 +290,9 @@ def main(argv=None) -> int:
                 record.update(final_metrics())
             sq_window.zero_()
             window = 0
-            if not run.log_step_sizes(optimizer, step, extra=record):
+            if run.is_log_step(step):
+                run.log_step(optimizer, step, record)
+            else:
                 run.log(record, step)
             bar.update(step - bar.n)
             bar.set_postfix_str(f"mse {record['train/loss']:.3g}", refresh=False)

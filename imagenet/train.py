@@ -44,9 +44,9 @@ from common.optim_flags import (
     add_optimizer_args,
     build_optimizer,
     build_scheduler,
-    current_step_sizes,
     eval_weights,
 )
+from common.step_metrics import effective_step_sizes
 
 # the paper's ImageNet setting (spec section 7); every one is a flag
 NUM_EPOCHS = 90
@@ -226,14 +226,14 @@ def main(argv=None) -> int:
                         batch_sums = torch.where(torch.isfinite(batch_sums[0]), batch_sums, 0.0)
                     sums += batch_sums
                 bar.update()
-                if step % run.log_every == 0:  # every rank: the sums are reduced over the ranks
+                if run.is_log_step(step):  # every rank: the sums are reduced over the ranks
                     totals = all_reduce_sum(sums, run.world_size)
                     loss_sum, correct, count = (a - b for a, b in zip(totals, logged))
                     count = count or math.nan  # a window of skipped steps only: logged as null, as one overflow
                     now = time.monotonic()
                     record = {"epoch": epoch + batch / steps_per_epoch, "train/loss": loss_sum / count,
                               "train/acc": 100.0 * correct / count, "images_per_s": count / (now - t_log)}
-                    run.log_step_sizes(optimizer, step, extra=record)
+                    run.log_step(optimizer, step, record)
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                     logged, t_log = totals, now
                 if run.should_stop(step):
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
 
     if args.weights_checksum:  # every rank (a collective under --fsdp)
         print(f"weights-checksum rank={run.rank} {sharded.weights_digest(model)} "  # one write: ranks share stdout
-              f"step_sizes={current_step_sizes(optimizer).tolist()}\n", end="", flush=True)
+              f"step_sizes={effective_step_sizes(optimizer).tolist()}\n", end="", flush=True)
     run.finish({"final": last, "best": best})
     if run.is_main and last:
         print(f"best top-1 {best['test/acc']:.2f}% (epoch {best['epoch']}), final top-1 {last['test/acc']:.2f}% "

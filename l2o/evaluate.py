@@ -368,7 +368,9 @@ def main(argv=None) -> int:
             last = evaluation()
             record.update(last)
         # the paper's optimizers: their step sizes every --log-every steps
-        if args.method in OWN.values() or not run.log_step_sizes(optimizer, step, extra=record):
+        if args.method not in OWN.values() and run.is_log_step(step):
+            run.log_step(optimizer, step, record)
+        else:
             run.log(record, step)
         if step < args.num_steps and run.should_stop(step):
             return run.stop(progress(), f"at step {step}")

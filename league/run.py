@@ -88,8 +88,8 @@ def train(job: dict) -> str:
                 with torch.no_grad(), eval_weights(opt):  # DoG: its averaged weights; Schedule-Free: its x
                     value = inst.evaluate()
                 # the step sizes are logged (and the weights checked finite) with the metrics
-                run.log_step_sizes(opt, step, {"train/loss": loss.item(), wl.metric: value,
-                                               "train_time": round(train_time, 4)})
+                run.log_step(opt, step, {"train/loss": loss.item(), wl.metric: value,
+                                         "train_time": round(train_time, 4)})
                 start = time.perf_counter()
         run.finish({"final": {wl.metric: value}, "train_time": train_time})
     except harness.Diverged:

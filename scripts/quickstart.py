@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.optim_flags import current_step_sizes, eval_weights
+from common.optim_flags import eval_weights
 from common.specs import STATE_DTYPES, build_optimizer, resolve_spec
+from common.step_metrics import effective_step_sizes
 
 # ---- defaults (every one is a flag below) ----------------------------------------------
 ALPHAS = "1e-6,1e-5,1e-4,1e-3,1e-2"  # alpha0 grid
@@ -226,7 +227,7 @@ def train_one(data, args, method: str, alpha0: float, seed: int) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step_sizes.append(current_step_sizes(opt).float().cpu())
+            step_sizes.append(effective_step_sizes(opt).float().cpu())
     with torch.no_grad(), eval_weights(opt):  # DoG: its averaged weights; Schedule-Free: its x
         test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
         train_loss = F.cross_entropy(model(x_train), y_train).item()

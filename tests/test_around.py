@@ -546,20 +546,20 @@ def test_the_wrapper_keeps_at_most_two_floats_per_weight(groups, meta):
 # ---- step sizes and defaults ---------------------------------------------------------------------
 
 def test_step_sizes_are_alpha_and_the_logs_lr_alpha():
-    from common.optim_flags import current_step_sizes
+    from common.step_metrics import effective_step_sizes
 
     p, q = nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(2))
     base = torch.optim.AdamW([{"params": [p], "lr": 0.1}, {"params": [q]}], lr=0.01)
     opt = MetaOptimize.around(base, alpha0=0.5, stepsize_groups="nodewise")
     torch.testing.assert_close(opt.step_sizes(), torch.full((5,), 0.5))
-    torch.testing.assert_close(current_step_sizes(opt), torch.tensor([0.05, 0.05, 0.05, 0.005, 0.005]))
+    torch.testing.assert_close(effective_step_sizes(opt), torch.tensor([0.05, 0.05, 0.05, 0.005, 0.005]))
     one = MetaOptimize.around(torch.optim.AdamW([p, q], lr=0.01), alpha0=0.5)
-    torch.testing.assert_close(current_step_sizes(one), torch.tensor([0.005]))
+    torch.testing.assert_close(effective_step_sizes(one), torch.tensor([0.005]))
     sched = torch.optim.lr_scheduler.StepLR(one, step_size=1, gamma=0.1)
     p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
     one.step()
     sched.step()  # the logs follow the base's scheduled lr; alpha stays alpha
-    torch.testing.assert_close(current_step_sizes(one), 1e-3 * one.step_sizes())
+    torch.testing.assert_close(effective_step_sizes(one), 1e-3 * one.step_sizes())
 
 
 def test_meta_defaults_are_the_documented_ones():

@@ -24,7 +24,8 @@ from checks import assert_same, through_checkpoint
 from gradient_descent_the_ultimate_optimizer import gdtuo
 
 from common import baselines
-from common.optim_flags import add_optimizer_args, build_optimizer, current_step_sizes, eval_weights
+from common.optim_flags import add_optimizer_args, build_optimizer, eval_weights
+from common.step_metrics import effective_step_sizes
 
 # flags for the tiny problem. The defaults start some methods too slowly for 50 steps of it:
 # DoG's reps_rel 1e-6 (the package suggests 1e-4 with batch norm) barely moves the weights in
@@ -119,7 +120,7 @@ def test_trains_and_reports_step_sizes(name):
     # LDoG 0.500, DoG 0.565, gdtuo 0.718, ScheduleFree 0.809 (its lr 0.0025 is not tuned)
     assert after < 0.85 * before, (before, after)
     assert sum(losses[-10:]) < sum(losses[:10]), losses
-    sizes = current_step_sizes(opt)
+    sizes = effective_step_sizes(opt)
     assert sizes.dim() == 1 and sizes.numel() >= 1
     assert torch.isfinite(sizes).all() and (sizes > 0).all(), sizes
     expected_blocks = {"LDoG": 4}.get(name, 1)  # LDoG: one eta per tensor
@@ -152,35 +153,35 @@ def test_names_are_case_insensitive_and_builders_are_the_packages():
 def test_step_sizes_follow_each_method():
     model, opt = model_and_optimizer("DoG", *CHOICES["DoG"])
     train(model, opt, 3)
-    assert current_step_sizes(opt).item() == pytest.approx(opt.param_groups[0]["eta"][0].item())
+    assert effective_step_sizes(opt).item() == pytest.approx(opt.param_groups[0]["eta"][0].item())
     model, opt = model_and_optimizer("Prodigy")
     train(model, opt, 3)
     g = opt.param_groups[0]
-    assert current_step_sizes(opt).item() == pytest.approx(g["d"] * g["lr"])
+    assert effective_step_sizes(opt).item() == pytest.approx(g["d"] * g["lr"])
     model, opt = model_and_optimizer("Mechanic", "--mechanic-base-lr", "0.5")
-    assert current_step_sizes(opt).item() == 0.0  # before the first step
+    assert effective_step_sizes(opt).item() == 0.0  # before the first step
     train(model, opt, 3)
-    assert current_step_sizes(opt).item() == pytest.approx(0.5 * opt.state["_mechanic"]["s"].sum().item())
+    assert effective_step_sizes(opt).item() == pytest.approx(0.5 * opt.state["_mechanic"]["s"].sum().item())
     model, opt = model_and_optimizer("gdtuo", "--gdtuo-alpha", "0.002")
-    assert current_step_sizes(opt).item() == pytest.approx(0.002)
+    assert effective_step_sizes(opt).item() == pytest.approx(0.002)
     model, opt = model_and_optimizer("gdtuo", "--gdtuo-base", "RMSProp", "--gdtuo-alpha", "0.04")
-    assert current_step_sizes(opt).item() == pytest.approx(0.04)  # the package stores sqrt(alpha)
+    assert effective_step_sizes(opt).item() == pytest.approx(0.04)  # the package stores sqrt(alpha)
     model, opt = model_and_optimizer("gdtuo", "--gdtuo-base", "SGDPerParam")
-    assert current_step_sizes(opt).tolist() == pytest.approx([0.01] * 4)
+    assert effective_step_sizes(opt).tolist() == pytest.approx([0.01] * 4)
     model, opt = model_and_optimizer("ScheduleFree", "--sf-warmup-steps", "10")
-    assert current_step_sizes(opt).item() == pytest.approx(0.0025 / 10)
+    assert effective_step_sizes(opt).item() == pytest.approx(0.0025 / 10)
     train(model, opt, 4)
-    assert current_step_sizes(opt).item() == pytest.approx(0.0025 * 4 / 10)
+    assert effective_step_sizes(opt).item() == pytest.approx(0.0025 * 4 / 10)
     # others fall back to the param groups' lr
-    assert baselines.effective_step_sizes(torch.optim.SGD(model.parameters(), lr=0.3)) is None
-    assert current_step_sizes(torch.optim.SGD(model.parameters(), lr=0.3)).tolist() == pytest.approx([0.3])
+    assert baselines.d_adapted_step_sizes(torch.optim.SGD(model.parameters(), lr=0.3)) is None
+    assert effective_step_sizes(torch.optim.SGD(model.parameters(), lr=0.3)).tolist() == pytest.approx([0.3])
 
 
 def test_gdtuo_learns_its_lr():
     model, opt = model_and_optimizer("gdtuo", "--gdtuo-base", "SGD", "--gdtuo-alpha", "0.01", "--gdtuo-kappa", "1e-2")
     train(model, opt, 30)
     # the hypergradient pushes a too-small lr up: measured 0.0693 after 30 steps from 0.01
-    assert current_step_sizes(opt).item() > 0.03
+    assert effective_step_sizes(opt).item() > 0.03
 
 
 # ---- gdtuo: the adapter computes what the package's own loop computes ------------------------
@@ -234,7 +235,7 @@ def test_gdtuo_is_safe_with_in_place_grad_changes_and_unused_parameters():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert torch.equal(unused.detach(), torch.ones(3))
-    assert torch.isfinite(current_step_sizes(opt)).all()
+    assert torch.isfinite(effective_step_sizes(opt)).all()
 
 
 @pytest.mark.parametrize("name", list(CHOICES))
@@ -245,7 +246,7 @@ def test_a_parameter_without_gradient_is_left_alone(name):
     opt = build_optimizer(model, parse("--optimizer", name, *CHOICES[name]))
     train(model, opt, 3)
     assert torch.equal(model.unused.detach(), torch.ones(3)) and model.unused.grad is None
-    assert torch.isfinite(current_step_sizes(opt)).all()
+    assert torch.isfinite(effective_step_sizes(opt)).all()
 
 
 # ---- evaluation weights -----------------------------------------------------------------------
@@ -403,13 +404,14 @@ LAZY_IMPORTS = """
 import argparse, pickle, sys
 import torch
 import common.baselines as b
-from common.optim_flags import add_optimizer_args, build_optimizer, current_step_sizes
+from common.optim_flags import add_optimizer_args, build_optimizer
+from common.step_metrics import effective_step_sizes
 loaded = lambda: sorted(m for m in b.PACKAGES if m in sys.modules)
 assert loaded() == [], loaded()
 parser = add_optimizer_args(argparse.ArgumentParser())
 model = torch.nn.Linear(3, 2)
-current_step_sizes(build_optimizer(model, parser.parse_args([])))
-current_step_sizes(torch.optim.AdamW(model.parameters()))
+effective_step_sizes(build_optimizer(model, parser.parse_args([])))
+effective_step_sizes(torch.optim.AdamW(model.parameters()))
 assert loaded() == [], loaded()
 opt = pickle.loads(pickle.dumps(build_optimizer(model, parser.parse_args(["--optimizer", "LDoG"]))))
 assert type(opt) is b.LDoGAveraged and loaded() == ["dog"], loaded()

@@ -176,16 +176,20 @@ def test_default_run_name_is_a_timestamp(tmp_path):
     run.close()
 
 
-def test_log_step_sizes_keys_and_log_every(tmp_path):
+def test_log_step_keys_and_log_every(tmp_path):
     run = harness.start_run(make_args(tmp_path, "--run-name", "r", "--log-every", "5"), "x")
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
     opt = MetaOptimize(params, stepsize_groups="layerwise", alpha0=1e-3)
-    assert not run.log_step_sizes(opt, 3)
-    assert run.log_step_sizes(opt, 5, {"train/loss": 1.0})
+    assert not run.is_log_step(3)
+    run.log_step(opt, 3)  # not a log step: nothing written
+    assert run.is_log_step(5)
+    run.log_step(opt, 5, {"train/loss": 1.0})
     wide = MetaOptimize([torch.nn.Parameter(torch.randn(100))], stepsize_groups="weightwise", alpha0=1e-3)
-    assert run.log_step_sizes(wide, 10)
+    assert run.is_log_step(10)
+    run.log_step(wide, 10)
     sgd = torch.optim.SGD(params, lr=0.1)
-    assert run.log_step_sizes(sgd, 15)
+    assert run.is_log_step(15)
+    run.log_step(sgd, 15)
     a, b, c = lines(run.dir / "metrics.jsonl")
     assert sorted(k for k in a if k.startswith("step_size")) == [f"step_size/block_{i}" for i in range(3)]
     assert a["step_size/block_2"] == pytest.approx(1e-3) and a["train/loss"] == 1.0 and "lr" not in a
@@ -425,7 +429,7 @@ def test_a_nan_gradient_skips_the_meta_update_and_is_counted_in_the_log(tmp_path
     run.resume(model, opt)
     with torch.no_grad():
         model[0].weight[0, 0] = 0.0  # the weight the nan reached: else the log's divergence check stops the run
-    assert run.log_step_sizes(opt, 2)
+    run.log_step(opt, 2)
     assert lines(run.dir / "metrics.jsonl")[-1]["meta/skipped_nonfinite"] == 1
     run.close()
 

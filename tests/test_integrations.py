@@ -182,7 +182,7 @@ def test_lightning_stochastic_weight_averaging(tmp_path):
     trainer.fit(module, classification_data())
     optimizer = trainer.optimizers[0]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
-    torch.testing.assert_close(optimizer.step_sizes(), torch.exp(optimizer._beta) * 0.5)
+    torch.testing.assert_close(optimizer.effective_step_sizes(), torch.exp(optimizer._beta) * 0.5)
     assert swa.n_averaged.item() >= 2  # in epochs 1 and 2
     for p, q in zip(module.parameters(), swa._average_model.parameters()):
         assert torch.equal(p, q)
@@ -360,4 +360,4 @@ def test_readme_timm_snippet_blocks_follow_the_model_under_timm_groups_and_sched
         scheduler.step_update(step + 1)
     lr = optimizer.param_groups[0]["lr"]
     assert 0 < lr < 1
-    torch.testing.assert_close(optimizer.step_sizes(), torch.exp(optimizer._beta) * lr)
+    torch.testing.assert_close(optimizer.effective_step_sizes(), torch.exp(optimizer._beta) * lr)

@@ -294,7 +294,7 @@ def test_loss_decreases_under_lr_schedulers(device, optim_info):
             assert closure().item() < initial, optim_input.desc
             lr = optimizer.param_groups[0]["lr"]
             assert lr != 1.0, "the schedulers did not move lr"
-            torch.testing.assert_close(optimizer.step_sizes()[0], torch.exp(_log_alpha(optimizer))[0] * lr)
+            torch.testing.assert_close(optimizer.effective_step_sizes()[0], torch.exp(_log_alpha(optimizer))[0] * lr)
 
 
 def _log_alpha(optimizer):
@@ -663,9 +663,9 @@ def test_lr_is_a_multiplier_not_a_step_size():
     assert MetaOptimize(params).param_groups[0]["lr"] == 1.0
     opt = MetaOptimize(params, lr=0.5, alpha0=1e-3)
     assert opt.param_groups[0]["lr"] == 0.5
-    assert math.isclose(opt.step_sizes().item(), 5e-4, rel_tol=1e-6)
+    assert math.isclose(opt.effective_step_sizes().item(), 5e-4, rel_tol=1e-6)
     packaged = MetaOptimize_AdamW_Lion_hg(params, lr=0.5, alpha0=1e-3)
-    assert math.isclose(packaged.step_sizes().item(), 5e-4, rel_tol=1e-6)
+    assert math.isclose(packaged.effective_step_sizes().item(), 5e-4, rel_tol=1e-6)
 
 
 def test_torch_test_utilities_leave_the_backend_flags_settable():

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 from test_optimizers import HP, SHAPES, assert_follows_reference, make_problem, split_hp, step_with_reference
 
-from common.optim_flags import current_step_sizes
 from common.optimizers import MetaOptimize, MetaOptimize_AdamW_Lion_hg
 from common.optimizers.reference import Reference, block_ids
+from common.step_metrics import effective_step_sizes
 
 IMPLS = ["foreach", "fused"]
 
@@ -34,7 +34,7 @@ def train(model, opt, steps=5, scheduler=None):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lr_scales_the_tuned_step_size_like_a_scaled_alpha(impl):
     """lr in a param group multiplies alpha everywhere it enters (the step and the trace's decay):
-    the run equals the reference with alpha0 * lr, and step_sizes() reports lr * alpha. (Without
+    the run equals the reference with alpha0 * lr, and effective_step_sizes() reports lr * alpha. (Without
     meta weight decay, which pulls beta towards 0 and so is not invariant to the shift log lr.)"""
     weights, curvature, noise = make_problem(2)
     params = [nn.Parameter(w.clone()) for w in weights]
@@ -44,7 +44,7 @@ def test_lr_scales_the_tuned_step_size_like_a_scaled_alpha(impl):
     base_hp, meta_hp = split_hp(hp)
     ref = Reference(weights, "AdamW", "Adam", 4e-2 * lr, 2e-2, 0.9, block_ids(SHAPES, "scalar"), base_hp, meta_hp)
     step_with_reference(opt, params, ref, curvature, noise, 30)
-    assert_follows_reference(opt, params, ref, alpha_atol=0)
+    assert_follows_reference(opt, params, ref, alpha_atol=0, sizes=opt.effective_step_sizes())
 
 
 @pytest.mark.parametrize("make_scheduler", [
@@ -62,7 +62,7 @@ def test_torch_lr_schedulers_run_on_top_and_step_sizes_follow_them(make_schedule
     train(model, opt, steps=5, scheduler=scheduler)
     lr = opt.param_groups[0]["lr"]
     assert lr != 1.0
-    torch.testing.assert_close(current_step_sizes(opt), torch.exp(opt._beta) * lr)
+    torch.testing.assert_close(effective_step_sizes(opt), torch.exp(opt._beta) * lr)
 
 
 def test_reduce_lr_on_plateau_lowers_the_multiplier():
@@ -136,7 +136,7 @@ def test_add_param_group_adds_blocks_or_joins_one(impl):
     assert moved.item() != pytest.approx(1e-2)
     opt.add_param_group({"params": backbone, "lr": 0.1})
     assert opt.num_blocks == 2 and opt.step_sizes()[0] == moved[0]
-    torch.testing.assert_close(opt.step_sizes()[1], torch.tensor(1e-2 * 0.1))
+    torch.testing.assert_close(opt.effective_step_sizes()[1], torch.tensor(1e-2 * 0.1))
     train(model, opt, steps=3)
     joined = MetaOptimize(head, alpha0=1e-2, stepsize_groups="layerwise", impl=impl)
     joined.add_param_group({"params": backbone[:2], "block": 0})
@@ -177,13 +177,26 @@ def test_the_packaged_class_follows_the_dtype_and_hvp_refuses_complex_parameters
     assert opt.step_sizes().dtype == torch.float64 and p.dtype == torch.float64
 
 
-def test_current_step_sizes_looks_through_wrappers():
+def test_step_sizes_are_alpha_and_effective_step_sizes_lr_alpha_per_block():
+    """A block takes the lr of its first tensor's param group; step_sizes() stays alpha."""
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    def groups():
+        return [{"params": [p], "lr": 0.5}, {"params": [q], "lr": 0.1}]
+
+    for opt in (MetaOptimize(groups(), alpha0=1e-3, stepsize_groups="layerwise"),
+                MetaOptimize_AdamW_Lion_hg(groups(), alpha0=1e-3, stepsize_blocks="layerwise")):
+        torch.testing.assert_close(opt.step_sizes(), torch.full((2,), 1e-3))
+        torch.testing.assert_close(opt.effective_step_sizes(), torch.tensor([5e-4, 1e-4]))
+        torch.testing.assert_close(effective_step_sizes(opt), torch.tensor([5e-4, 1e-4]))
+
+
+def test_effective_step_sizes_looks_through_wrappers():
     class Wrapper:  # accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer keep it here
         def __init__(self, optimizer):
             self.optimizer = optimizer
 
     opt = MetaOptimize(mlp(), alpha0=1e-4)
-    torch.testing.assert_close(current_step_sizes(Wrapper(Wrapper(opt))), torch.tensor([1e-4]))
+    torch.testing.assert_close(effective_step_sizes(Wrapper(Wrapper(opt))), torch.tensor([1e-4]))
 
 
 def test_meta_stepsize_zero_freezes_beta():

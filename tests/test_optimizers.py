@@ -72,11 +72,13 @@ def step_with_reference(opt, params, ref, curvature, noise, steps):
         ref.step(grads_at(ref.w, curvature64, [n.double() for n in noise[t]]))
 
 
-def assert_follows_reference(opt, params, ref, alpha_atol=1e-9):
-    """Weights and step sizes agree with the float64 reference to float32 accuracy."""
+def assert_follows_reference(opt, params, ref, alpha_atol=1e-9, sizes=None):
+    """Weights and step sizes (`sizes`, else opt.step_sizes()) agree with the float64 reference to
+    float32 accuracy."""
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.detach().double(), w, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(opt.step_sizes().double(), torch.exp(ref.beta), rtol=2e-4, atol=alpha_atol)
+    sizes = opt.step_sizes() if sizes is None else sizes
+    torch.testing.assert_close(sizes.double(), torch.exp(ref.beta), rtol=2e-4, atol=alpha_atol)
 
 
 def run_against_reference(base, meta, groups, impl, gamma=0.95, steps=50, group_hp=None, **extra):

@@ -259,10 +259,10 @@ def test_divergence_of_the_step_sizes_and_of_a_logged_loss(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     run.resume(model, optimizer)
-    run.log_step_sizes(optimizer, 1, {"train/loss": 1.0})
+    run.log_step(optimizer, 1, {"train/loss": 1.0})
     optimizer.param_groups[0]["lr"] = float("inf")
     with pytest.raises(harness.Diverged, match="at step 2: the step size of block 0 is inf"):
-        run.log_step_sizes(optimizer, 2)
+        run.log_step(optimizer, 2)
     run = harness.start_run(harness.check_args(parser.parse_args(
         ["--save-directory", str(tmp_path), "--run-name", "s", "--device", "cpu"])), "x")
     run.log({"test/acc": float("nan")}, 1)  # an accuracy is not watched; a loss is

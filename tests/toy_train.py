@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         if step == args.nan_at:
             with torch.no_grad():
                 model.weight[0, 0] = float("nan")
-        run.log_step_sizes(optimizer, step, {"train/loss": loss.item()})
+        run.log_step(optimizer, step, {"train/loss": loss.item()})
         if step % args.checkpoint_every == 0:
             run.checkpoint({"step": step})
         if run.should_stop(step):

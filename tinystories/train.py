@@ -39,6 +39,7 @@ from prepare import TokenShards
 
 from common import harness, sharded
 from common.optim_flags import add_optimizer_args, build_optimizer, build_scheduler, eval_weights
+from common.step_metrics import effective_step_sizes
 
 DEFAULTS = dict(
     data_dir="data/tinystories",
@@ -183,9 +184,7 @@ def estimate_loss(model, splits, args, run) -> dict:
 
 
 def weights_checksum(model, optimizer) -> str:
-    from common.optim_flags import current_step_sizes
-
-    return f"weights={sharded.weights_digest(model)} step_sizes={current_step_sizes(optimizer).tolist()}"
+    return f"weights={sharded.weights_digest(model)} step_sizes={effective_step_sizes(optimizer).tolist()}"
 
 
 def main():
@@ -262,14 +261,14 @@ def main():
         step += 1
         bar.update()
 
-        if step % run.log_every == 0:
+        if run.is_log_step(step):
             if run.world_size > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= run.world_size
             now = time.monotonic()
             train = {"train/loss": loss_sum.item() / (step - logged_step),
                      "tokens_per_s": tokens_per_step * (step - logged_step) / (now - t_log)}
-            run.log_step_sizes(optimizer, step, extra=train)
+            run.log_step(optimizer, step, train)
             bar.set_postfix(loss=f"{train['train/loss']:.3f}", tok_s=f"{train['tokens_per_s']:.0f}")
             loss_sum.zero_()
             logged_step, t_log = step, now

@@ -12,7 +12,7 @@ from collections import OrderedDict, defaultdict
 import torch
 from torch import Tensor
 
-from . import sharding
+from . import metaoptimize, sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
 from .impl import Layout, _reduce_into
@@ -174,19 +174,10 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         return torch.exp(self._beta)
 
     def effective_step_sizes(self) -> Tensor:
-        """lr alpha per block (lr of the base param group of the block's first tensor): what the logs
-        show, as MetaOptimize's step_sizes() does. One lr for all: no host-device copy."""
+        """The step size applied now, lr alpha per block (lr of the base param group of the block's
+        first tensor), a device tensor (no host sync), as MetaOptimize's."""
         lr_of = {p: g.get("lr", 0.0) for g in self.param_groups for p in g["params"]}
-        lrs = [lr_of[p] for p in self._params]
-        alpha = torch.exp(self._beta)
-        if all(x is lrs[0] or (not isinstance(x, Tensor) and x == lrs[0]) for x in lrs):
-            return alpha * lrs[0]
-        lay, per_block = self._layout, [None] * self.num_blocks
-        for i, lr in enumerate(lrs):
-            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
-                if per_block[b] is None:
-                    per_block[b] = lr
-        return alpha * torch.stack([torch.as_tensor(x, dtype=alpha.dtype).to(alpha.device) for x in per_block])
+        return metaoptimize.lr_times_alpha(self.step_sizes(), [lr_of[p] for p in self._params], self._layout)
 
     # ---- state -----------------------------------------------------------------------------
 

@@ -228,11 +228,11 @@ class MetaOptimize(torch.optim.Optimizer):
             a floating torch dtype or its name ("bfloat16", "float16", "float32", "float64"); None
             keeps the parameters' dtype. Anything else is a ValueError.
 
-    `step_sizes()` returns lr alpha per block (lr of the block's first param group) as a device
-    tensor (no host sync): `.tolist()` it when you log. State per tensor: "step", "momentum" and
-    "normalizer" as in the spec (sums for AdamW), "trace" (h); beta and the meta state are in
-    `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update their local shards, and z
-    is summed across the shards, so every rank keeps the same beta.
+    `step_sizes()` returns alpha per block and `effective_step_sizes()` lr alpha (lr of the block's
+    first param group), as device tensors (no host sync): `.tolist()` them when you log. State per
+    tensor: "step", "momentum" and "normalizer" as in the spec (sums for AdamW), "trace" (h); beta
+    and the meta state are in `state_dict()["meta"]`. Parameters sharded by FSDP2 (DTensor) update
+    their local shards, and z is summed across the shards, so every rank keeps the same beta.
 
     Non-finite gradients: a block whose z (sum of h g) is NaN or inf at a step skips that step's
     meta update (beta and its meta state unchanged, as for a block without gradients), and
@@ -558,19 +558,15 @@ class MetaOptimize(torch.optim.Optimizer):
         return self._skipped
 
     def step_sizes(self) -> Tensor:
-        """lr alpha per block, a device tensor (no host sync): `.tolist()` it when logging. A block
-        takes the lr of the param group of its first tensor (lr is 1 unless a scheduler sets it)."""
-        alpha = torch.exp(self._beta)
-        lrs = {p: g["lr"] for g in self.param_groups for p in g["params"]}
-        if all(lr == 1.0 for lr in lrs.values()):
-            return alpha
-        lay = self._layout
-        per_block = [None] * self.num_blocks
-        for i, p in enumerate(self._params):
-            for b in range(lay.starts[i], lay.starts[i] + lay.units[i]):
-                if per_block[b] is None:
-                    per_block[b] = lrs[p]
-        return alpha * torch.tensor(per_block, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
+        """alpha = exp(beta) per block, the factor MetaOptimize tunes (without the lr), a device
+        tensor (no host sync): `.tolist()` it when logging."""
+        return torch.exp(self._beta)
+
+    def effective_step_sizes(self) -> Tensor:
+        """The step size applied now, lr alpha per block (a block takes the lr of the param group of
+        its first tensor; lr is 1 unless a scheduler sets it), a device tensor (no host sync)."""
+        lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+        return lr_times_alpha(self.step_sizes(), [lr_of[p] for p in self._params], self._layout)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -643,6 +639,27 @@ class MetaOptimize(torch.optim.Optimizer):
                                    sharded=bool(self._sharding))
         for it, product in zip(items, products):
             it[3]["curvature"] = product
+
+
+def lr_times_alpha(alpha: Tensor, lrs: list, layout=None) -> Tensor:
+    """lr alpha per block, a tensor on alpha's device (no host sync). `lrs`: the lr of each tensor of
+    `layout` (a block takes the lr of its first tensor), or without a layout one lr per block. One lr
+    for all (floats, or one tensor): no host-device copy."""
+    if not lrs:
+        return alpha
+    first = lrs[0]
+    if all(x is first for x in lrs) or all(not isinstance(x, Tensor) and x == first for x in lrs):
+        return alpha if not isinstance(first, Tensor) and first == 1 else alpha * first
+    per_block = lrs
+    if layout is not None:
+        per_block = [None] * alpha.numel()
+        for i, lr in enumerate(lrs):
+            for b in range(layout.starts[i], layout.starts[i] + layout.units[i]):
+                if per_block[b] is None:
+                    per_block[b] = lr
+    if not any(isinstance(x, Tensor) for x in per_block):
+        return alpha * torch.tensor(per_block, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
+    return alpha * torch.stack([torch.as_tensor(x, dtype=alpha.dtype).to(alpha.device) for x in per_block])
 
 
 def _real(t: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .blocks import resolve_stepsize_groups
-from .metaoptimize import _real, check_param_states
+from .metaoptimize import _real, check_param_states, lr_times_alpha
 
 # what a param group may set per tensor; the meta settings are the blocks', so the whole optimizer's
 GROUP_KEYS = {"params", "param_names", "name", "lr", "initial_lr", "weight_decay", "b1", "b2"}
@@ -29,8 +29,8 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
 
     As in the torch ecosystem (beyond the authors' package): param groups may set `weight_decay`,
     `b1`, `b2` and `lr` (1 by default, a multiplier on the tuned step size, which LR schedulers
-    change; `step_sizes()` reports lr alpha); a group added later (`add_param_group`) is a new
-    block at alpha0.
+    change; `step_sizes()` reports alpha, `effective_step_sizes()` lr alpha); a group added later
+    (`add_param_group`) is a new block at alpha0.
     """
 
     def __init__(self, params, meta_stepsize=1e-3, alpha0=1e-3, stepsize_blocks="scalar", gamma=0.9999,
@@ -111,13 +111,14 @@ class MetaOptimize_AdamW_Lion_hg(torch.optim.Optimizer):  # noqa: N801 (the auth
         return {p: g for g in self.param_groups for p in g["params"]}
 
     def step_sizes(self) -> Tensor:
-        """lr alpha per block (lr of the param group of the block's first tensor)."""
-        alpha = torch.exp(torch.stack([m["beta"] for m in self.meta_state]))
+        """alpha = exp(beta) per block, the factor tuned (without the lr), a device tensor."""
+        return torch.exp(torch.stack([m["beta"] for m in self.meta_state]))
+
+    def effective_step_sizes(self) -> Tensor:
+        """The step size applied now, lr alpha per block (lr of the param group of the block's first
+        tensor), a device tensor (no host sync)."""
         group_of = self._group_of()
-        lrs = [group_of[block[0]]["lr"] for block in self._blocks]
-        if all(lr == 1.0 for lr in lrs):
-            return alpha
-        return alpha * torch.tensor(lrs, dtype=alpha.dtype).to(alpha.device, non_blocking=True)
+        return lr_times_alpha(self.step_sizes(), [group_of[block[0]]["lr"] for block in self._blocks])
 
     # the meta state goes into state_dict() before, and comes out of it after, any user hook
     def _save_meta(self, state_dict):
