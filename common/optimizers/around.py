@@ -15,7 +15,7 @@ from torch import Tensor
 from . import sharding
 from .around_kernel import make_around_impl
 from .blocks import layout, resolve_stepsize_groups
-from .impl import Layout, _reduce_into
+from .impl import Layout, TensorStep, _reduce_into
 from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
 from .rules import META_RULES
 
@@ -300,7 +300,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         if track:  # z_b = sum h g, with h before this step
             z.zero_()
             traces = [s["trace"] for s in states]
-            _reduce_into(lay, z, [(i,) for i in active], traces, grads)
+            _reduce_into(lay, z, active, traces, grads)
         w0 = [s["w0"] for s in states]
         torch._foreach_copy_(w0, params)  # 2. w0 = w; the base's own step leaves w1
         for b in self.bases:
@@ -334,7 +334,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             group_hp = per_group.get(key)
             if group_hp is None:
                 group_hp = per_group[key] = {"lr": key[0], "weight_decay": key[1]}
-            items.append((i, p, g, s, group_hp, 0))
+            items.append(TensorStep(i, p, g, s, group_hp, 0))
         self._fused.step(items, alpha, self.gamma, self._z)
 
     def _mask(self, active: tuple):

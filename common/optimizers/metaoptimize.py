@@ -11,7 +11,7 @@ from torch import Tensor
 from . import sharding
 from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
 from .hessian import HESSIANS, check_hessian, curvature_kind, curvature_terms
-from .impl import Layout, make_impl
+from .impl import Layout, TensorStep, make_impl
 from .legacy import convert_format_1
 from .rules import BASE_RULES, META_RULES
 
@@ -594,7 +594,7 @@ class MetaOptimize(torch.optim.Optimizer):
                 state = self._state_for(p)
                 state["step"] += 1
                 streams = {k: _real(local(v)) for k, v in state.items() if k != "step"}
-                items.append((self._index[p], _real(local(p)), _real(local(g)), streams, hp, state["step"]))
+                items.append(TensorStep(self._index[p], _real(local(p)), _real(local(g)), streams, hp, state["step"]))
         if not items:
             return loss
         if self.hessian is not None:
@@ -616,7 +616,7 @@ class MetaOptimize(torch.optim.Optimizer):
             if self._sharding:
                 self._sharding.sum_across_shards(z)
             self._meta_step += 1
-            active = tuple(it[0] for it in items)
+            active = tuple(it.index for it in items)
             if getattr(self._impl, "meta_fn", None) is not None:  # in one C pass
                 keep = keep_nonfinite(z, self._mask(active, keep=True), self._skipped)
                 self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step, keep)
@@ -638,11 +638,11 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _curvature(self, items):
         """The Hessian term of spec section 9 (hessian.py), put in each item's "curvature"."""
-        products = curvature_terms(self.hessian, self._curvature_kind, [self._params[it[0]] for it in items],
-                                   [it[3]["trace"] for it in items], [self._layout.starts[it[0]] for it in items],
+        products = curvature_terms(self.hessian, self._curvature_kind, [self._params[it.index] for it in items],
+                                   [it.state["trace"] for it in items], [self._layout.starts[it.index] for it in items],
                                    sharded=bool(self._sharding))
         for it, product in zip(items, products):
-            it[3]["curvature"] = product
+            it.state["curvature"] = product
 
 
 def _real(t: Tensor) -> Tensor:
