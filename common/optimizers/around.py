@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import sharding
 from .around_kernel import make_around_impl
-from .blocks import layout, resolve_stepsize_groups
-from .impl import Layout, TensorStep, _reduce_into
+from .blocks import Layout, resolve_stepsize_groups
+from .impl import TensorStep, _reduce_into
 from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
 from .rules import META_RULES
 
@@ -113,16 +113,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         group_of = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
         shapes = [tuple(p.shape) for p in self._params]
         kind, counts = resolve_stepsize_groups(stepsize_groups, len(self._params), [len(g["params"]) for g in groups])
-        if kind == "tensor":
-            if isinstance(stepsize_groups, str) and stepsize_groups.strip().lower() == "param_groups":
-                starts = [group_of[p] for p in self._params]
-            else:
-                starts = [b for b, c in enumerate(counts) for _ in range(c)]
-            num_blocks, units = len(counts), [1] * len(shapes)
-        else:
-            num_blocks, starts, units = layout(kind, counts, shapes)
-        self._layout = Layout(kind, starts, units, shapes)
-        self.num_blocks = num_blocks
+        by_group = isinstance(stepsize_groups, str) and stepsize_groups.strip().lower() == "param_groups"
+        self._layout = Layout.of(kind, counts, shapes, [group_of[p] for p in self._params] if by_group else None)
+        self.num_blocks = num_blocks = self._layout.num_blocks
         device = self._params[0].device
         dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
         self._beta = torch.full((num_blocks,), math.log(self.alpha0), device=device, dtype=dtype)

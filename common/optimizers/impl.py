@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from . import kernels
+from .blocks import Layout
 from .kernels import CHUNK, ForeachStep, program
 
 IMPLS = ("auto", "foreach", "fused")
@@ -40,23 +41,6 @@ class TensorStep(NamedTuple):
     state: dict  # the rule's tensors ("momentum", "normalizer"), "trace", and "curvature" (spec section 9) if asked
     hyperparameters: dict  # lr and the base rule's, of the tensor's param group (one dict per group)
     step_count: int  # t: the steps this tensor has taken, this one included
-
-
-class Layout:
-    """Where each parameter's blocks sit in the flat per-block vectors."""
-
-    def __init__(self, kind: str, starts: list[int], units: list[int], shapes: list):
-        self.kind, self.starts, self.units, self.shapes = kind, starts, units, shapes
-
-    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        """Parameter i's entries of a flat per-block vector, broadcastable against the parameter."""
-        if self.kind == "tensor":
-            return flat[self.starts[i]]
-        piece = flat[self.starts[i]:self.starts[i] + self.units[i]]
-        shape = self.shapes[i]
-        if self.kind == "weightwise":
-            return piece.view(shape)
-        return piece.view((-1,) + (1,) * (len(shape) - 1)) if len(shape) else piece.view(())
 
 
 def _subsets(items):

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from . import sharding
-from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
+from .blocks import NAMED_STEPSIZE_GROUPS, Layout, resolve_stepsize_groups
 from .hessian import HESSIANS, check_hessian, curvature_kind, curvature_terms
-from .impl import Layout, TensorStep, make_impl
+from .impl import TensorStep, make_impl
 from .legacy import convert_format_1
 from .rules import BASE_RULES, META_RULES
 
@@ -421,12 +421,9 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _relayout(self, num_tensor_blocks):
         """(Re)make the layout for self._params; beta and the meta state keep their values and grow."""
-        shapes = [_real_shape(p) for p in self._params]
-        if self._kind == "tensor":
-            num_blocks, starts, units = num_tensor_blocks, list(self._tensor_blocks), [1] * len(shapes)
-        else:
-            num_blocks, starts, units = layout(self._kind, None, shapes)
-        self._layout = Layout(self._kind, starts, units, shapes)
+        self._layout = Layout.of(self._kind, None, [_real_shape(p) for p in self._params], self._tensor_blocks,
+                                 num_tensor_blocks)
+        num_blocks = self._layout.num_blocks
         grow = num_blocks - self._beta.numel()
         like = dict(device=self._beta.device, dtype=self._beta.dtype)
         self._beta = torch.cat([self._beta, torch.full((grow,), math.log(self.alpha0), **like)])
