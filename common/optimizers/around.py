@@ -15,8 +15,8 @@ from torch import Tensor
 from . import sharding
 from .around_kernel import make_around_impl
 from .blocks import Layout, resolve_stepsize_groups
-from .impl import TensorStep, _reduce_into
-from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
+from .impl import TensorStep, _reduce_into, keep_nonfinite, meta_update
+from .metaoptimize import _positional, blocks_of, meta_settings
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -281,8 +281,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             self._sharding.sum_across_shards(z)
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
-            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active), self._skipped)
+            meta_update(META_RULES[self.alg_meta], self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        keep_nonfinite(z, self._keep(active), self._skipped))
         return loss
 
     def _foreach_step(self, active, params, grads, states, alpha, hps):
@@ -330,11 +330,13 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             items.append(TensorStep(i, p, g, s, group_hp, 0))
         self._fused.step(items, alpha, self.gamma, self._z)
 
-    def _mask(self, active: tuple):
-        """None when every parameter has a gradient, else the blocks that have one (on the device)."""
+    def _keep(self, active: tuple):
+        """None when every parameter has a gradient, else a device uint8 per block, set for the blocks
+        without one: they keep their beta and meta state."""
         if len(active) == len(self._params):
             return None
-        mask = self._masks.get(active)
-        if mask is None:
-            mask = self._masks[active] = blocks_of(self._layout, active, self.num_blocks).to(self._beta.device)
-        return mask
+        keep = self._masks.get(active)
+        if keep is None:
+            keep = self._masks[active] = (~blocks_of(self._layout, active, self.num_blocks)).to(
+                device=self._beta.device, dtype=torch.uint8)
+        return keep

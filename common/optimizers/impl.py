@@ -43,6 +43,37 @@ class TensorStep(NamedTuple):
     step_count: int  # t: the steps this tensor has taken, this one included
 
 
+def keep_nonfinite(z, keep, skipped):
+    """The uint8 `keep` mask of the meta update (set: the block keeps its beta and meta state; None:
+    no block does) with the blocks whose z is not finite added, counted in `skipped` (a device int64
+    scalar; no host sync)."""
+    bad = ~torch.isfinite(z)
+    skipped += bad.sum()
+    return bad.to(torch.uint8) if keep is None else keep | bad.to(torch.uint8)
+
+
+def meta_update(meta, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+    """Step 5 in place as torch ops (any device): beta and its meta state from z by the meta rule `meta`
+    (a rules.META_RULES entry); blocks where `keep` (uint8, see keep_nonfinite) is set keep theirs."""
+    new_beta, new_state = meta.rule(beta, z, meta_state, hp, t)
+    kept = keep.view(torch.bool) if keep is not None else None  # 0/1 bytes: the same memory read as bool
+    for buf, new in ((beta, new_beta), *((meta_state[k], v) for k, v in new_state.items())):
+        if kept is None:
+            buf.copy_(new)
+        else:
+            torch.where(kept, buf, new, out=buf)
+
+
+class _TorchMetaUpdate:
+    """The meta update of the torch implementations (foreach, compiled): `meta_update`'s torch ops."""
+
+    meta = None  # the meta rule
+
+    def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+        """Step 5 for every block: beta and its state from z; blocks where `keep` (uint8) is set keep theirs."""
+        meta_update(self.meta, beta, z, meta_state, hp, t, keep)
+
+
 def _subsets(items):
     """Items grouped by (hyperparameters, step count, dtype): one foreach call each."""
     out: dict = {}
@@ -84,11 +115,11 @@ def _reduce_into(layout, z, indices, h, g=None):
         view.copy_(x.view(view.shape))
 
 
-class ForeachImpl:
+class ForeachImpl(_TorchMetaUpdate):
     name = "foreach"
 
-    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None):
-        self.prog, self.layout = program(base, track, curvature_kind), layout
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, meta=None):
+        self.prog, self.layout, self.meta = program(base, track, curvature_kind), layout, meta
         self.run = ForeachStep(self.prog)
 
     def step(self, items, alpha, gamma, z):
@@ -105,7 +136,7 @@ class ForeachImpl:
 
 
 class CImpl:
-    """The fused C loop (CPU): one call per step for all tensors of a dtype."""
+    """The fused C loop (CPU): one call per step for all tensors of a dtype, and the meta update in one C pass."""
 
     name = "fused"
 
@@ -296,7 +327,7 @@ def _step_scalars(prog, cache: dict, it: TensorStep, gamma) -> list:
     return values
 
 
-class CompiledImpl:
+class CompiledImpl(_TorchMetaUpdate):
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel.
 
     One compiled function per (shapes, dtypes, strides) of a tensor's streams, each with its own
@@ -309,7 +340,7 @@ class CompiledImpl:
     warning), or raises (strict, impl="fused")."""
 
     def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False, meta=None):
-        self.prog, self.layout, self.strict = program(base, track, curvature_kind), layout, strict
+        self.prog, self.layout, self.strict, self.meta = program(base, track, curvature_kind), layout, strict, meta
         self._args = (base, track, layout, curvature_kind)
         self._compiled = {}
         self._fallback = None
@@ -459,4 +490,4 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
     fused = pick_fused(impl, device, dtypes,
                        lambda: CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta),
                        lambda strict: CompiledImpl(base, track, layout, curvature_kind, strict=strict, meta=meta))
-    return fused if fused is not None else ForeachImpl(base, track, layout, curvature_kind)
+    return fused if fused is not None else ForeachImpl(base, track, layout, curvature_kind, meta)
