@@ -432,7 +432,7 @@ def test_deepcopy_pickle_and_torch_save_give_a_working_optimizer(impl):
 def test_weightwise_fused_step_does_the_meta_update_in_its_own_pass(meta, dtype, monkeypatch):
     """Weight-wise blocks on CPU: alpha = exp(beta), base update, trace, z and the meta update in one C
     pass per weight (neither the separate meta pass nor the Python meta update runs), equal to foreach."""
-    import common.optimizers.metaoptimize as mo
+    import common.optimizers.impl as impl_mod
     from common.optimizers.impl import CImpl
 
     def refuse(*args, **kwargs):
@@ -448,7 +448,7 @@ def test_weightwise_fused_step_does_the_meta_update_in_its_own_pass(meta, dtype,
         with monkeypatch.context() as m:
             if impl == "fused":
                 assert opt._impl.fuses_meta
-                m.setattr(mo, "meta_update", refuse)
+                m.setattr(impl_mod, "meta_update", refuse)
                 m.setattr(CImpl, "meta_update", refuse)
             for t in range(20):
                 for p, g in zip(params, grads_at([p.detach() for p in params], curvature, noise[t])):
@@ -668,7 +668,7 @@ def test_compiled_weightwise_step_with_its_meta_update_matches_the_reference(met
     monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
     monkeypatch.setattr(mo, "make_impl", lambda impl, base_rule, track, layout, *args: CompiledImpl(
         base_rule, track, layout, meta=args[-1]))
-    monkeypatch.setattr(mo, "meta_update", lambda *a, **k: pytest.fail("the separate meta update ran"))
+    monkeypatch.setattr(impl_mod, "meta_update", lambda *a, **k: pytest.fail("the separate meta update ran"))
     weights, curvature, noise = make_problem(7)
     alpha0, eta, gamma = 1e-2, 2e-2, 0.95
     params = [nn.Parameter(w.clone()) for w in weights]

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from . import metaoptimize, sharding
 from .around_kernel import make_around_impl
-from .blocks import layout, resolve_stepsize_groups
-from .impl import Layout, _reduce_into
-from .metaoptimize import _positional, blocks_of, meta_settings, meta_update
+from .blocks import Layout, resolve_stepsize_groups
+from .impl import TensorStep, _reduce_into, keep_nonfinite, meta_update
+from .metaoptimize import _positional, blocks_of, meta_settings
 from .rules import META_RULES
 
 META_STATE_FORMAT = 1
@@ -113,16 +113,9 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         group_of = {p: gi for gi, g in enumerate(groups) for p in g["params"]}
         shapes = [tuple(p.shape) for p in self._params]
         kind, counts = resolve_stepsize_groups(stepsize_groups, len(self._params), [len(g["params"]) for g in groups])
-        if kind == "tensor":
-            if isinstance(stepsize_groups, str) and stepsize_groups.strip().lower() == "param_groups":
-                starts = [group_of[p] for p in self._params]
-            else:
-                starts = [b for b, c in enumerate(counts) for _ in range(c)]
-            num_blocks, units = len(counts), [1] * len(shapes)
-        else:
-            num_blocks, starts, units = layout(kind, counts, shapes)
-        self._layout = Layout(kind, starts, units, shapes)
-        self.num_blocks = num_blocks
+        by_group = isinstance(stepsize_groups, str) and stepsize_groups.strip().lower() == "param_groups"
+        self._layout = Layout.of(kind, counts, shapes, [group_of[p] for p in self._params] if by_group else None)
+        self.num_blocks = num_blocks = self._layout.num_blocks
         device = self._params[0].device
         dtype = torch.float64 if torch.float64 in {p.dtype for p in self._params} else torch.float32
         self._beta = torch.full((num_blocks,), math.log(self.alpha0), device=device, dtype=dtype)
@@ -279,8 +272,8 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             self._sharding.sum_across_shards(z)
         if track:  # 5. meta update of beta with z
             self._meta_step += 1
-            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active), self._skipped)
+            meta_update(META_RULES[self.alg_meta], self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
+                        keep_nonfinite(z, self._keep(active), self._skipped))
         return loss
 
     def _foreach_step(self, active, params, grads, states, alpha, hps):
@@ -291,7 +284,7 @@ class MetaOptimizeAround(torch.optim.Optimizer):
         if track:  # z_b = sum h g, with h before this step
             z.zero_()
             traces = [s["trace"] for s in states]
-            _reduce_into(lay, z, [(i,) for i in active], traces, grads)
+            _reduce_into(lay, z, active, traces, grads)
         w0 = [s["w0"] for s in states]
         torch._foreach_copy_(w0, params)  # 2. w0 = w; the base's own step leaves w1
         for b in self.bases:
@@ -325,14 +318,16 @@ class MetaOptimizeAround(torch.optim.Optimizer):
             group_hp = per_group.get(key)
             if group_hp is None:
                 group_hp = per_group[key] = {"lr": key[0], "weight_decay": key[1]}
-            items.append((i, p, g, s, group_hp, 0))
+            items.append(TensorStep(i, p, g, s, group_hp, 0))
         self._fused.step(items, alpha, self.gamma, self._z)
 
-    def _mask(self, active: tuple):
-        """None when every parameter has a gradient, else the blocks that have one (on the device)."""
+    def _keep(self, active: tuple):
+        """None when every parameter has a gradient, else a device uint8 per block, set for the blocks
+        without one: they keep their beta and meta state."""
         if len(active) == len(self._params):
             return None
-        mask = self._masks.get(active)
-        if mask is None:
-            mask = self._masks[active] = blocks_of(self._layout, active, self.num_blocks).to(self._beta.device)
-        return mask
+        keep = self._masks.get(active)
+        if keep is None:
+            keep = self._masks[active] = (~blocks_of(self._layout, active, self.num_blocks)).to(
+                device=self._beta.device, dtype=torch.uint8)
+        return keep

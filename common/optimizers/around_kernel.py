@@ -20,7 +20,8 @@ import torch
 
 from . import impl as _impl
 from . import kernels
-from .impl import CImpl, CompiledImpl, ForeachImpl, Layout
+from .blocks import Layout
+from .impl import CImpl, CompiledImpl, ForeachImpl
 
 IMPLS = ("auto", "foreach", "fused")
 

@@ -56,19 +56,42 @@ def resolve_stepsize_groups(spec, num_tensors: int, group_sizes: Sequence[int] |
     return "tensor", counts
 
 
-def layout(kind: str, counts, shapes) -> tuple[int, list[int], list[int]]:
-    """(number of blocks, where each tensor's blocks start, units per tensor) for tensors of `shapes`.
+class Layout:
+    """Where each tensor's blocks sit in the flat per-block vectors (beta, z, alpha): tensor i's
+    entries are starts[i] .. starts[i] + units[i] - 1, of `num_blocks` in all."""
 
-    Tensor blocks: a tensor's entry is its block index and it has one unit. Nodewise: one block per
-    index of the first dimension (one for a 0-d tensor). Weightwise: one block per weight."""
-    if kind == "tensor":
-        return len(counts), [b for b, c in enumerate(counts) for _ in range(c)], [1] * len(shapes)
-    units = [(s[0] if len(s) else 1) if kind == "nodewise" else _numel(s) for s in shapes]
-    starts, total = [], 0
-    for u in units:
-        starts.append(total)
-        total += u
-    return total, starts, units
+    def __init__(self, kind: str, starts: list[int], units: list[int], shapes: list, num_blocks: int):
+        self.kind, self.starts, self.units, self.shapes, self.num_blocks = kind, starts, units, shapes, num_blocks
+
+    @classmethod
+    def of(cls, kind: str, counts, shapes, tensor_blocks=None, num_blocks: int | None = None) -> Layout:
+        """The layout of tensors of `shapes` for a block kind of `resolve_stepsize_groups`.
+
+        Tensor blocks: a tensor's entry is its block index and it has one unit; the blocks hold
+        `counts` consecutive tensors each, or tensor i is in block `tensor_blocks[i]` (of num_blocks,
+        default len(counts)). Nodewise: one block per index of the first dimension (one for a 0-d
+        tensor). Weightwise: one block per weight."""
+        if kind == "tensor":
+            if tensor_blocks is None:
+                tensor_blocks = [b for b, c in enumerate(counts) for _ in range(c)]
+            return cls(kind, list(tensor_blocks), [1] * len(shapes), shapes,
+                       len(counts) if num_blocks is None else num_blocks)
+        units = [(s[0] if len(s) else 1) if kind == "nodewise" else _numel(s) for s in shapes]
+        starts, total = [], 0
+        for u in units:
+            starts.append(total)
+            total += u
+        return cls(kind, starts, units, shapes, total)
+
+    def view(self, flat, i: int):
+        """Tensor i's entries of a flat per-block vector, broadcastable against the tensor."""
+        if self.kind == "tensor":
+            return flat[self.starts[i]]
+        piece = flat[self.starts[i]:self.starts[i] + self.units[i]]
+        shape = self.shapes[i]
+        if self.kind == "weightwise":
+            return piece.view(shape)
+        return piece.view((-1,) + (1,) * (len(shape) - 1)) if len(shape) else piece.view(())
 
 
 def _numel(shape) -> int:

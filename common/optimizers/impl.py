@@ -5,9 +5,7 @@ them (the base update, the trace, the terms of z), writing z per block into a fl
 
     impl.step(items, alpha, gamma, z)
 
-    items  (param index, w, g, streams, hyperparameters, t) per tensor: streams holds the tensors
-           "momentum", "normalizer", "trace" that the rule keeps (and "curvature", the Hessian
-           term of spec section 9, when asked for); t counts the tensor's steps
+    items  a `TensorStep` per tensor
     alpha  exp(beta), one entry per block (flat: tensor blocks, rows, or weights); float32, or
            float64 when a parameter is float64
     z      like alpha, zeroed by the caller; gets sum_{i in block} h_i g_i
@@ -22,52 +20,77 @@ import functools
 import subprocess
 import types
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from . import kernels
+from .blocks import Layout
 from .kernels import CHUNK, ForeachStep, program
 
 IMPLS = ("auto", "foreach", "fused")
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-class Layout:
-    """Where each parameter's blocks sit in the flat per-block vectors."""
+class TensorStep(NamedTuple):
+    """What a step implementation gets for one tensor with a gradient this step."""
 
-    def __init__(self, kind: str, starts: list[int], units: list[int], shapes: list):
-        self.kind, self.starts, self.units, self.shapes = kind, starts, units, shapes
+    index: int  # the tensor's place in the optimizer's parameter list (and its layout)
+    weight: torch.Tensor  # w, stepped in place (a complex parameter's real view)
+    grad: torch.Tensor
+    state: dict  # the rule's tensors ("momentum", "normalizer"), "trace", and "curvature" (spec section 9) if asked
+    hyperparameters: dict  # lr and the base rule's, of the tensor's param group (one dict per group)
+    step_count: int  # t: the steps this tensor has taken, this one included
 
-    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        """Parameter i's entries of a flat per-block vector, broadcastable against the parameter."""
-        if self.kind == "tensor":
-            return flat[self.starts[i]]
-        piece = flat[self.starts[i]:self.starts[i] + self.units[i]]
-        shape = self.shapes[i]
-        if self.kind == "weightwise":
-            return piece.view(shape)
-        return piece.view((-1,) + (1,) * (len(shape) - 1)) if len(shape) else piece.view(())
+
+def keep_nonfinite(z, keep, skipped):
+    """The uint8 `keep` mask of the meta update (set: the block keeps its beta and meta state; None:
+    no block does) with the blocks whose z is not finite added, counted in `skipped` (a device int64
+    scalar; no host sync)."""
+    bad = ~torch.isfinite(z)
+    skipped += bad.sum()
+    return bad.to(torch.uint8) if keep is None else keep | bad.to(torch.uint8)
+
+
+def meta_update(meta, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+    """Step 5 in place as torch ops (any device): beta and its meta state from z by the meta rule `meta`
+    (a rules.META_RULES entry); blocks where `keep` (uint8, see keep_nonfinite) is set keep theirs."""
+    new_beta, new_state = meta.rule(beta, z, meta_state, hp, t)
+    kept = keep.view(torch.bool) if keep is not None else None  # 0/1 bytes: the same memory read as bool
+    for buf, new in ((beta, new_beta), *((meta_state[k], v) for k, v in new_state.items())):
+        if kept is None:
+            buf.copy_(new)
+        else:
+            torch.where(kept, buf, new, out=buf)
+
+
+class _TorchMetaUpdate:
+    """The meta update of the torch implementations (foreach, compiled): `meta_update`'s torch ops."""
+
+    meta = None  # the meta rule
+
+    def meta_update(self, beta, z, meta_state: dict, hp: dict, t: int, keep=None) -> None:
+        """Step 5 for every block: beta and its state from z; blocks where `keep` (uint8) is set keep theirs."""
+        meta_update(self.meta, beta, z, meta_state, hp, t, keep)
 
 
 def _subsets(items):
     """Items grouped by (hyperparameters, step count, dtype): one foreach call each."""
     out: dict = {}
     for item in items:
-        _, w, _, _, hp, t = item
-        out.setdefault((id(hp), t, w.dtype), []).append(item)
+        out.setdefault((id(item.hyperparameters), item.step_count, item.weight.dtype), []).append(item)
     return out.values()
 
 
 def _streams(prog, subset):
-    streams = {"w": [it[1] for it in subset], "g": [it[2] for it in subset]}
+    streams = {"w": [it.weight for it in subset], "g": [it.grad for it in subset]}
     for name in prog.streams[2:]:
-        streams[name] = [it[3][name] for it in subset]
+        streams[name] = [it.state[name] for it in subset]
     return streams
 
 
 def _scalar_values(subset, gamma):
-    hp, t = subset[0][4], subset[0][5]
-    return {**hp, "t": t, "gamma": gamma}
+    return {**subset[0].hyperparameters, "t": subset[0].step_count, "gamma": gamma}
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,34 +99,35 @@ def _index(blocks: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(blocks, device=device)
 
 
-def _reduce_into(layout, z, subset, h, g=None):
-    """Write the terms h g of a subset into z: summed per block, per row, or as they are (g None:
-    h holds the products already)."""
+def _reduce_into(layout, z, indices, h, g=None):
+    """Write the terms h g of the tensors `indices` (into the layout) into z: summed per block, per
+    row, or as they are (g None: h holds the products already)."""
     if layout.kind == "tensor":
         sums = [torch.dot(a.reshape(-1), b.reshape(-1)) if g is not None else a.sum()
                 for a, b in zip(h, g if g is not None else h)]
-        z.index_add_(0, _index(tuple(layout.starts[it[0]] for it in subset), z.device), torch.stack(sums).to(z.dtype))
+        z.index_add_(0, _index(tuple(layout.starts[i] for i in indices), z.device), torch.stack(sums).to(z.dtype))
         return
-    for k, it in enumerate(subset):
+    for k, i in enumerate(indices):
         x = h[k] * g[k] if g is not None else h[k]
         if layout.kind == "nodewise" and x.dim() > 1:
             x = x.sum(dim=tuple(range(1, x.dim())))
-        layout.view(z, it[0]).copy_(x.view(layout.view(z, it[0]).shape))
+        view = layout.view(z, i)
+        view.copy_(x.view(view.shape))
 
 
-class ForeachImpl:
+class ForeachImpl(_TorchMetaUpdate):
     name = "foreach"
 
-    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None):
-        self.prog, self.layout = program(base, track, curvature_kind), layout
+    def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, meta=None):
+        self.prog, self.layout, self.meta = program(base, track, curvature_kind), layout, meta
         self.run = ForeachStep(self.prog)
 
     def step(self, items, alpha, gamma, z):
         for subset in _subsets(items):
-            alphas = [self.layout.view(alpha, it[0]) for it in subset]
+            alphas = [self.layout.view(alpha, it.index) for it in subset]
 
             def reduce(h, g, subset=subset):  # z's terms h g, reduced as the block kind needs
-                _reduce_into(self.layout, z, subset, h, g)
+                _reduce_into(self.layout, z, [it.index for it in subset], h, g)
 
             self.run(_streams(self.prog, subset), alphas, _scalar_values(subset, gamma), reduce)
 
@@ -112,7 +136,7 @@ class ForeachImpl:
 
 
 class CImpl:
-    """The fused C loop (CPU): one call per step for all tensors of a dtype."""
+    """The fused C loop (CPU): one call per step for all tensors of a dtype, and the meta update in one C pass."""
 
     name = "fused"
 
@@ -143,14 +167,14 @@ class CImpl:
         self._plans.clear()
 
     def _plan(self, items):
-        key = tuple(it[0] for it in items)
+        key = tuple(it.index for it in items)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         layout, nstreams = self.layout, len(self.prog.streams)
         chunks, chunk_block = [], []
         for k, it in enumerate(items):
-            i, w = it[0], it[1]
+            i, w = it.index, it.weight
             if layout.kind == "nodewise":
                 rows = layout.units[i]
                 per = max(1, CHUNK // max(1, w.numel() // max(1, rows)))  # zero-size tensors: no rows
@@ -165,8 +189,8 @@ class CImpl:
             "nchunks": len(chunks) // 3,
             "chunks": (ctypes.c_int64 * max(1, len(chunks)))(*chunks),
             "ptrs": (ctypes.c_void_p * (n * nstreams))(),
-            "block_at": (ctypes.c_int64 * n)(*[layout.starts[it[0]] for it in items]),
-            "row_len": (ctypes.c_int64 * n)(*[it[1].numel() // max(1, layout.units[it[0]]) for it in items]),
+            "block_at": (ctypes.c_int64 * n)(*[layout.starts[it.index] for it in items]),
+            "row_len": (ctypes.c_int64 * n)(*[it.weight.numel() // max(1, layout.units[it.index]) for it in items]),
             "scalar_row": (ctypes.c_int64 * n)(),
             "chunk_block": torch.tensor(chunk_block, dtype=torch.long),
             "partials": torch.zeros(max(1, len(chunks) // 3), dtype=torch.float64),
@@ -177,17 +201,21 @@ class CImpl:
         for k, it in enumerate(items):
             for s, name in enumerate(self.prog.streams):
                 if s not in self.fresh:
-                    plan["ptrs"][k * nstreams + s] = it[3][name].data_ptr()
+                    plan["ptrs"][k * nstreams + s] = it.state[name].data_ptr()
         self._plans[key] = plan
         return plan
 
+    def _contiguous(self, items) -> bool:
+        """Whether the C loop takes these tensors: every stream contiguous, g of w's dtype."""
+        return all(it.weight.is_contiguous() and it.grad.is_contiguous() and it.grad.dtype == it.weight.dtype
+                   and all(it.state[n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
+
     def step(self, items, alpha, gamma, z):
-        if not all(it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
-                   and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items):
+        if not self._contiguous(items):
             return self.fallback.step(items, alpha, gamma, z)
         by_dtype: dict = {}
         for it in items:
-            by_dtype.setdefault(it[1].dtype, []).append(it)
+            by_dtype.setdefault(it.weight.dtype, []).append(it)
         for dtype, group in by_dtype.items():
             if dtype not in self.fns:  # the plain step of a kernel that fuses the meta update (sharding)
                 self.fns[dtype] = self._build(dtype)
@@ -195,9 +223,7 @@ class CImpl:
 
     def fused_meta_ready(self, items) -> bool:
         """Whether step_with_meta takes these tensors (else: step, then meta_update)."""
-        return self.fuses_meta and all(
-            it[1].is_contiguous() and it[2].is_contiguous() and it[2].dtype == it[1].dtype
-            and all(it[3][n].is_contiguous() for n in self.prog.streams[2:]) for it in items)
+        return self.fuses_meta and self._contiguous(items)
 
     def step_with_meta(self, items, gamma, beta, meta_state: dict, hp: dict, t: int, skipped) -> list:
         """Steps 1-5 in one pass per weight (weight-wise blocks): alpha = exp(beta), the base update, the trace, z = h g
@@ -212,7 +238,7 @@ class CImpl:
         meta_scalars = (ctypes.c_double * len(values))(*values)
         by_dtype: dict = {}
         for it in items:
-            by_dtype.setdefault(it[1].dtype, []).append(it)
+            by_dtype.setdefault(it.weight.dtype, []).append(it)
         for dtype, group in by_dtype.items():
             plan = self._plan(group)
             self._run(self.meta_fns[dtype], group, beta, gamma, None,  # (alpha: unused, made from beta)
@@ -226,15 +252,15 @@ class CImpl:
         rows, values = {}, []
         names = prog.streams
         for k, it in enumerate(items):
-            ptrs[k * nstreams] = it[1].data_ptr()
-            ptrs[k * nstreams + 1] = it[2].data_ptr()
+            ptrs[k * nstreams] = it.weight.data_ptr()
+            ptrs[k * nstreams + 1] = it.grad.data_ptr()
             for s in self.fresh[2:]:
-                ptrs[k * nstreams + s] = it[3][names[s]].data_ptr()
-            key = (id(it[4]), it[5])
+                ptrs[k * nstreams + s] = it.state[names[s]].data_ptr()
+            key = (id(it.hyperparameters), it.step_count)
             row = rows.get(key)
             if row is None:
                 row = rows[key] = len(rows)
-                values += prog.scalars({**it[4], "t": it[5], "gamma": gamma}) or [0.0]
+                values += prog.scalars({**it.hyperparameters, "t": it.step_count, "gamma": gamma}) or [0.0]
             scalar_row[k] = row
         scalars = (ctypes.c_double * len(values))(*values)
         out = plan["partials"] if self.layout.kind == "tensor" or z is None else z
@@ -286,7 +312,22 @@ def _one_tensor_step_with_meta(prog, meta_prog):
     return step
 
 
-class CompiledImpl:
+def _tensors(prog, it: TensorStep) -> dict:
+    """A tensor's streams for its compiled function, detached: the same tensor kind (no Parameter, no
+    requires_grad) for the copies of the first call and the real calls."""
+    return {"w": it.weight.detach(), "g": it.grad.detach(), **{n: it.state[n].detach() for n in prog.streams[2:]}}
+
+
+def _step_scalars(prog, cache: dict, it: TensorStep, gamma) -> list:
+    """The program's scalars for a tensor's step, made once per (param group, step count)."""
+    key = (id(it.hyperparameters), it.step_count)
+    values = cache.get(key)
+    if values is None:
+        values = cache[key] = prog.scalars({**it.hyperparameters, "t": it.step_count, "gamma": gamma})
+    return values
+
+
+class CompiledImpl(_TorchMetaUpdate):
     """The program under torch.compile (CUDA): inductor generates each tensor's fused kernel.
 
     One compiled function per (shapes, dtypes, strides) of a tensor's streams, each with its own
@@ -299,7 +340,7 @@ class CompiledImpl:
     warning), or raises (strict, impl="fused")."""
 
     def __init__(self, base, track: bool, layout: Layout, curvature_kind=None, strict: bool = False, meta=None):
-        self.prog, self.layout, self.strict = program(base, track, curvature_kind), layout, strict
+        self.prog, self.layout, self.strict, self.meta = program(base, track, curvature_kind), layout, strict, meta
         self._args = (base, track, layout, curvature_kind)
         self._compiled = {}
         self._fallback = None
@@ -322,13 +363,10 @@ class CompiledImpl:
         meta_scalars = self.meta_prog.scalars({**hp, "t": t})
         scalars, calls = {}, []
         for it in items:
-            i, w, g, streams, hp_base, step_t = it
-            tensors = {"w": w.detach(), "g": g.detach(), **{n: streams[n].detach() for n in prog.streams[2:]}}
-            meta_tensors = {name: layout.view(meta_state[name] if name != "beta" else beta, i)
+            tensors = _tensors(prog, it)
+            meta_tensors = {name: layout.view(meta_state[name] if name != "beta" else beta, it.index)
                             for name in self.meta_prog.streams if name != "z"}
-            values = scalars.get((id(hp_base), step_t))
-            if values is None:
-                values = scalars[(id(hp_base), step_t)] = prog.scalars({**hp_base, "t": step_t, "gamma": gamma})
+            values = _step_scalars(prog, scalars, it, gamma)
             key = ("meta", *((x.shape, x.dtype, x.stride()) for x in (*tensors.values(), *meta_tensors.values())))
             if key not in self._compiled:
                 try:
@@ -375,13 +413,9 @@ class CompiledImpl:
         prog, layout = self.prog, self.layout
         scalars, done, out = {}, [], []
         for k, it in enumerate(items):
-            i, w, g, streams, hp, t = it
-            # detached: the same tensor kind (no Parameter, no requires_grad) for the copies and the real call
-            tensors = {"w": w.detach(), "g": g.detach(), **{n: streams[n].detach() for n in prog.streams[2:]}}
-            view = layout.view(alpha, i)
-            values = scalars.get((id(hp), t))
-            if values is None:
-                values = scalars[(id(hp), t)] = prog.scalars({**hp, "t": t, "gamma": gamma})
+            tensors = _tensors(prog, it)
+            view = layout.view(alpha, it.index)
+            values = _step_scalars(prog, scalars, it, gamma)
             key = (tuple(view.shape), view.dtype, *((x.shape, x.dtype, x.stride()) for x in tensors.values()))
             fn = self._compiled.get(key)
             if fn is None:
@@ -398,7 +432,7 @@ class CompiledImpl:
                     _reduce_into(layout, z, done, out)
                 return self._fail(err, items[k:], alpha, gamma, z)
             if prog.track:
-                done.append(it)
+                done.append(it.index)
                 out.append(meta_grad)
         if done and prog.track:
             _reduce_into(layout, z, done, out)
@@ -456,4 +490,4 @@ def make_impl(impl: str, base, track: bool, layout: Layout, device: torch.device
     fused = pick_fused(impl, device, dtypes,
                        lambda: CImpl(base, track, layout, param_dtypes, state_dtype, meta_dtype, curvature_kind, meta),
                        lambda strict: CompiledImpl(base, track, layout, curvature_kind, strict=strict, meta=meta))
-    return fused if fused is not None else ForeachImpl(base, track, layout, curvature_kind)
+    return fused if fused is not None else ForeachImpl(base, track, layout, curvature_kind, meta)

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from . import sharding
-from .blocks import NAMED_STEPSIZE_GROUPS, layout, resolve_stepsize_groups
+from .blocks import NAMED_STEPSIZE_GROUPS, Layout, resolve_stepsize_groups
 from .hessian import HESSIANS, check_hessian, curvature_kind, curvature_terms
-from .impl import Layout, make_impl
+from .impl import TensorStep, keep_nonfinite, make_impl
 from .legacy import convert_format_1
 from .rules import BASE_RULES, META_RULES
 
@@ -94,20 +94,6 @@ def meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weigh
     return alg_meta, {k: meta_hp[k] for k in meta.hyperparameters}
 
 
-def meta_update(alg_meta, beta, z, meta_state: dict, hp: dict, t: int, mask=None, skipped=None) -> None:
-    """Step 5 in place: beta and its meta state from z by the meta rule; where `mask` (a device bool per
-    block) is False, the block had no gradient this step and keeps its meta state. A block whose z is
-    not finite (a NaN or inf gradient reached it) keeps its beta and meta state too, and counts once
-    in `skipped` (a device int64 scalar; no host sync)."""
-    finite = torch.isfinite(z)
-    if skipped is not None:
-        skipped += (~finite).sum()
-    mask = finite if mask is None else mask & finite
-    new_beta, new_state = META_RULES[alg_meta].rule(beta, z, meta_state, hp, t)
-    for buf, new in ((beta, new_beta), *((meta_state[k], v) for k, v in new_state.items())):
-        torch.where(mask, new, buf, out=buf)
-
-
 def blocks_of(layout, active, num_blocks: int) -> Tensor:
     """A host bool per block: True for the blocks of the tensors `active` (indices into the layout),
     those that had a gradient this step."""
@@ -115,14 +101,6 @@ def blocks_of(layout, active, num_blocks: int) -> Tensor:
     for i in active:
         mask[layout.starts[i]:layout.starts[i] + layout.units[i]] = True
     return mask
-
-
-def keep_nonfinite(z, keep, skipped):
-    """The uint8 `keep` mask of a fused meta update (set: the block keeps its state) with the blocks
-    whose z is not finite added, counted in `skipped`; as `meta_update` does."""
-    bad = ~torch.isfinite(z)
-    skipped += bad.sum()
-    return bad.to(torch.uint8) if keep is None else keep | bad.to(torch.uint8)
 
 
 def _positional(spec) -> bool:
@@ -421,12 +399,9 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _relayout(self, num_tensor_blocks):
         """(Re)make the layout for self._params; beta and the meta state keep their values and grow."""
-        shapes = [_real_shape(p) for p in self._params]
-        if self._kind == "tensor":
-            num_blocks, starts, units = num_tensor_blocks, list(self._tensor_blocks), [1] * len(shapes)
-        else:
-            num_blocks, starts, units = layout(self._kind, None, shapes)
-        self._layout = Layout(self._kind, starts, units, shapes)
+        self._layout = Layout.of(self._kind, None, [_real_shape(p) for p in self._params], self._tensor_blocks,
+                                 num_tensor_blocks)
+        num_blocks = self._layout.num_blocks
         grow = num_blocks - self._beta.numel()
         like = dict(device=self._beta.device, dtype=self._beta.dtype)
         self._beta = torch.cat([self._beta, torch.full((grow,), math.log(self.alpha0), **like)])
@@ -590,7 +565,7 @@ class MetaOptimize(torch.optim.Optimizer):
                 state = self._state_for(p)
                 state["step"] += 1
                 streams = {k: _real(local(v)) for k, v in state.items() if k != "step"}
-                items.append((self._index[p], _real(local(p)), _real(local(g)), streams, hp, state["step"]))
+                items.append(TensorStep(self._index[p], _real(local(p)), _real(local(g)), streams, hp, state["step"]))
         if not items:
             return loss
         if self.hessian is not None:
@@ -612,33 +587,28 @@ class MetaOptimize(torch.optim.Optimizer):
             if self._sharding:
                 self._sharding.sum_across_shards(z)
             self._meta_step += 1
-            active = tuple(it[0] for it in items)
-            if getattr(self._impl, "meta_fn", None) is not None:  # in one C pass
-                keep = keep_nonfinite(z, self._mask(active, keep=True), self._skipped)
-                self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step, keep)
-                return loss
-            meta_update(self.alg_meta, self._beta, z, self._meta_state, self.meta_hp, self._meta_step,
-                        self._mask(active), self._skipped)
+            keep = keep_nonfinite(z, self._keep(tuple(it.index for it in items)), self._skipped)
+            self._impl.meta_update(self._beta, z, self._meta_state, self.meta_hp, self._meta_step, keep)
         return loss
 
-    def _mask(self, active: tuple, keep: bool = False):
-        """None when every parameter has a gradient, else the blocks that have one (keep: the uint8
-        complement, for the C meta update)."""
+    def _keep(self, active: tuple):
+        """None when every parameter has a gradient, else a device uint8 per block, set for the blocks
+        without one: they keep their beta and meta state."""
         if len(active) == len(self._params):
             return None
-        masks = self._masks.get(active)
-        if masks is None:
-            mask = blocks_of(self._layout, active, self.num_blocks)
-            masks = self._masks[active] = (mask.to(self._beta.device), (~mask).to(torch.uint8))
-        return masks[1] if keep else masks[0]
+        keep = self._masks.get(active)
+        if keep is None:
+            keep = self._masks[active] = (~blocks_of(self._layout, active, self.num_blocks)).to(
+                device=self._beta.device, dtype=torch.uint8)
+        return keep
 
     def _curvature(self, items):
         """The Hessian term of spec section 9 (hessian.py), put in each item's "curvature"."""
-        products = curvature_terms(self.hessian, self._curvature_kind, [self._params[it[0]] for it in items],
-                                   [it[3]["trace"] for it in items], [self._layout.starts[it[0]] for it in items],
+        products = curvature_terms(self.hessian, self._curvature_kind, [self._params[it.index] for it in items],
+                                   [it.state["trace"] for it in items], [self._layout.starts[it.index] for it in items],
                                    sharded=bool(self._sharding))
         for it, product in zip(items, products):
-            it[3]["curvature"] = product
+            it.state["curvature"] = product
 
 
 def lr_times_alpha(alpha: Tensor, lrs: list, layout=None) -> Tensor:

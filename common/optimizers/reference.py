@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .blocks import layout, resolve_stepsize_groups
+from .blocks import Layout, resolve_stepsize_groups
 
 EPS = 1e-10
 
@@ -26,9 +26,9 @@ EPS = 1e-10
 def block_ids(shapes, stepsize_groups, group_sizes=None) -> tuple[list[torch.Tensor], int]:
     """The block index of every weight (a tensor per parameter) and the number of blocks."""
     kind, counts = resolve_stepsize_groups(stepsize_groups, len(shapes), group_sizes)
-    num_blocks, starts, units = layout(kind, counts, shapes)
+    layout = Layout.of(kind, counts, shapes)
     ids = []
-    for s, start, n in zip(shapes, starts, units):
+    for s, start, n in zip(shapes, layout.starts, layout.units):
         if kind == "tensor":
             ids.append(torch.full(s, start, dtype=torch.long))
         elif kind == "weightwise":
@@ -36,7 +36,7 @@ def block_ids(shapes, stepsize_groups, group_sizes=None) -> tuple[list[torch.Ten
         else:  # nodewise: one block per index of the first dimension
             rows = torch.arange(start, start + n)
             ids.append(rows.reshape((-1,) + (1,) * (len(s) - 1)).expand(s).clone() if len(s) else rows.reshape(()))
-    return ids, num_blocks
+    return ids, layout.num_blocks
 
 
 class Reference:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .impl import Layout
+from .blocks import Layout
 
 
 def _dtensor_type():
@@ -60,7 +60,7 @@ class Sharding:
                 starts.append(start + (offset[0] * row if len(offset) else 0))
                 units.append(torch.Size(local_shape).numel())
             shapes.append(shapes_i)
-        return Sharding(Layout(global_layout.kind, starts, units, shapes), list(groups.values()))
+        return Sharding(Layout(global_layout.kind, starts, units, shapes, global_layout.num_blocks), list(groups.values()))
 
     @staticmethod
     def local(x):
