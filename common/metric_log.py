@@ -11,10 +11,29 @@ import secrets
 import string
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from common import runfolder
 from common.runfolder import CONFIG, METRICS, WANDB_ID, RunFolderError
 
-__all__ = ["MetricLog"]
+__all__ = ["MetricLog", "flags_record", "to_python"]
+
+
+def to_python(value):
+    """A one-element tensor or a numpy number as a Python number; other tensors and arrays as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def flags_record(flags: dict) -> dict:
+    """The run's flags (argparse dest -> value) as config.json and wandb record them."""
+    return {k: to_python(v) for k, v in flags.items()}
 
 
 class MetricLog:
