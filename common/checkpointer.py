@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import secrets
 import shutil
@@ -67,23 +66,24 @@ def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder
 
 
 class Checkpointer:
-    """The checkpoints of the run `run_name` (of `experiment`) in `folder`.
+    """The checkpoints of the run `run_name` (of `experiment`) in `folder` (a runfolder.RunFolder).
 
     `flags`: the run's flags (argparse dest -> value; its identity and the changed-flag check come
     from them and config.json); `changeable`: the flags a resume may change; `resume`: --resume.
     The run supplies `check_state(optimizer, step)` (raises when the state is not finite),
-    `before_write()` (rank 0, before checkpoint.pt is written: checks the folder, opens the metric
-    log), `check_folder()` (the folder is still the run's), `entries()` (the run's own entries of
+    `before_write()` (rank 0, before checkpoint.pt is written: opens the metric log), `entries()`
+    (the run's own entries of
     the checkpoint: "metrics_offset", "elapsed", ...) and `restore(entries)` (puts them back).
     """
 
-    def __init__(self, folder: Path, *, run_name: str, experiment: str, flags: dict, changeable: frozenset,
-                 resume: bool, is_main: bool, world_size: int, check_state, before_write, check_folder,
+    def __init__(self, folder: runfolder.RunFolder, *, run_name: str, experiment: str, flags: dict,
+                 changeable: frozenset, resume: bool, is_main: bool, world_size: int, check_state, before_write,
                  entries, restore):
-        self.dir, self.run_name, self.experiment, self.flags = Path(folder), run_name, experiment, flags
+        self.folder, self.dir = folder, folder.path
+        self.run_name, self.experiment, self.flags = run_name, experiment, flags
         self.changeable, self.resume_requested = changeable, resume
         self.is_main, self.world_size = is_main, world_size
-        self._check_state, self._before_write, self._check_folder = check_state, before_write, check_folder
+        self._check_state, self._before_write = check_state, before_write
         self._entries, self._restore = entries, restore
         self.objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
         self.step = None  # "step" of the newest checkpoint in the folder
@@ -179,7 +179,7 @@ class Checkpointer:
                 "config_hash": self._config_id(),
             }
             # checked again before the replace: the folder may have been replaced during a long write
-            runfolder.atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(state, f), check=self._check_folder)
+            self.folder.write(CHECKPOINT, lambda f: torch.save(state, f))
         if self.world_size > 1:
             dist.barrier()
 
@@ -242,9 +242,7 @@ class Checkpointer:
         self.step = state.get("step")
         self._record_changes(state.get("step"))
         if self.is_main:
-            metrics = self.dir / METRICS
-            if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
-                os.truncate(metrics, meta["metrics_offset"])
+            self.folder.truncate(METRICS, meta["metrics_offset"])
 
     def _changed_flags(self, path) -> list[tuple[str, object, object]]:
         """The flags of this resume that differ from config.json, as (key, old, new): the changeable
@@ -282,8 +280,7 @@ class Checkpointer:
             config[key] = new
             config.setdefault("changes", []).append(
                 {"step": step, "flag": cli.flag_name(key), "key": key, "old": old, "new": new})
-        self._check_folder()
-        MetricLog(self.dir).write_config(config)
+        MetricLog(self.folder).write_config(config)
 
 
 def _numpy_state_to_save(state):

@@ -83,7 +83,7 @@ from common.metric_log import MetricLog, flags_record
 from common.metric_log import to_python as _to_python
 from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
 from common.optimizers.blocks import resolve_stepsize_groups
-from common.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolderError
+from common.runfolder import CONFIG, SUMMARY, Diverged, RunFolder, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
 from common.stop_control import DDP_STOP_CHECK_EVERY, PROCESS_START, StopControl  # noqa: F401 (re-exported)
 from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
@@ -122,10 +122,6 @@ __all__ = [
 ]
 
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
-
-
-class Diverged(Exception):
-    """The run diverged (a non-finite loss, weight or step size); summary.json says so. Exit code 3."""
 
 
 # --------------------------------------------------------------------------------------
@@ -376,20 +372,16 @@ class Run:
         self._opened = False
         self._closed = False
         self._log = None  # the MetricLog, once the folder is claimed
-        self._lock = None
-        self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
-        self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
-        self._dir_lost = False  # the folder was deleted or replaced while the run ran
+        self._folder = RunFolder(self.dir)  # claimed by rank 0: the folder it holds, not the path
         self._overflowed: set[str] = set()  # losses whose last logged value was non-finite (fp16: see _check_metrics)
         self._bars = []  # progress bars
         self._elapsed_before = 0.0  # training seconds of earlier segments of this run (from the checkpoint)
         self._t0 = time.monotonic()
         self._checkpointer = Checkpointer(
-            self.dir, run_name=self.name, experiment=experiment, flags=vars(args),
+            self._folder, run_name=self.name, experiment=experiment, flags=vars(args),
             changeable=runfolder.RESUME_CHANGEABLE | frozenset(resume_changeable), resume=self.resume_requested,
             is_main=self.is_main, world_size=self.world_size, check_state=self._check_state,
-            before_write=self._open, check_folder=self._check_folder, entries=self._checkpoint_entries,
-            restore=self._restore)
+            before_write=self._open, entries=self._checkpoint_entries, restore=self._restore)
         self._stopper = StopControl(self.max_time, getattr(args, "max_time", None), getattr(args, "stop_at_step", None),
                                     self.is_main, self.world_size, self.device)
 
@@ -399,7 +391,7 @@ class Run:
         error = None
         if self.is_main:
             try:
-                self._claim_folder()
+                self._folder.claim(self.resume_requested, bool(getattr(args, "start_over", False)))
             except tuple(_CLAIM_ERRORS.values()) as e:
                 error = e
         if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
@@ -420,50 +412,6 @@ class Run:
                 raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
         seed_everything(int(getattr(args, "seed", 0)))
         self._stopper.install()
-
-    def _claim_folder(self):
-        """Rank 0: create and lock the run folder, clear stale temp files, apply the resume rules."""
-        parent = self.dir.parent
-        missing = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
-        try:
-            if parent.exists() and not parent.is_dir():
-                raise NotADirectoryError(20, "Not a directory")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._made_dirs = missing
-            self._lock = runfolder.RunLock(self.dir)
-            probe = self.dir / f".write-test.{secrets.token_hex(4)}.tmp"
-            probe.write_bytes(b"")  # the lock file may predate a read-only remount: check for real
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"--save-directory {parent}: {runfolder.describe_os_error(e, self.dir)}") from None
-        runfolder.remove_stale_temp_files(self.dir)
-        self._dir_id = _folder_id(self.dir)  # the folder this run holds, not the path (see _check_folder)
-
-        state = runfolder.run_state(self.dir)
-        results = runfolder.has_results(self.dir)
-        if getattr(self.args, "start_over", False):
-            if results:
-                runfolder.remove_results(self.dir)
-                print(f"note: --start-over: removed {', '.join(results)} from {self.dir}", file=sys.stderr)
-        elif state == "diverged" and self.resume_requested:
-            step = (runfolder.read_summary(self.dir) or {}).get("diverged_at_step")
-            raise Diverged(f"--resume: {self.dir} diverged at step {step} (see its summary.json); nothing to "
-                           f"resume. Start another --run-name with other settings, or pass --start-over")
-        elif results and not self.resume_requested:
-            how = "continue it" if CHECKPOINT in results or SUMMARY in results else \
-                "start it again (it has no checkpoint yet: it starts from the beginning)"
-            raise UsageError(f"run folder {self.dir} already holds a run ({', '.join(results)}); add --resume to "
-                             f"the same command to {how}, --start-over to discard it, or choose another --run-name / "
-                             f"--save-directory")
-        elif results and CHECKPOINT not in results and SUMMARY not in results:
-            # killed before its first checkpoint: only metric lines that the fresh start writes again
-            runfolder.remove_results(self.dir)
-            print(f"note: --resume: {self.dir} has no {CHECKPOINT} yet (the run was stopped before its first "
-                  f"checkpoint); starting it from the beginning", file=sys.stderr)
-        elif results and CHECKPOINT not in results:
-            raise UsageError(f"--resume: {self.dir} has no {CHECKPOINT} to continue from but holds results "
-                             f"({', '.join(results)}); a fresh start would overwrite them. Pass --start-over to "
-                             f"discard them, or choose another --run-name")
 
     # ---- time and stopping ---------------------------------------------------------------
 
@@ -559,7 +507,7 @@ class Run:
             self._open()
             record = {"finished": False, "diverged": True, "diverged_at_step": _to_python(step), "reason": reason,
                       "checkpoint_step": kept, "wall_time": round(self.elapsed(), 3)}
-            runfolder.write_json(self.dir / SUMMARY, record)
+            self._folder.write_json(SUMMARY, record)
             if self._wandb is not None:
                 self._wandb.summary.update({"diverged": True, "diverged_at_step": record["diverged_at_step"]})
         self.close()
@@ -569,20 +517,10 @@ class Run:
 
     # ---- files ---------------------------------------------------------------------------
 
-    def _check_folder(self):
-        """Rank 0, before each write: the run folder is still the one it claimed (one stat). A folder
-        deleted or replaced meanwhile (a new run of the same name claimed a new one at that path) is
-        one line (RunFolderError, exit 1), and nothing is written into it."""
-        if self._dir_id is None or not self.is_main:
-            return
-        if _folder_id(self.dir) != self._dir_id:
-            self._dir_lost = True
-            raise RunFolderError(f"run folder {self.dir} was deleted or replaced while this run ran (by another run "
-                                 f"of that name?); this run stopped and wrote nothing more there")
-
     def _open(self):
-        """Create config.json, metrics.jsonl and the wandb run (rank 0, first write)."""
-        self._check_folder()
+        """Create config.json, metrics.jsonl and the wandb run (rank 0, first write); before that and
+        every write after, the folder is checked to be still the run's (`RunFolder.check`)."""
+        self._folder.check()
         if self._opened or not self.is_main:
             self._opened = True
             return
@@ -595,7 +533,7 @@ class Run:
         if getattr(self.args, "wandb", False):
             wandb = dict(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
                          config={**flags_record(vars(self.args)), "experiment": self.experiment})
-        self._log = MetricLog(self.dir, wandb)
+        self._log = MetricLog(self._folder, wandb)
         self._log.open(config)
         self._opened = True
 
@@ -675,7 +613,7 @@ class Run:
         """With --resume: the saved state (RNG states restored, metrics.jsonl cut back to the checkpoint).
 
         None without --resume, or when the run folder has no checkpoint (a fresh start: the folder
-        holds no results then, see `_claim_folder`). Tensors come back on the CPU. A checkpoint of
+        holds no results then, see `runfolder.RunFolder.claim`). Tensors come back on the CPU. A checkpoint of
         another run is refused (UsageError) before anything changes.
         """
         return self._checkpointer.load()
@@ -717,16 +655,7 @@ class Run:
             self._log = None
         if hasattr(self, "_stopper"):
             self._stopper.restore()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        if self._dir_lost:  # the path is another run's now: remove nothing there
-            return
-        for d in self._made_dirs:  # innermost first; stops at the first folder that holds something
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        self._folder.release()
 
     def finish(self, summary: dict) -> None:
         """The run completed: write summary.json {"finished": true, **summary, "wall_time": s}, close."""
@@ -735,7 +664,7 @@ class Run:
             record = {"finished": True}
             record.update({k: _plain(v) for k, v in summary.items()})
             record["wall_time"] = round(self.elapsed(), 3)
-            runfolder.write_json(self.dir / SUMMARY, record)
+            self._folder.write_json(SUMMARY, record)
             if self._wandb is not None:
                 for section in ("final", "best"):
                     for k, v in (record.get(section) or {}).items():
@@ -756,15 +685,6 @@ class Run:
             bar = tqdm(iterable_or_total, desc=desc, **kwargs)
         self._bars.append(bar)  # closed by close(): an error line then starts on a line of its own
         return bar
-
-
-def _folder_id(path) -> tuple[int, int] | None:
-    """(device, inode) of the folder `path`; None when it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _plain(value):

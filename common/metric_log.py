@@ -9,7 +9,6 @@ import contextlib
 import json
 import secrets
 import string
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,10 +36,11 @@ def flags_record(flags: dict) -> dict:
 
 
 class MetricLog:
-    """`folder`: the run folder; `wandb`: None, or dict(project=, entity=, name=, config=) for wandb.init."""
+    """`folder`: the run folder (a runfolder.RunFolder: writes go to the folder the run holds);
+    `wandb`: None, or dict(project=, entity=, name=, config=) for wandb.init."""
 
-    def __init__(self, folder: Path, wandb: dict | None = None):
-        self.folder, self._wandb_settings = Path(folder), wandb
+    def __init__(self, folder: runfolder.RunFolder, wandb: dict | None = None):
+        self.folder, self._wandb_settings = folder, wandb
         self._file = None
         self.wandb = None  # the wandb run once open
 
@@ -48,27 +48,24 @@ class MetricLog:
         """config.json from `config` (None: keep the one there), metrics.jsonl for appending, wandb."""
         if config is not None:
             self.write_config(config)
-        try:
-            self._file = open(self.folder / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.folder / METRICS)) from None
+        self._file = self.folder.open_append(METRICS)
         if self._wandb_settings is not None:
             self._init_wandb(**self._wandb_settings)
 
     def write_config(self, config: dict) -> None:
-        runfolder.write_json(self.folder / CONFIG, config)
+        self.folder.write_json(CONFIG, config)
 
     def _init_wandb(self, project, entity, name, config):
         import wandb  # optional: only with --wandb
 
-        id_file = self.folder / WANDB_ID
+        id_file = self.folder.path / WANDB_ID
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            runfolder.atomic_write(id_file, lambda f: f.write(run_id.encode()))
+            self.folder.write(WANDB_ID, lambda f: f.write(run_id.encode()))
         self.wandb = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", config=config,
-                                dir=str(self.folder))
+                                dir=str(self.folder.path))
         # our own step as the x axis: after a resume the steps between the checkpoint and the
         # interruption are logged again, which wandb's monotonic internal step would drop
         self.wandb.define_metric("step")
@@ -80,7 +77,7 @@ class MetricLog:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.folder / METRICS)) from None
+            raise RunFolderError(runfolder.describe_os_error(e, self.folder.path / METRICS)) from None
         if self.wandb is not None:
             self.wandb.log(record)
 

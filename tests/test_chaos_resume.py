@@ -44,6 +44,8 @@ def _segment(script, argv, log, pipe, hold_write):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # Python's own streams too (pytest's capture replaced them): a KeyboardInterrupt's traceback lands in `log`
+    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     torch.set_num_threads(1)
     should_stop, real_write = harness.Run.should_stop, runfolder.atomic_write
 
