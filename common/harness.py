@@ -4,8 +4,9 @@ It reads the flags and holds the `Run`; the parts below it take values: common/d
 (process group, rank, device, DDP), common/train_step.py (autocast, GradScaler, compile,
 backward-and-step), common/step_metrics.py (step sizes as metrics, the finiteness check),
 common/stop_control.py (signals, --max-time, stop agreement across ranks), common/metric_log.py
-(config.json, metrics.jsonl, wandb), common/sharded.py (FSDP2 and its checkpoints),
-common/runfolder.py (the run-folder rules).
+(config.json, metrics.jsonl, wandb), common/checkpointer.py (checkpoint.pt, its identity and the
+resume rules that read it), common/sharded.py (FSDP2 and its checkpoints), common/runfolder.py
+(the run-folder rules and `RunFolder`, the folder a run holds).
 
 A training script uses it like this (see cifar10/train.py):
 
@@ -62,11 +63,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import os
 import random
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,7 @@ from common import cli, distributed, runfolder, sharded, train_step
 from common.checkpointer import Checkpointer, load_training_state, training_state  # noqa: F401 (re-exported)
 from common.cli import UsageError, parse_max_time
 from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
-from common.metric_log import MetricLog, flags_record
+from common.metric_log import MetricLog, flags_record, plain, run_config
 from common.metric_log import to_python as _to_python
 from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
 from common.optimizers.blocks import resolve_stepsize_groups
@@ -342,6 +341,12 @@ _WATCHED = ("loss", "step_size/")
 class Run:
     """One run: `<save-directory>/<run-name>/` with config.json, metrics.jsonl, checkpoint.pt, summary.json.
 
+    A composition of its parts, each taking values: the run folder (`runfolder.RunFolder`: claim,
+    resume rules, the held folder every write goes through), the metric log (`metric_log.MetricLog`:
+    config.json, metrics.jsonl, wandb), the checkpointer (`checkpointer.Checkpointer`) and the stop
+    control (`stop_control.StopControl`). Run itself adds the divergence rules, the run's time and
+    the progress bars, and reads the flags for them.
+
     Attributes: dir (Path), device, is_main, rank, world_size, local_rank, max_time (s or None),
     stop_reason (why should_stop() said yes). Only rank 0 writes files and logs to wandb; every
     rank calls the same methods at the same steps (they synchronise under DDP).
@@ -359,8 +364,7 @@ class Run:
 
         name = getattr(args, "run_name", None)
         if name is None:
-            # a timestamp plus a random suffix: runs started in the same second get their own folders
-            name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            name = runfolder.new_run_name()
             if self.world_size > 1:  # every rank must use rank 0's timestamp
                 box = [name]
                 dist.broadcast_object_list(box, src=0)
@@ -388,20 +392,7 @@ class Run:
         for run in list(_ACTIVE):  # an earlier run of this process on this folder that never closed
             if run.dir.resolve() == self.dir.resolve():
                 run.close()
-        error = None
-        if self.is_main:
-            try:
-                self._folder.claim(self.resume_requested, bool(getattr(args, "start_over", False)))
-            except tuple(_CLAIM_ERRORS.values()) as e:
-                error = e
-        if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
-            box = [None if error is None else (type(error).__name__, str(error))]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None and error is None:
-                error = _CLAIM_ERRORS[box[0][0]](box[0][1])
-        if error is not None:
-            self.close()
-            raise error
+        self._claim(bool(getattr(args, "start_over", False)))
         _ACTIVE.append(self)
 
         if getattr(args, "wandb", False) and self.is_main:
@@ -412,6 +403,23 @@ class Run:
                 raise UsageError("--wandb: the wandb package is not installed (pip install wandb)") from None
         seed_everything(int(getattr(args, "seed", 0)))
         self._stopper.install()
+
+    def _claim(self, start_over: bool) -> None:
+        """Rank 0 claims the folder (runfolder.RunFolder.claim); every rank fails with its error, instead of hanging."""
+        error = None
+        if self.is_main:
+            try:
+                self._folder.claim(self.resume_requested, start_over)
+            except tuple(_CLAIM_ERRORS.values()) as e:
+                error = e
+        if self.world_size > 1:
+            box = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = _CLAIM_ERRORS[box[0][0]](box[0][1])
+        if error is not None:
+            self.close()
+            raise error
 
     # ---- time and stopping ---------------------------------------------------------------
 
@@ -524,11 +532,9 @@ class Run:
         if self._opened or not self.is_main:
             self._opened = True
             return
-        config = None
+        config = None  # a resume keeps the config.json of the first start (the checkpointer records changes)
         if not (self.resume_requested and (self.dir / CONFIG).exists()):
-            config = flags_record(vars(self.args))
-            config.update(experiment=self.experiment, command=list(sys.argv),
-                          start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+            config = run_config(vars(self.args), self.experiment)
         wandb = None
         if getattr(self.args, "wandb", False):
             wandb = dict(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
@@ -662,7 +668,7 @@ class Run:
         if self.is_main:
             self._open()
             record = {"finished": True}
-            record.update({k: _plain(v) for k, v in summary.items()})
+            record.update(plain(summary))
             record["wall_time"] = round(self.elapsed(), 3)
             self._folder.write_json(SUMMARY, record)
             if self._wandb is not None:
@@ -685,11 +691,3 @@ class Run:
             bar = tqdm(iterable_or_total, desc=desc, **kwargs)
         self._bars.append(bar)  # closed by close(): an error line then starts on a line of its own
         return bar
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return _to_python(value)

@@ -6,9 +6,11 @@ leaves nothing behind. Takes values; common/harness.py's `Run` holds one.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import secrets
 import string
+import sys
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ import torch
 from common import runfolder
 from common.runfolder import CONFIG, METRICS, WANDB_ID, RunFolderError
 
-__all__ = ["MetricLog", "flags_record", "to_python"]
+__all__ = ["MetricLog", "flags_record", "plain", "run_config", "to_python"]
 
 
 def to_python(value):
@@ -30,9 +32,24 @@ def to_python(value):
     return value
 
 
+def plain(value):
+    """`value` with the tensors and numpy numbers inside its dicts, lists and tuples as Python values."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return to_python(value)
+
+
 def flags_record(flags: dict) -> dict:
     """The run's flags (argparse dest -> value) as config.json and wandb record them."""
     return {k: to_python(v) for k, v in flags.items()}
+
+
+def run_config(flags: dict, experiment: str) -> dict:
+    """config.json of a run's first start: its flags, the experiment, the command line and the start time."""
+    return {**flags_record(flags), "experiment": experiment, "command": list(sys.argv),
+            "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 class MetricLog:

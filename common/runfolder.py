@@ -60,6 +60,12 @@ RESUME_CHANGEABLE = frozenset({
     "eval_batch_size", "acc_every", "weights_checksum", "grad_clip"})
 
 
+def new_run_name() -> str:
+    """The name of a run started without --run-name: a timestamp plus a random suffix (runs started in
+    the same second get their own folders)."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
 def config_hash(config: dict) -> str:
     """The identity of a run's configuration (config.json's keys but RUN_CONTROL): 16 hex digits, the
     same for the args at the start and for config.json read back (values compared as JSON), also
