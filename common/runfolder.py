@@ -388,6 +388,7 @@ class RunFolder:
         self.path = Path(path)
         self.fd: int | None = None  # the claimed folder, open
         self.lost = False  # the folder was deleted or replaced while the run held it
+        self._counts_links = False  # the file system gives the held folder links (st_nlink 0 once deleted)
         self._lock: RunLock | None = None
         self._made: list[Path] = []  # folders `claim` created (removed again if the run writes nothing)
 
@@ -402,6 +403,7 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self._made = missing
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            self._counts_links = os.fstat(self.fd).st_nlink > 0
             self._lock = RunLock(self.path)
             self.check()  # the lock is in the folder held
             probe = f".write-test.{secrets.token_hex(4)}.tmp"
@@ -445,7 +447,7 @@ class RunFolder:
             return
         try:
             held = os.fstat(self.fd)  # a deleted folder has no links, even if its inode number comes back
-            same = held.st_nlink > 0 and os.path.samestat(held, os.stat(self.path))
+            same = (held.st_nlink > 0 or not self._counts_links) and os.path.samestat(held, os.stat(self.path))
         except OSError:
             same = False
         if not same:
