@@ -4,8 +4,9 @@ It reads the flags and holds the `Run`; the parts below it take values: common/d
 (process group, rank, device, DDP), common/train_step.py (autocast, GradScaler, compile,
 backward-and-step), common/step_metrics.py (step sizes as metrics, the finiteness check),
 common/stop_control.py (signals, --max-time, stop agreement across ranks), common/metric_log.py
-(config.json, metrics.jsonl, wandb), common/sharded.py (FSDP2 and its checkpoints),
-common/runfolder.py (the run-folder rules).
+(config.json, metrics.jsonl, wandb), common/checkpointer.py (checkpoint.pt, its identity and the
+resume rules that read it), common/sharded.py (FSDP2 and its checkpoints), common/runfolder.py
+(the run-folder rules and `RunFolder`, the folder a run holds).
 
 A training script uses it like this (see cifar10/train.py):
 
@@ -62,13 +63,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import math
 import os
 import random
-import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -78,12 +75,14 @@ import torch
 import torch.distributed as dist
 
 from common import cli, distributed, runfolder, sharded, train_step
+from common.checkpointer import Checkpointer, load_training_state, training_state  # noqa: F401 (re-exported)
 from common.cli import UsageError, parse_max_time
 from common.distributed import _DIST, cleanup_distributed, gradient_sync, is_main, resolve_device, unwrap  # noqa: F401 (re-exported)
-from common.metric_log import MetricLog
+from common.metric_log import MetricLog, flags_record, plain, run_config
+from common.metric_log import to_python as _to_python
 from common.optim_flags import OPTIMIZER_CHOICES, as_flags, check_optimizer_args
 from common.optimizers.blocks import resolve_stepsize_groups
-from common.runfolder import CHECKPOINT, CONFIG, METRICS, SUMMARY, RunFolderError
+from common.runfolder import CONFIG, SUMMARY, Diverged, RunFolder, RunFolderError
 from common.step_metrics import MAX_LOGGED_BLOCKS, check_state, step_size_metrics  # noqa: F401 (re-exported)
 from common.stop_control import DDP_STOP_CHECK_EVERY, PROCESS_START, StopControl  # noqa: F401 (re-exported)
 from common.train_step import backward_and_step, graph_backward  # noqa: F401 (re-exported)
@@ -122,10 +121,6 @@ __all__ = [
 ]
 
 EXIT_DIVERGED = 3  # exit code of a run that diverged (0: finished or stopped with a checkpoint; 2: bad input)
-
-
-class Diverged(Exception):
-    """The run diverged (a non-finite loss, weight or step size); summary.json says so. Exit code 3."""
 
 
 # --------------------------------------------------------------------------------------
@@ -314,56 +309,6 @@ def distribute(model, device, args=None):
     return distributed.distribute(model, device)
 
 
-def training_state(model, optimizer, scheduler, scaler) -> dict:
-    """The part of a checkpoint every experiment has: weights, optimizer (with MetaOptimize's beta
-    and traces), learning-rate schedule and AMP loss scale. model=None, optimizer=None: they are
-    saved elsewhere (the shards of --fsdp)."""
-    return {
-        "model": model.state_dict() if model is not None else None,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-
-
-def load_training_state(state: dict, model, optimizer, scheduler, scaler, folder=None) -> None:
-    """Inverse of `training_state` (the model first: some optimizers check the weights they wrap).
-
-    A checkpoint of --fsdp names the folder of its shards ("sharded", inside `folder`, the run
-    folder); they load into a sharded model or, resharded, into a whole one. A model sharded by
-    --fsdp needs such a checkpoint (ValueError otherwise).
-    """
-    if state.get("sharded") is not None:
-        sharded.load(Path(folder) / state["sharded"], model, optimizer)
-    elif sharded.is_sharded(model):
-        raise ValueError("it was written without --fsdp; resume without --fsdp")
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-
-
-def _to_python(value):
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def atomic_write_bytes(path: Path, write, check=None) -> None:
-    """Write via `write(file)` into a temp file next to `path`, fsync, then os.replace (all or nothing).
-
-    OS errors (a full disk, ...) become RunFolderError with one line naming the file (common/runfolder.py).
-    """
-    runfolder.atomic_write(path, write, check)
-
-
 def start_run(args, experiment: str, resume_changeable=()) -> Run:
     """Check the flags (`check_args`), lock the run folder, seed, pick the device (see `Run`).
 
@@ -389,14 +334,18 @@ def _close_runs() -> None:
 
 # errors rank 0 hits while claiming the folder, raised on every rank (by name, through a broadcast)
 _CLAIM_ERRORS = {cls.__name__: cls for cls in (UsageError, RunFolderError, runfolder.RunLocked, Diverged)}
-# flags of runfolder.RESUME_CHANGEABLE whose value the optimizer keeps in its param groups (key there)
-_GROUP_KEYS = {"weight_decay_base": "weight_decay"}
 # losses and step sizes: a non-finite one of these in a logged record means the run diverged
 _WATCHED = ("loss", "step_size/")
 
 
 class Run:
     """One run: `<save-directory>/<run-name>/` with config.json, metrics.jsonl, checkpoint.pt, summary.json.
+
+    A composition of its parts, each taking values: the run folder (`runfolder.RunFolder`: claim,
+    resume rules, the held folder every write goes through), the metric log (`metric_log.MetricLog`:
+    config.json, metrics.jsonl, wandb), the checkpointer (`checkpointer.Checkpointer`) and the stop
+    control (`stop_control.StopControl`). Run itself adds the divergence rules, the run's time and
+    the progress bars, and reads the flags for them.
 
     Attributes: dir (Path), device, is_main, rank, world_size, local_rank, max_time (s or None),
     stop_reason (why should_stop() said yes). Only rank 0 writes files and logs to wandb; every
@@ -405,7 +354,6 @@ class Run:
 
     def __init__(self, args, experiment: str, resume_changeable=()):
         self.args, self.experiment = args, experiment
-        self._changeable = runfolder.RESUME_CHANGEABLE | frozenset(resume_changeable)
         self.max_time = parse_max_time(getattr(args, "max_time", None))
         self.log_every = int(getattr(args, "log_every", 100))
         self.rank, self.world_size, self.local_rank = setup_distributed(args)
@@ -416,8 +364,7 @@ class Run:
 
         name = getattr(args, "run_name", None)
         if name is None:
-            # a timestamp plus a random suffix: runs started in the same second get their own folders
-            name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+            name = runfolder.new_run_name()
             if self.world_size > 1:  # every rank must use rank 0's timestamp
                 box = [name]
                 dist.broadcast_object_list(box, src=0)
@@ -429,37 +376,23 @@ class Run:
         self._opened = False
         self._closed = False
         self._log = None  # the MetricLog, once the folder is claimed
-        self._lock = None
-        self._made_dirs: list[Path] = []  # folders this run created (removed again if it writes nothing)
-        self._dir_id = None  # (st_dev, st_ino) of the run folder once claimed
-        self._dir_lost = False  # the folder was deleted or replaced while the run ran
-        self._changes: list = []  # (key, old, new) of the flags this resume changed (see _changed_flags)
+        self._folder = RunFolder(self.dir)  # claimed by rank 0: the folder it holds, not the path
         self._overflowed: set[str] = set()  # losses whose last logged value was non-finite (fp16: see _check_metrics)
         self._bars = []  # progress bars
-        self._objects = None  # (model, optimizer, scheduler, scaler) once `resume` is called
-        self._checkpoint_step = None  # "step" of the newest checkpoint in the folder
         self._elapsed_before = 0.0  # training seconds of earlier segments of this run (from the checkpoint)
         self._t0 = time.monotonic()
+        self._checkpointer = Checkpointer(
+            self._folder, run_name=self.name, experiment=experiment, flags=vars(args),
+            changeable=runfolder.RESUME_CHANGEABLE | frozenset(resume_changeable), resume=self.resume_requested,
+            is_main=self.is_main, world_size=self.world_size, check_state=self._check_state,
+            before_write=self._open, entries=self._checkpoint_entries, restore=self._restore)
         self._stopper = StopControl(self.max_time, getattr(args, "max_time", None), getattr(args, "stop_at_step", None),
                                     self.is_main, self.world_size, self.device)
 
         for run in list(_ACTIVE):  # an earlier run of this process on this folder that never closed
             if run.dir.resolve() == self.dir.resolve():
                 run.close()
-        error = None
-        if self.is_main:
-            try:
-                self._claim_folder()
-            except tuple(_CLAIM_ERRORS.values()) as e:
-                error = e
-        if self.world_size > 1:  # every rank fails with rank 0's error, instead of hanging
-            box = [None if error is None else (type(error).__name__, str(error))]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None and error is None:
-                error = _CLAIM_ERRORS[box[0][0]](box[0][1])
-        if error is not None:
-            self.close()
-            raise error
+        self._claim(bool(getattr(args, "start_over", False)))
         _ACTIVE.append(self)
 
         if getattr(args, "wandb", False) and self.is_main:
@@ -471,49 +404,22 @@ class Run:
         seed_everything(int(getattr(args, "seed", 0)))
         self._stopper.install()
 
-    def _claim_folder(self):
-        """Rank 0: create and lock the run folder, clear stale temp files, apply the resume rules."""
-        parent = self.dir.parent
-        missing = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
-        try:
-            if parent.exists() and not parent.is_dir():
-                raise NotADirectoryError(20, "Not a directory")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._made_dirs = missing
-            self._lock = runfolder.RunLock(self.dir)
-            probe = self.dir / f".write-test.{secrets.token_hex(4)}.tmp"
-            probe.write_bytes(b"")  # the lock file may predate a read-only remount: check for real
-            probe.unlink()
-        except OSError as e:
-            raise UsageError(f"--save-directory {parent}: {runfolder.describe_os_error(e, self.dir)}") from None
-        runfolder.remove_stale_temp_files(self.dir)
-        self._dir_id = _folder_id(self.dir)  # the folder this run holds, not the path (see _check_folder)
-
-        state = runfolder.run_state(self.dir)
-        results = runfolder.has_results(self.dir)
-        if getattr(self.args, "start_over", False):
-            if results:
-                runfolder.remove_results(self.dir)
-                print(f"note: --start-over: removed {', '.join(results)} from {self.dir}", file=sys.stderr)
-        elif state == "diverged" and self.resume_requested:
-            step = (runfolder.read_summary(self.dir) or {}).get("diverged_at_step")
-            raise Diverged(f"--resume: {self.dir} diverged at step {step} (see its summary.json); nothing to "
-                           f"resume. Start another --run-name with other settings, or pass --start-over")
-        elif results and not self.resume_requested:
-            how = "continue it" if CHECKPOINT in results or SUMMARY in results else \
-                "start it again (it has no checkpoint yet: it starts from the beginning)"
-            raise UsageError(f"run folder {self.dir} already holds a run ({', '.join(results)}); add --resume to "
-                             f"the same command to {how}, --start-over to discard it, or choose another --run-name / "
-                             f"--save-directory")
-        elif results and CHECKPOINT not in results and SUMMARY not in results:
-            # killed before its first checkpoint: only metric lines that the fresh start writes again
-            runfolder.remove_results(self.dir)
-            print(f"note: --resume: {self.dir} has no {CHECKPOINT} yet (the run was stopped before its first "
-                  f"checkpoint); starting it from the beginning", file=sys.stderr)
-        elif results and CHECKPOINT not in results:
-            raise UsageError(f"--resume: {self.dir} has no {CHECKPOINT} to continue from but holds results "
-                             f"({', '.join(results)}); a fresh start would overwrite them. Pass --start-over to "
-                             f"discard them, or choose another --run-name")
+    def _claim(self, start_over: bool) -> None:
+        """Rank 0 claims the folder (runfolder.RunFolder.claim); every rank fails with its error, instead of hanging."""
+        error = None
+        if self.is_main:
+            try:
+                self._folder.claim(self.resume_requested, start_over)
+            except tuple(_CLAIM_ERRORS.values()) as e:
+                error = e
+        if self.world_size > 1:
+            box = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                error = _CLAIM_ERRORS[box[0][0]](box[0][1])
+        if error is not None:
+            self.close()
+            raise error
 
     # ---- time and stopping ---------------------------------------------------------------
 
@@ -609,7 +515,7 @@ class Run:
             self._open()
             record = {"finished": False, "diverged": True, "diverged_at_step": _to_python(step), "reason": reason,
                       "checkpoint_step": kept, "wall_time": round(self.elapsed(), 3)}
-            runfolder.write_json(self.dir / SUMMARY, record)
+            self._folder.write_json(SUMMARY, record)
             if self._wandb is not None:
                 self._wandb.summary.update({"diverged": True, "diverged_at_step": record["diverged_at_step"]})
         self.close()
@@ -619,33 +525,21 @@ class Run:
 
     # ---- files ---------------------------------------------------------------------------
 
-    def _check_folder(self):
-        """Rank 0, before each write: the run folder is still the one it claimed (one stat). A folder
-        deleted or replaced meanwhile (a new run of the same name claimed a new one at that path) is
-        one line (RunFolderError, exit 1), and nothing is written into it."""
-        if self._dir_id is None or not self.is_main:
-            return
-        if _folder_id(self.dir) != self._dir_id:
-            self._dir_lost = True
-            raise RunFolderError(f"run folder {self.dir} was deleted or replaced while this run ran (by another run "
-                                 f"of that name?); this run stopped and wrote nothing more there")
-
     def _open(self):
-        """Create config.json, metrics.jsonl and the wandb run (rank 0, first write)."""
-        self._check_folder()
+        """Create config.json, metrics.jsonl and the wandb run (rank 0, first write); before that and
+        every write after, the folder is checked to be still the run's (`RunFolder.check`)."""
+        self._folder.check()
         if self._opened or not self.is_main:
             self._opened = True
             return
-        config = None
+        config = None  # a resume keeps the config.json of the first start (the checkpointer records changes)
         if not (self.resume_requested and (self.dir / CONFIG).exists()):
-            config = {k: _to_python(v) for k, v in vars(self.args).items()}
-            config.update(experiment=self.experiment, command=list(sys.argv),
-                          start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+            config = run_config(vars(self.args), self.experiment)
         wandb = None
         if getattr(self.args, "wandb", False):
             wandb = dict(project=self.args.wandb_project, entity=self.args.wandb_entity, name=self.name,
-                         config={**{k: _to_python(v) for k, v in vars(self.args).items()}, "experiment": self.experiment})
-        self._log = MetricLog(self.dir, wandb)
+                         config={**flags_record(vars(self.args)), "experiment": self.experiment})
+        self._log = MetricLog(self._folder, wandb)
         self._log.open(config)
         self._opened = True
 
@@ -695,7 +589,7 @@ class Run:
     def _metrics_offset(self) -> int:
         return self._log.offset() if self._log is not None else 0
 
-    # ---- checkpoints -----------------------------------------------------------------------
+    # ---- checkpoints (common/checkpointer.py) ------------------------------------------------
 
     def resume(self, model, optimizer, scheduler=None, scaler=None) -> dict | None:
         """Register what a checkpoint holds (see `checkpoint`); with --resume and a checkpoint, load
@@ -703,26 +597,7 @@ class Run:
 
         None on a fresh start. A checkpoint that does not fit (other model flags) is one error line.
         """
-        self._objects = (model, optimizer, scheduler, scaler)
-        state, meta = self._read_checkpoint()
-        if state is None:
-            return None
-        shards = state.get("sharded")
-        if shards is not None and not sharded.is_complete(self.dir / shards):
-            raise UsageError(f"--resume: {self.dir / shards}, the shards {CHECKPOINT} names, is missing or incomplete")
-        # a changed flag that lives in the param groups (--weight-decay-base): loading puts the saved
-        # groups back, so the freshly built groups' values of its keys are put back after it
-        keys = {_GROUP_KEYS[k] for k, _, _ in self._changes if k in _GROUP_KEYS}
-        fresh = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
-        try:
-            load_training_state(state, unwrap(model), optimizer, scheduler, scaler, folder=self.dir)
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--resume: {self.dir / CHECKPOINT} does not fit this run ({cli.first_line(e)}); resume with "
-                             f"the flags the run started with (see {self.dir / CONFIG})") from None
-        for group, values in zip(optimizer.param_groups, fresh):
-            group.update(values)
-        self._apply_checkpoint(state, meta)  # only now the folder changes (metrics cut back)
-        return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "scaler", "sharded")}
+        return self._checkpointer.resume(model, optimizer, scheduler, scaler)
 
     def checkpoint(self, progress: dict) -> None:
         """Save weights, optimizer, schedule and loss scale (registered by `resume`) plus `progress`
@@ -731,182 +606,46 @@ class Run:
         First checks that weights and step sizes are finite: a diverged state never replaces the
         last finite checkpoint. Every rank calls it (rank 0 writes).
         """
-        if self._objects is None:
-            raise RuntimeError("Run.checkpoint: call run.resume(model, optimizer, ...) first")
-        model, optimizer, scheduler, scaler = self._objects
-        self._check_state(optimizer, progress.get("step"))
-        model, shards = unwrap(model), None
-        if sharded.is_sharded(model):  # --fsdp: the shards first, then checkpoint.pt naming them
-            shards = self._save_shards(model, optimizer)
-            self.save_checkpoint({**training_state(None, None, scheduler, scaler), "sharded": shards, **progress})
-        else:
-            self.save_checkpoint({**training_state(model, optimizer, scheduler, scaler), **progress})
-        if self.is_main:  # shards that checkpoint.pt no longer names (all of them after a whole one)
-            runfolder.remove_shard_folders(self.dir, keep=shards)
-        self._checkpoint_step = progress.get("step")
+        self._checkpointer.checkpoint(progress)
 
-    def _save_shards(self, model, optimizer) -> str:
-        """Every rank writes its shards of the model and optimizer into a new folder (rank 0 names it);
-        its name, to go into checkpoint.pt."""
-        box = [runfolder.SHARDS.format(secrets.token_hex(4))]
-        if self.world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        folder = self.dir / box[0]
-        try:
-            sharded.save(folder, model, optimizer)
-        except OSError as e:  # a full disk, ...: the checkpoint.pt in place still names complete shards
-            if self.is_main:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise RunFolderError(runfolder.describe_os_error(e, folder)) from None
-        if self.is_main:
-            runfolder.fsync_dir(folder)
-        return box[0]
-
-    @contextlib.contextmanager
     def checkpoint_on(self, errors, progress):
         """Inside the block, an exception of type `errors` (e.g. an unreadable data file between
         steps) first saves a checkpoint with `progress()` (so --resume keeps the steps done), then
         goes on (its one `error:` line names the file)."""
-        try:
-            yield
-        except errors:
-            self.checkpoint(progress())
-            if self.is_main:
-                from tqdm.auto import tqdm
-
-                tqdm.write(f"note: checkpoint of step {self._checkpoint_step} saved in {self.dir}; continue with "
-                           f"the same command plus --resume once the cause is fixed", file=sys.stderr)
-            raise
+        return self._checkpointer.checkpoint_on(errors, progress)
 
     def save_checkpoint(self, state: dict) -> None:
         """Atomically write checkpoint.pt: `state` plus RNG states, elapsed time and the metrics offset
         (no divergence check: `checkpoint` is the method to use in a training loop)."""
-        if self.is_main:
-            self._open()
-            state = dict(state)
-            state["harness"] = {
-                "rng_torch": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "rng_numpy": _numpy_state_to_save(np.random.get_state()),
-                "rng_python": random.getstate(),
-                "metrics_offset": self._metrics_offset(),
-                "elapsed": self.elapsed(),
-                "run_name": self.name,
-                "experiment": self.experiment,
-                "config_hash": self._config_id(),
-                "overflowed": sorted(self._overflowed),
-            }
-            # checked again before the replace: the folder may have been replaced during a long write
-            atomic_write_bytes(self.dir / CHECKPOINT, lambda f: torch.save(state, f), check=self._check_folder)
-        if self.world_size > 1:
-            dist.barrier()
-
-    def _config_id(self) -> str:
-        """The hash of this run's configuration as it started (config.json, written at the first start
-        and kept by resumes; the flags when there is none yet): every checkpoint of the run carries it."""
-        saved = runfolder.read_config(self.dir)
-        if saved is None:
-            saved = {k: _to_python(v) for k, v in vars(self.args).items()}
-        return runfolder.config_hash(saved)
+        self._checkpointer.save(state)
 
     def load_checkpoint(self) -> dict | None:
         """With --resume: the saved state (RNG states restored, metrics.jsonl cut back to the checkpoint).
 
         None without --resume, or when the run folder has no checkpoint (a fresh start: the folder
-        holds no results then, see `_claim_folder`). Tensors come back on the CPU. A checkpoint of
+        holds no results then, see `runfolder.RunFolder.claim`). Tensors come back on the CPU. A checkpoint of
         another run is refused (UsageError) before anything changes.
         """
-        state, meta = self._read_checkpoint()
-        if state is not None:
-            self._apply_checkpoint(state, meta)
-        return state
+        return self._checkpointer.load()
 
-    def _read_checkpoint(self) -> tuple[dict | None, dict | None]:
-        """checkpoint.pt split into (state, harness entries), checked to be this run's (run name,
-        experiment, configuration hash) and to cut metrics.jsonl at a line; changes nothing."""
-        if not self.resume_requested:
-            return None, None
-        path = self.dir / CHECKPOINT
-        if not path.exists():
-            return None, None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}: {cli.first_line(e)})") from None
-        meta = state.pop("harness", None) if isinstance(state, dict) else None
-        if not isinstance(meta, dict):
-            raise UsageError(f"--resume: {path} was not written by common.harness")
-        # checkpoints written before the identity was saved lack some entries: unknown, accepted
-        if meta.get("experiment") not in (None, self.experiment):
-            raise UsageError(f"--resume: {path} is a {meta['experiment']} run, not {self.experiment}")
-        if meta.get("run_name") not in (None, self.name):
-            raise UsageError(f"--resume: {path} belongs to the run {meta['run_name']!r}, not {self.name!r}; "
-                             f"it was copied or moved here: resume it under its own --run-name")
-        if meta.get("config_hash") not in (None, self._config_id()):
-            raise UsageError(f"--resume: {path} belongs to another configuration than {self.dir / CONFIG} "
-                             f"(another run's checkpoint copied in?); nothing was changed")
-        offset = int(meta["metrics_offset"])
-        if self.is_main and not runfolder.ends_at_line(self.dir / METRICS, offset):
-            raise UsageError(f"--resume: {path} does not match {self.dir / METRICS} (its offset {offset} falls "
-                             f"inside a line); nothing was changed")
-        self._changes = self._changed_flags(path)  # refused ones raise here, before anything changes
-        return state, meta
+    @property
+    def _objects(self):  # (model, optimizer, scheduler, scaler) once `resume` is called
+        return self._checkpointer.objects
 
-    def _apply_checkpoint(self, state: dict, meta: dict) -> None:
-        """Restore the RNG states and elapsed time of a checked checkpoint; cut metrics.jsonl back to it."""
-        torch.set_rng_state(meta["rng_torch"])
-        if meta["rng_cuda"] and torch.cuda.is_available() and len(meta["rng_cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(meta["rng_cuda"])
-        np.random.set_state(_numpy_state_to_load(meta["rng_numpy"]))
-        random.setstate(_tuples(meta["rng_python"]))
-        self._elapsed_before = float(meta["elapsed"])
+    @property
+    def _checkpoint_step(self):  # "step" of the newest checkpoint in the folder
+        return self._checkpointer.step
+
+    def _checkpoint_entries(self) -> dict:
+        """The run's own entries of a checkpoint (see `_restore`)."""
+        return {"metrics_offset": self._metrics_offset(), "elapsed": self.elapsed(),
+                "overflowed": sorted(self._overflowed)}
+
+    def _restore(self, entries: dict) -> None:
+        """Elapsed time and fp16 overflow notes from a checkpoint's entries."""
+        self._elapsed_before = float(entries["elapsed"])
         self._t0 = time.monotonic()
-        self._checkpoint_step = state.get("step")
-        self._overflowed = set(meta.get("overflowed", ()))
-        self._record_changes(state.get("step"))
-        if self.is_main:
-            metrics = self.dir / METRICS
-            if metrics.exists() and metrics.stat().st_size > meta["metrics_offset"]:
-                os.truncate(metrics, meta["metrics_offset"])
-
-    def _changed_flags(self, path) -> list[tuple[str, object, object]]:
-        """The flags of this resume that differ from config.json, as (key, old, new): those of
-        runfolder.RESUME_CHANGEABLE are said on stderr (and applied, recorded by _apply_checkpoint); any
-        other one outside RUN_CONTROL changes what the checkpoint means: one error line."""
-        saved = runfolder.read_config(self.dir)
-        if saved is None:
-            return []
-        changed = []
-        for k, v in vars(self.args).items():
-            new = json.loads(json.dumps(_to_python(v), default=str))  # compared as config.json holds it
-            if k in saved and k not in runfolder.RUN_CONTROL and new != saved[k]:
-                changed.append((k, saved[k], new))
-        text = "; ".join(f"{cli.flag_name(k)} {old!r} -> {new!r}" for k, old, new in changed)
-        refused = [k for k, _, _ in changed if k not in self._changeable]
-        if refused:
-            raise UsageError(f"--resume: {path} does not fit this run: changed flags: {text}; "
-                             f"{', '.join(cli.flag_name(k) for k in refused)} would change what the checkpoint "
-                             f"means (docs/CONTRACTS.md): resume with the flags the run started with (see "
-                             f"{self.dir / CONFIG}), or start another --run-name; nothing was changed")
-        if changed and self.is_main:
-            print(f"note: resuming {self.dir} with changed flags: {text} (applied from the checkpoint's "
-                  f"step on, recorded in {CONFIG})", file=sys.stderr)
-        return changed
-
-    def _record_changes(self, step) -> None:
-        """Rank 0, once the checkpoint loaded: config.json takes the changed flags' new values and lists
-        each change with the step it took effect at (its "changes"; the run's identity stays the first one)."""
-        if not self._changes or not self.is_main:
-            return
-        config = runfolder.read_config(self.dir)
-        if config is None:
-            return
-        for key, old, new in self._changes:
-            config[key] = new
-            config.setdefault("changes", []).append(
-                {"step": step, "flag": cli.flag_name(key), "key": key, "old": old, "new": new})
-        self._check_folder()
-        MetricLog(self.dir).write_config(config)
+        self._overflowed = set(entries.get("overflowed", ()))
 
     # ---- the end -------------------------------------------------------------------------
 
@@ -926,25 +665,16 @@ class Run:
             self._log = None
         if hasattr(self, "_stopper"):
             self._stopper.restore()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        if self._dir_lost:  # the path is another run's now: remove nothing there
-            return
-        for d in self._made_dirs:  # innermost first; stops at the first folder that holds something
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        self._folder.release()
 
     def finish(self, summary: dict) -> None:
         """The run completed: write summary.json {"finished": true, **summary, "wall_time": s}, close."""
         if self.is_main:
             self._open()
             record = {"finished": True}
-            record.update({k: _plain(v) for k, v in summary.items()})
+            record.update(plain(summary))
             record["wall_time"] = round(self.elapsed(), 3)
-            runfolder.write_json(self.dir / SUMMARY, record)
+            self._folder.write_json(SUMMARY, record)
             if self._wandb is not None:
                 for section in ("final", "best"):
                     for k, v in (record.get(section) or {}).items():
@@ -965,39 +695,3 @@ class Run:
             bar = tqdm(iterable_or_total, desc=desc, **kwargs)
         self._bars.append(bar)  # closed by close(): an error line then starts on a line of its own
         return bar
-
-
-def _folder_id(path) -> tuple[int, int] | None:
-    """(device, inode) of the folder `path`; None when it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return _to_python(value)
-
-
-def _numpy_state_to_save(state):
-    name, keys, pos, has_gauss, cached = state
-    return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
-
-
-def _numpy_state_to_load(state):
-    name, keys, pos, has_gauss, cached = state
-    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-
-
-def _tuples(value):
-    """random.setstate needs tuples; torch.load may give back lists."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, tuple):
-        return tuple(_tuples(v) for v in value)
-    return value

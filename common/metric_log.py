@@ -6,22 +6,58 @@ leaves nothing behind. Takes values; common/harness.py's `Run` holds one.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import secrets
 import string
-from pathlib import Path
+import sys
+
+import numpy as np
+import torch
 
 from common import runfolder
 from common.runfolder import CONFIG, METRICS, WANDB_ID, RunFolderError
 
-__all__ = ["MetricLog"]
+__all__ = ["MetricLog", "flags_record", "plain", "run_config", "to_python"]
+
+
+def to_python(value):
+    """A one-element tensor or a numpy number as a Python number; other tensors and arrays as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def plain(value):
+    """`value` with the tensors and numpy numbers inside its dicts, lists and tuples as Python values."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return to_python(value)
+
+
+def flags_record(flags: dict) -> dict:
+    """The run's flags (argparse dest -> value) as config.json and wandb record them."""
+    return {k: to_python(v) for k, v in flags.items()}
+
+
+def run_config(flags: dict, experiment: str) -> dict:
+    """config.json of a run's first start: its flags, the experiment, the command line and the start time."""
+    return {**flags_record(flags), "experiment": experiment, "command": list(sys.argv),
+            "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 class MetricLog:
-    """`folder`: the run folder; `wandb`: None, or dict(project=, entity=, name=, config=) for wandb.init."""
+    """`folder`: the run folder (a runfolder.RunFolder: writes go to the folder the run holds);
+    `wandb`: None, or dict(project=, entity=, name=, config=) for wandb.init."""
 
-    def __init__(self, folder: Path, wandb: dict | None = None):
-        self.folder, self._wandb_settings = Path(folder), wandb
+    def __init__(self, folder: runfolder.RunFolder, wandb: dict | None = None):
+        self.folder, self._wandb_settings = folder, wandb
         self._file = None
         self.wandb = None  # the wandb run once open
 
@@ -29,27 +65,24 @@ class MetricLog:
         """config.json from `config` (None: keep the one there), metrics.jsonl for appending, wandb."""
         if config is not None:
             self.write_config(config)
-        try:
-            self._file = open(self.folder / METRICS, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.folder / METRICS)) from None
+        self._file = self.folder.open_append(METRICS)
         if self._wandb_settings is not None:
             self._init_wandb(**self._wandb_settings)
 
     def write_config(self, config: dict) -> None:
-        runfolder.write_json(self.folder / CONFIG, config)
+        self.folder.write_json(CONFIG, config)
 
     def _init_wandb(self, project, entity, name, config):
         import wandb  # optional: only with --wandb
 
-        id_file = self.folder / WANDB_ID
+        id_file = self.folder.path / WANDB_ID
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            runfolder.atomic_write(id_file, lambda f: f.write(run_id.encode()))
+            self.folder.write(WANDB_ID, lambda f: f.write(run_id.encode()))
         self.wandb = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", config=config,
-                                dir=str(self.folder))
+                                dir=str(self.folder.path))
         # our own step as the x axis: after a resume the steps between the checkpoint and the
         # interruption are logged again, which wandb's monotonic internal step would drop
         self.wandb.define_metric("step")
@@ -61,7 +94,7 @@ class MetricLog:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
         except OSError as e:
-            raise RunFolderError(runfolder.describe_os_error(e, self.folder / METRICS)) from None
+            raise RunFolderError(runfolder.describe_os_error(e, self.folder.path / METRICS)) from None
         if self.wandb is not None:
             self.wandb.log(record)
 

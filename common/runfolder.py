@@ -5,6 +5,8 @@ sweep.py, summarize.py and plot.py read by them (without importing torch).
   "checkpoint" (can resume) or "new";
 - one writer per folder: `RunLock` (flock on `<run>/.lock`, which names its holder); one
   computation of a shared result: `waiting_lock`;
+- the folder a run holds: `RunFolder` (claim, resume rules, an open directory fd that every write
+  goes through and is checked against, release);
 - atomic writes with the user's umask (`atomic_write`), and removal of the temp files that a
   killed writer leaves (`remove_stale_temp_files`);
 - OS errors as one line that says what happened and where (`describe_os_error`).
@@ -27,6 +29,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from common.cli import UsageError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -54,6 +58,12 @@ RESUME_CHANGEABLE = frozenset({
     "meta_stepsize", "gamma", "weight_decay_base", "weight_decay_meta", "momentum_param_meta",
     "normalizer_param_meta", "Lion_beta2_meta", "optimizer_impl", "fsdp", "eval_every", "eval_iters",
     "eval_batch_size", "acc_every", "weights_checksum", "grad_clip"})
+
+
+def new_run_name() -> str:
+    """The name of a run started without --run-name: a timestamp plus a random suffix (runs started in
+    the same second get their own folders)."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
 def config_hash(config: dict) -> str:
@@ -98,6 +108,10 @@ class RunFolderError(Exception):
 
 class RunLocked(RunFolderError):
     """Another process holds the run folder's lock."""
+
+
+class Diverged(Exception):
+    """The run diverged (a non-finite loss, weight or step size); summary.json says so. Exit code 3."""
 
 
 # --------------------------------------------------------------------------------------
@@ -204,10 +218,12 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_write(path, write, check=None) -> None:
+def atomic_write(path, write, check=None, dir_fd: int | None = None) -> None:
     """Write via `write(binary_file)` into a temp file next to `path`, fsync, os.replace: all or nothing.
     `check()`, called after the bytes are written and before the replace, may raise to call it off
-    (the harness: the run folder is still the run's after a long write).
+    (the harness: the run folder is still the run's after a long write). With `dir_fd` (an open
+    folder, see `RunFolder`) the file is written in that folder whatever its path is now; `path`
+    names it in messages.
 
     The file gets the user's umask (0644 with the usual 022). On an OSError the temp file is removed
     and RunFolderError says what happened (the disk is full, ...) and where; other errors pass
@@ -216,29 +232,39 @@ def atomic_write(path, write, check=None) -> None:
     """
     path = Path(path)
     tmp = _temp_path(path)
+    # relative to the held folder with dir_fd (os functions take dir_fd=None as "by path")
+    src, dst = (tmp, path) if dir_fd is None else (tmp.name, path.name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         if check is not None:
             check()
-        os.replace(tmp, path)
+        os.replace(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException as e:
         # a full disk may surface as another error (torch: "unexpected pos ..."): look before freeing it
         full = isinstance(e, Exception) and not isinstance(e, OSError) and disk_is_full(path.parent)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(src, dir_fd=dir_fd)
         if isinstance(e, OSError) or full:
             cause = e if isinstance(e, OSError) else OSError(errno.ENOSPC, "disk full")
             raise RunFolderError(describe_os_error(cause, path)) from e
         raise
-    fsync_dir(path.parent)
+    if dir_fd is None:
+        fsync_dir(path.parent)
+    else:
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
 
 
 def write_json(path, obj) -> None:
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    data = _json_bytes(obj)
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -347,6 +373,137 @@ class RunLock:
                 self.path.unlink()
         os.close(self.fd)
         self.fd = None
+
+
+class RunFolder:
+    """The folder of one run as rank 0 holds it: `claim` creates it, locks it, opens it (a directory
+    fd held until `release`) and applies the resume rules. The run holds that folder, not its path:
+    `check` (before each write) compares the held folder with what the path names now, so a folder
+    deleted, or deleted and made again (which may reuse its inode number), is caught; the run's
+    files are written through the fd (`write`, `write_json`, `open_append`, `truncate`), so they
+    never land in another run's folder at the same path. Unclaimed (other ranks), it writes by path.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.fd: int | None = None  # the claimed folder, open
+        self.lost = False  # the folder was deleted or replaced while the run held it
+        self._counts_links = False  # the file system gives the held folder links (st_nlink 0 once deleted)
+        self._lock: RunLock | None = None
+        self._made: list[Path] = []  # folders `claim` created (removed again if the run writes nothing)
+
+    def claim(self, resume: bool, start_over: bool) -> None:
+        """Create, open and lock the folder, clear stale temp files, apply the resume rules (UsageError,
+        RunLocked or Diverged, with one line that says what to type)."""
+        parent = self.path.parent
+        missing = [d for d in (self.path, *self.path.parents) if not d.exists()]
+        try:
+            if parent.exists() and not parent.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._made = missing
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            self._counts_links = os.fstat(self.fd).st_nlink > 0
+            self._lock = RunLock(self.path)
+            self.check()  # the lock is in the folder held
+            probe = f".write-test.{secrets.token_hex(4)}.tmp"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=self.fd))
+            os.unlink(probe, dir_fd=self.fd)  # the lock file may predate a read-only remount: check for real
+        except OSError as e:
+            raise UsageError(f"--save-directory {parent}: {describe_os_error(e, self.path)}") from None
+        remove_stale_temp_files(self.path)
+        self._resume_rules(resume, start_over)
+
+    def _resume_rules(self, resume: bool, start_over: bool) -> None:
+        state, results = run_state(self.path), has_results(self.path)
+        if start_over:
+            if results:
+                remove_results(self.path)
+                print(f"note: --start-over: removed {', '.join(results)} from {self.path}", file=sys.stderr)
+        elif state == "diverged" and resume:
+            step = (read_summary(self.path) or {}).get("diverged_at_step")
+            raise Diverged(f"--resume: {self.path} diverged at step {step} (see its summary.json); nothing to "
+                           f"resume. Start another --run-name with other settings, or pass --start-over")
+        elif results and not resume:
+            how = "continue it" if CHECKPOINT in results or SUMMARY in results else \
+                "start it again (it has no checkpoint yet: it starts from the beginning)"
+            raise UsageError(f"run folder {self.path} already holds a run ({', '.join(results)}); add --resume to "
+                             f"the same command to {how}, --start-over to discard it, or choose another --run-name / "
+                             f"--save-directory")
+        elif results and CHECKPOINT not in results and SUMMARY not in results:
+            # killed before its first checkpoint: only metric lines that the fresh start writes again
+            remove_results(self.path)
+            print(f"note: --resume: {self.path} has no {CHECKPOINT} yet (the run was stopped before its first "
+                  f"checkpoint); starting it from the beginning", file=sys.stderr)
+        elif results and CHECKPOINT not in results:
+            raise UsageError(f"--resume: {self.path} has no {CHECKPOINT} to continue from but holds results "
+                             f"({', '.join(results)}); a fresh start would overwrite them. Pass --start-over to "
+                             f"discard them, or choose another --run-name")
+
+    def check(self) -> None:
+        """The path still names the folder claimed (two stats; nothing to check when unclaimed): else
+        RunFolderError (exit 1) and nothing more is written."""
+        if self.fd is None:
+            return
+        try:
+            held = os.fstat(self.fd)  # a deleted folder has no links, even if its inode number comes back
+            same = (held.st_nlink > 0 or not self._counts_links) and os.path.samestat(held, os.stat(self.path))
+        except OSError:
+            same = False
+        if not same:
+            self.lost = True
+            raise RunFolderError(f"run folder {self.path} was deleted or replaced while this run ran (by another run "
+                                 f"of that name?); this run stopped and wrote nothing more there")
+
+    def write(self, name: str, write) -> None:
+        """`atomic_write` of the file `name` in the held folder, checked before and again before the replace."""
+        self.check()
+        atomic_write(self.path / name, write, check=self.check, dir_fd=self.fd)
+
+    def write_json(self, name: str, obj) -> None:
+        data = _json_bytes(obj)
+        self.write(name, lambda f: f.write(data))
+
+    def open_append(self, name: str):
+        """The file `name` of the held folder, opened for appending text (RunFolderError on an OSError)."""
+        self.check()
+        try:
+            fd = os.open(name if self.fd is not None else self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o666, dir_fd=self.fd)
+            return os.fdopen(fd, "a", encoding="utf-8")
+        except OSError as e:
+            raise RunFolderError(describe_os_error(e, self.path / name)) from None
+
+    def truncate(self, name: str, size: int) -> None:
+        """Cut the file `name` of the held folder to `size` bytes, if it is longer."""
+        self.check()
+        try:
+            fd = os.open(name if self.fd is not None else self.path / name, os.O_WRONLY, dir_fd=self.fd)
+        except FileNotFoundError:
+            return
+        try:
+            if os.fstat(fd).st_size > size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Let go of the lock and the folder; remove the folders `claim` made if they hold nothing (not
+        when the folder was lost: the path is another run's now). Safe to call twice."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.lost:
+            return
+        for d in self._made:  # innermost first; stops at the first folder that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made = []
 
 
 @contextlib.contextmanager

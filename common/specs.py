@@ -34,6 +34,8 @@ from common import baselines
 from common.cli import flag_name
 from common.optimizers import GROUP_KINDS, NAMED_STEPSIZE_GROUPS, MetaOptimize
 from common.optimizers.blocks import parse_counts
+from common.optimizers.hessian import check_hessian
+from common.optimizers.metaoptimize import base_hyperparameters, check_settings
 
 __all__ = ["build_optimizer", "build_scheduler", "resolve_spec", "spec_from_args", "spec_label", "optimizer_choices", "as_flags",
            "is_option"]
@@ -182,15 +184,17 @@ def resolve_spec(spec: Mapping) -> dict:
     """The resolved spec (canonical name, every option that applies with its default), checked once:
     ValueError naming the flag. Idempotent; the result is JSON-able.
 
-    The values are checked by building the optimizer on a dummy tensor, so every rule of the
-    constructors applies; only the step-size group counts wait for the model (they must add up to
-    its tensor count)."""
+    MetaOptimize's values are checked by its own checks of the settings (no optimizer built); the
+    others' (torch's, the baselines' packages', the bases of --base-optimizer) only by their
+    constructors, so they are built on a dummy tensor. Only the step-size group counts wait for the
+    model (they must add up to its tensor count)."""
     out = _normalized(spec)
+    if out["optimizer"] == "HF" and "base_optimizer" not in out:
+        _check_metaoptimize(out)
+        return out
     dummy = {**out}
     if out["optimizer"] == "HF":
-        dummy["stepsize_groups"] = "weightwise" if out.get("rectify") else "scalar"  # rectify's rule needs weight-wise
-        if "optimizer_impl" in out:
-            dummy["optimizer_impl"] = "foreach"  # no kernel compiled for a check
+        dummy["stepsize_groups"] = "scalar"
     params = [torch.nn.Parameter(torch.zeros(2))]
     if "base_optimizer" in out:  # a matrix too: both sides of A+B get their arguments checked
         params.insert(0, torch.nn.Parameter(torch.zeros(2, 2)))
@@ -225,26 +229,50 @@ def build_optimizer(model_or_params, spec: Mapping) -> torch.optim.Optimizer:
     return _build(model_or_params, _params_of(model_or_params), _normalized(spec))
 
 
+def _metaoptimize_kwargs(spec: dict) -> dict:
+    """MetaOptimize's keyword arguments for a resolved --optimizer HF spec."""
+    return dict(
+        alg_base=spec["alg_base"], alg_meta=spec["alg_meta"], alpha0=spec["alpha0"],
+        meta_stepsize=_unset(spec["meta_stepsize"]), gamma=spec["gamma"],
+        stepsize_groups=spec["stepsize_groups"], weight_decay_base=_unset(spec["weight_decay_base"]),
+        normalizer_param_base=_unset(spec["normalizer_param_base"]),
+        momentum_param_base=_unset(spec["momentum_param_base"]),
+        lion_beta2_base=_unset(spec["Lion_beta2_base"]), weight_decay_meta=_unset(spec["weight_decay_meta"]),
+        normalizer_param_meta=_unset(spec["normalizer_param_meta"]),
+        momentum_param_meta=_unset(spec["momentum_param_meta"]),
+        lion_beta2_meta=_unset(spec["Lion_beta2_meta"]), impl=spec["optimizer_impl"],
+        state_dtype=STATE_DTYPES[spec["state_dtype"]], hessian=HESSIANS[spec["hessian"]],
+        rectify=spec["rectify"],
+    )
+
+
+def _check_metaoptimize(spec: dict) -> None:
+    """The checks MetaOptimize's constructor makes of these settings, in its order, without a model:
+    its settings, the base rule's hyperparameters (its one param group) and the Hessian options, these
+    with scalar blocks, or weight-wise ones for --rectify (whose rule needs them), as the layout of
+    --stepsize-groups waits for the model."""
+    kw = _metaoptimize_kwargs(spec)
+    groups = "weightwise" if kw["rectify"] else "scalar"
+    try:
+        alg_base, alg_meta, _, _ = check_settings(
+            kw["alg_base"], kw["alg_meta"], kw["alpha0"], kw["gamma"], groups, kw["meta_stepsize"],
+            kw["weight_decay_meta"], kw["momentum_param_meta"], kw["normalizer_param_meta"], kw["lion_beta2_meta"],
+            kw["hessian"], kw["state_dtype"])
+        group = {"lr": 1.0, "weight_decay": kw["weight_decay_base"], "normalizer_param_base": kw["normalizer_param_base"],
+                 "momentum_param_base": kw["momentum_param_base"], "lion_beta2_base": kw["lion_beta2_base"]}
+        base_hyperparameters(alg_base, group)
+        check_hessian(kw["hessian"], kw["rectify"], alg_meta, "weightwise" if kw["rectify"] else "tensor", [])  # scalar: "tensor"
+    except ValueError as err:
+        raise ValueError(as_flags(str(err))) from None
+
+
 def _build(model_or_params, params, spec: dict) -> torch.optim.Optimizer:
     name = spec["optimizer"]
     if name == "HF" and "base_optimizer" in spec:
         return _build_around(model_or_params, params, spec)
     if name == "HF":
         try:
-            return MetaOptimize(
-                params,
-                alg_base=spec["alg_base"], alg_meta=spec["alg_meta"], alpha0=spec["alpha0"],
-                meta_stepsize=_unset(spec["meta_stepsize"]), gamma=spec["gamma"],
-                stepsize_groups=spec["stepsize_groups"], weight_decay_base=_unset(spec["weight_decay_base"]),
-                normalizer_param_base=_unset(spec["normalizer_param_base"]),
-                momentum_param_base=_unset(spec["momentum_param_base"]),
-                lion_beta2_base=_unset(spec["Lion_beta2_base"]), weight_decay_meta=_unset(spec["weight_decay_meta"]),
-                normalizer_param_meta=_unset(spec["normalizer_param_meta"]),
-                momentum_param_meta=_unset(spec["momentum_param_meta"]),
-                lion_beta2_meta=_unset(spec["Lion_beta2_meta"]), impl=spec["optimizer_impl"],
-                state_dtype=STATE_DTYPES[spec["state_dtype"]], hessian=HESSIANS[spec["hessian"]],
-                rectify=spec["rectify"],
-            )
+            return MetaOptimize(params, **_metaoptimize_kwargs(spec))
         except ValueError as err:
             raise ValueError(as_flags(str(err))) from None
     if name == "AdamW":

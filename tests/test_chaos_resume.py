@@ -44,16 +44,18 @@ def _segment(script, argv, log, pipe, hold_write):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # Python's own streams too (pytest's capture replaced them): a KeyboardInterrupt's traceback lands in `log`
+    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     torch.set_num_threads(1)
-    should_stop, real_write = harness.Run.should_stop, harness.atomic_write_bytes
+    should_stop, real_write = harness.Run.should_stop, runfolder.atomic_write
 
     def reporting_should_stop(self, step=None):
         os.write(pipe, b"s")
         return should_stop(self, step)
 
-    def reporting_write(path, write, check=None):
+    def reporting_write(path, write, check=None, **where):
         if Path(path).name != runfolder.CHECKPOINT or hold_write is None:
-            return real_write(path, write, check)
+            return real_write(path, write, check, **where)
 
         def held(f):
             if hold_write == "after":
@@ -62,9 +64,9 @@ def _segment(script, argv, log, pipe, hold_write):
             os.write(pipe, b"w")
             time.sleep(60)  # the parent kills this process here: a temp file is left behind
 
-        return real_write(path, held, check)
+        return real_write(path, held, check, **where)
 
-    harness.Run.should_stop, harness.atomic_write_bytes = reporting_should_stop, reporting_write
+    harness.Run.should_stop, runfolder.atomic_write = reporting_should_stop, reporting_write
     sys.argv = [str(script), *map(str, argv)]
     sys.path.insert(0, str(Path(script).parent))
     runpy.run_path(str(script), run_name="__main__")

@@ -472,3 +472,24 @@ def test_changed_flags_on_resume_are_applied_and_recorded_or_refused(tmp_path):
     assert run.resume(model, opt)["step"] == 1
     assert len(json.loads((run.dir / "config.json").read_text())["changes"]) == 2
     run.close()
+
+
+def test_check_args_checks_metaoptimize_flags_without_building_an_optimizer(monkeypatch):
+    from common import specs
+    from common.optim_flags import add_optimizer_args
+
+    parser = harness.ArgParser()
+    harness.add_run_args(parser)
+    add_optimizer_args(parser)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the check built a MetaOptimize")
+
+    monkeypatch.setattr(specs, "MetaOptimize", no_build)
+    harness.check_args(parser.parse_args(["--alg-base", "Lion", "--Lion-beta2-base", ".99"]))
+    for argv, message in ((["--alpha0", "0"], "--alpha0 must be a finite number in (0.0, inf), got 0.0"),
+                          (["--alg-base", "Lion"], "--Lion-beta2-base is required by --alg-base='Lion' but is unset"),
+                          (["--hessian", "hvp", "--alg-meta", "fixed"], "--hessian: a fixed step size keeps no trace")):
+        with pytest.raises(ValueError) as e:
+            harness.check_args(parser.parse_args(argv))
+        assert str(e.value).startswith(message), e.value

@@ -94,6 +94,33 @@ def meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weigh
     return alg_meta, {k: meta_hp[k] for k in meta.hyperparameters}
 
 
+def check_settings(alg_base, alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta,
+                   momentum_param_meta, normalizer_param_meta, lion_beta2_meta, hessian, state_dtype):
+    """MetaOptimize's checks of the settings that need no parameters (ValueError naming the argument):
+    the constructor's, and a check before any model exists (common/specs.py) without building one.
+    Returns the canonical alg_base and alg_meta, the meta rule's hyperparameters and the state dtype."""
+    alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
+    alg_meta, meta_hp = meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta,
+                                      momentum_param_meta, normalizer_param_meta, lion_beta2_meta)
+    state_dtype = _state_dtype(state_dtype)
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
+    return alg_base, alg_meta, meta_hp, state_dtype
+
+
+def base_hyperparameters(alg_base: str, group: dict, where: str | None = "") -> dict:
+    """The base rule's hyperparameters of a param group (or of the constructor's defaults), and lr,
+    checked to be set and finite unless `where` is None (`where` goes into the message)."""
+    hp = {"lr": group["lr"]}
+    for key in BASE_RULES[alg_base].hyperparameters:
+        hp[key] = group["weight_decay" if key == "weight_decay" else key + "_base"]
+    if where is not None:
+        for key, value in hp.items():
+            name = key if key in ("lr",) else key + "_base"
+            _check_hyperparameter(name, value, f"alg_base={alg_base!r}{where}")
+    return {k: float(v) for k, v in hp.items()}
+
+
 def blocks_of(layout, active, num_blocks: int) -> Tensor:
     """A host bool per block: True for the blocks of the tensors `active` (indices into the layout),
     those that had a gradient this step."""
@@ -245,12 +272,9 @@ class MetaOptimize(torch.optim.Optimizer):
         impl: str = "auto",
         state_dtype: torch.dtype | None = None,
     ):
-        alg_base = canonical(alg_base, BASE_ALGS, "alg_base")
-        alg_meta, meta_hp = meta_settings(alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta,
-                                          momentum_param_meta, normalizer_param_meta, lion_beta2_meta)
-        state_dtype = _state_dtype(state_dtype)
-        if hessian not in HESSIANS:
-            raise ValueError(f"hessian: unknown value {hessian!r}; accepted: None, 'hvp', 'block_diagonal'")
+        alg_base, alg_meta, meta_hp, state_dtype = check_settings(
+            alg_base, alg_meta, alpha0, gamma, stepsize_groups, meta_stepsize, weight_decay_meta, momentum_param_meta,
+            normalizer_param_meta, lion_beta2_meta, hessian, state_dtype)
         if weight_decay is not None:  # the ecosystem's name for the base weight decay
             weight_decay_base = weight_decay
         if isinstance(params, torch.nn.Module):
@@ -328,14 +352,7 @@ class MetaOptimize(torch.optim.Optimizer):
 
     def _hyperparameters(self, group, where="") -> dict:
         """The base rule's hyperparameters of a param group, and lr."""
-        hp = {"lr": group["lr"]}
-        for key in BASE_RULES[self.alg_base].hyperparameters:
-            hp[key] = group["weight_decay" if key == "weight_decay" else key + "_base"]
-        if where is not None:
-            for key, value in hp.items():
-                name = key if key in ("lr",) else key + "_base"
-                _check_hyperparameter(name, value, f"alg_base={self.alg_base!r}{where}")
-        return {k: float(v) for k, v in hp.items()}
+        return base_hyperparameters(self.alg_base, group, where)
 
     def _build_blocks(self, model_order):
         in_groups = [p for g in self.param_groups for p in g["params"]]
