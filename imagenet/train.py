@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                 with torch.no_grad():  # device-side sums, read every --log-every steps
                     batch_sums = torch.stack([loss.detach().float() * len(labels),
                                               (out.argmax(1) == labels).sum().float(),
-                                              torch.tensor(float(len(labels)), device=device)])
+                                              torch.full((), float(len(labels)), device=device)])
                     if skips_overflow:  # a loss the GradScaler skipped (fp16 overflow) stays out of the sums
                         batch_sums = torch.where(torch.isfinite(batch_sums[0]), batch_sums, 0.0)
                     sums += batch_sums

@@ -19,3 +19,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """CompiledImpl (CUDA's torch.compile step) forced on CPU with a cheap backend; returns the
+    monkeypatch (set `impl._COMPILE_BACKEND` or `torch.compile` through it to replace them)."""
+    from common.optimizers import impl
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(impl, "_FORCE_COMPILED", True)
+    monkeypatch.setattr(impl, "_COMPILE_BACKEND", "eager")
+    return monkeypatch

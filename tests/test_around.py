@@ -584,16 +584,6 @@ def test_meta_defaults_are_the_documented_ones():
 
 # ---- the torch.compile step (CUDA's), on CPU with a cheap backend -----------------------------
 
-@pytest.fixture
-def compiled(monkeypatch):
-    import common.optimizers.impl as impl_mod
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(impl_mod, "_FORCE_COMPILED", True)
-    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
-    return monkeypatch
-
-
 @pytest.mark.parametrize("groups", ["scalar", "nodewise", "weightwise"])
 def test_the_compiled_step_equals_the_foreach_step(compiled, groups):
     fused, params_f = run_impl("fused", groups, "Adam", steps=6)

@@ -23,6 +23,14 @@ def real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def set_twin_grads(cps, rps, gen):
+    """One random gradient per real twin, the same numbers as the complex tensor's gradient."""
+    for cp, rp in zip(cps, rps):
+        g = torch.randn(rp.shape, generator=gen)
+        cp.grad = torch.view_as_complex(g) if cp.is_complex() else g.clone()
+        rp.grad = g.clone()
+
+
 @pytest.mark.parametrize("impl", ["foreach", "fused", "compiled"])
 @pytest.mark.parametrize("groups", ["scalar", "layerwise", "nodewise", "weightwise"])
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
@@ -38,10 +46,7 @@ def test_complex_parameters_step_as_their_real_views(groups, impl, state_dtype, 
     assert copt.num_blocks == ropt.num_blocks and copt.impl == ropt.impl
     gen = torch.Generator().manual_seed(1)
     for step in range(6):
-        for cp, rp in zip(cps, rps):
-            g = torch.randn(rp.shape, generator=gen)
-            cp.grad = torch.view_as_complex(g) if cp.is_complex() else g.clone()
-            rp.grad = g.clone()
+        set_twin_grads(cps, rps, gen)
         if step == 3:  # a tensor without a gradient keeps its blocks
             cps[1].grad = rps[1].grad = None
         copt.step()
@@ -78,10 +83,7 @@ def test_packaged_class_steps_complex_parameters_as_their_real_views(blocks):
     copt, ropt = MetaOptimize_AdamW_Lion_hg(cps, **kw), MetaOptimize_AdamW_Lion_hg(rps, **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        for cp, rp in zip(cps, rps):
-            g = torch.randn(rp.shape, generator=gen)
-            cp.grad = torch.view_as_complex(g) if cp.is_complex() else g.clone()
-            rp.grad = g.clone()
+        set_twin_grads(cps, rps, gen)
         copt.step()
         ropt.step()
     for cp, rp in zip(cps, rps):

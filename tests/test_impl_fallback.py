@@ -61,15 +61,6 @@ def assert_same_run(a, b, exact=True):
                 assert check(v, ob.state[y][name]), name
 
 
-@pytest.fixture
-def compiled(monkeypatch):
-    """CompiledImpl on CPU with a cheap backend (set `backend` to replace it)."""
-    torch._dynamo.reset()
-    monkeypatch.setattr(impl_mod, "_FORCE_COMPILED", True)
-    monkeypatch.setattr(impl_mod, "_COMPILE_BACKEND", "eager")
-    return monkeypatch
-
-
 @pytest.mark.parametrize("groups", GROUPS)
 def test_auto_falls_back_to_foreach_when_torch_compile_fails(compiled, groups):
     def broken(*args, **kwargs):
