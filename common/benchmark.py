@@ -4,6 +4,11 @@ Every benchmark times its variants in one process, in interleaved rounds, so tha
 a shared machine (clock changes, other jobs) hit every variant alike; device work is synchronised
 around each timed call, so the times include it.
 
+`stream_pass` is the floor those timings are read against on CPU: a C pass that only moves a
+given number of float32 streams through memory (read all, write some), over tensors of a
+parameter set's shapes, chunked and threaded as the fused step's own C loop (kernels.py). A step
+that must move those streams cannot be faster than it on the same machine.
+
 `write_results` records what a benchmark measured (date, command line, machine, software, the
 table and every raw measurement) as `<stem>.md` + `<stem>.json`, e.g. under results/, so that
 every number a README quotes can be traced to the run that produced it.
@@ -67,6 +72,53 @@ def interleaved(
         if r >= warmup_rounds and on_round is not None:
             on_round(r - warmup_rounds, timings)
     return timings
+
+
+def stream_pass(shapes: Sequence[torch.Size], reads: int, writes: int) -> Callable[[], None]:
+    """A call that reads `reads` float32 tensors of each shape in `shapes` and writes the first
+    `writes` of them back (each stream once, elementwise, a multiply-add per value): the memory
+    traffic of an optimizer step with that many state streams and none of its arithmetic. CPU
+    only (the fused step's C compiler)."""
+    import ctypes
+
+    from common.optimizers import kernels
+
+    if not 0 < writes <= reads:
+        raise ValueError(f"stream_pass: need 0 < writes <= reads, got {reads} reads, {writes} writes")
+    loads = "\n".join(f"const float x{k} = s{k}[i];" for k in range(reads))
+    total = " + ".join(f"x{k}" for k in range(reads))
+    stores = "\n".join(f"s{k}[i] = 0.5f * x{k} + 1e-3f * sum;" for k in range(writes))
+    ptrs = "\n".join(f"float* restrict s{k} = ptrs[{reads} * t + {k}];" for k in range(reads))
+    source = f"""
+#include <stdint.h>
+void stream_pass(int64_t nchunks, const int64_t* restrict chunks, float* const* restrict ptrs, int nthreads)
+{{
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < nchunks; ++c) {{
+        const int64_t t = chunks[3 * c], lo = chunks[3 * c + 1], hi = chunks[3 * c + 2];
+        {ptrs}
+        #pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) {{
+            {loads}
+            const float sum = {total};
+            {stores}
+        }}
+    }}
+}}
+"""
+    fn = kernels.load_kernel(source, "stream_pass", pointers=2)
+    gen = torch.Generator().manual_seed(0)
+    tensors = [[torch.randn(s, generator=gen) for _ in range(reads)] for s in shapes]
+    chunks = [x for t, s in enumerate(shapes) for lo in range(0, s.numel(), kernels.CHUNK)
+              for x in (t, lo, min(s.numel(), lo + kernels.CHUNK))]
+    chunk_array = (ctypes.c_int64 * max(1, len(chunks)))(*chunks)
+    ptr_array = (ctypes.c_void_p * (reads * len(shapes)))(*[x.data_ptr() for ts in tensors for x in ts])
+
+    def run():
+        fn(len(chunks) // 3, ctypes.addressof(chunk_array), ctypes.addressof(ptr_array), torch.get_num_threads())
+
+    run.tensors = tensors  # kept alive with the call
+    return run
 
 
 # --------------------------------------------------------------------------------------

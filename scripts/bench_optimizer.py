@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tinystories"))
 
 from model import ModelArgs, Transformer  # noqa: E402  (tinystories/model.py)
 
-from common.benchmark import environment, interleaved, markdown_table, write_results  # noqa: E402
+from common.benchmark import environment, interleaved, markdown_table, stream_pass, write_results  # noqa: E402
 from common.models import ContinualCNN, cifar_resnet18  # noqa: E402
 from common.optimizers import BASE_RULES, MetaOptimize  # noqa: E402
 
@@ -52,6 +52,10 @@ PAPER_META = dict(normalizer_param_meta=0.999, momentum_param_meta=0.99, lion_be
 PAPER_BASE = dict(weight_decay_base=0.1, normalizer_param_base=0.999, momentum_param_base=0.9, lion_beta2_base=0.9)
 METAS = ("fixed", "SGD", "RMSProp", "Adam", "Lion")
 FUSED, FOREACH = "torch AdamW fused", "torch AdamW foreach"
+# float32 streams a step must read and write, as pure memory passes (the "floor" rows, CPU): AdamW's
+# w, g, m, v (g read only); weight-wise blocks add h, beta and the meta rule's state (Lion: one, Adam: two)
+STEP_FLOORS = ((4, 3, "AdamW's w g m v"), (7, 6, "weightwise Lion"), (8, 7, "weightwise Adam"))
+AROUND_FLOOR = "floor: AdamW + w0 copy + 4R/2W"
 
 
 def torch_adamw(kind):
@@ -144,6 +148,10 @@ def bench_steps(args, device, set_name):
     factories["AdamW+Lion scalar, bf16 state"] = metaoptimize("AdamW", "Lion", state_dtype=torch.bfloat16)
     factories["AdamW+Lion scalar, foreach"] = metaoptimize("AdamW", "Lion", impl="foreach")
     variants, memory = prepared_steps(factories, shapes, device)
+    if device.type == "cpu":  # what moving the streams alone costs here (common.benchmark.stream_pass)
+        for reads, writes, what in STEP_FLOORS:
+            variants[f"floor {reads}R/{writes}W ({what})"] = stream_pass(shapes, reads, writes)
+            memory[f"floor {reads}R/{writes}W ({what})"] = 0.0
     return table(f"optimizer.step(), {set_name} parameter set ({len(shapes)} tensors, "
                  f"{sum(s.numel() for s in shapes):,} weights), {threads} threads, {args.rounds} interleaved rounds",
                  interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)
@@ -179,6 +187,26 @@ print(first, time.perf_counter() - start, opt.impl)
 """
 
 
+def around_floor(shapes):
+    """The least a wrapper that takes u = w1 - w0 from the base's own step can cost (CPU): the bare
+    fused AdamW step, the w0 copy before it (around.py's non-temporal C copy), and a pure pass that
+    reads w, w0, h, g and writes w, h (common.benchmark.stream_pass), with none of its arithmetic."""
+    from common.optimizers.around_kernel import CopyKernel
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    base, copy, w0 = torch_adamw("fused")(params), CopyKernel(), [torch.empty_like(p) for p in params]
+    post = stream_pass(shapes, 4, 2)
+
+    def step():
+        copy(w0, params)
+        base.step()
+        post()
+    return step
+
+
 def bench_around(args, device, set_name):
     """MetaOptimize.around(torch AdamW fused) against the bare fused AdamW, at each thread count of
     --threads (0: torch's default), interleaved in one process."""
@@ -195,8 +223,10 @@ def bench_around(args, device, set_name):
         print(f"\n== MetaOptimize.around(AdamW fused).step() on the {set_name} parameter set, {device}, "
               f"{torch.get_num_threads()} threads ==")
         variants, memory = prepared_steps(factories, shapes, device)
+        if device.type == "cpu":
+            variants[AROUND_FLOOR] = around_floor(shapes)
         # the wrapper's own state (w0, h) over the base's: floats per weight
-        memory = {name: m if name.startswith("around") else 0.0 for name, m in memory.items()}
+        memory = {name: memory[name] if name.startswith("around") else 0.0 for name in variants}
         timed = interleaved(variants, args.rounds, device, warmup_rounds=2)
         title = (f"MetaOptimize.around(torch AdamW fused).step(), {set_name} parameter set ({len(shapes)} tensors), "
                  f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (last column: the wrapper's "

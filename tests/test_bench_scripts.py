@@ -49,12 +49,27 @@ def test_bench_optimizer_quick(tmp_path):
         low, median, x_fused, x_foreach, per_weight = row(out, label + " ")
         assert 0 < low <= median and x_fused > 0 and x_foreach > 0 and per_weight == state, label
     assert row(out, "torch AdamW fused ")[2] == 1.0 and row(out, "torch AdamW foreach ")[3] == 1.0
+    # the memory floors the ratios are read against: pure passes over 7 and 13 streams
+    for label in ("floor 4R/3W (AdamW's w g m v)", "floor 7R/6W (weightwise Lion)", "floor 8R/7W (weightwise Adam)"):
+        low, _, x_fused, _, per_weight = row(out, label + " ")
+        assert low > 0 and x_fused > 0 and per_weight == 0.0, label
     for label in ("fused, empty kernel cache", "fused, cached kernel", "foreach"):
         first, second = row(out, "resnet18, weightwise, " + label + " ")
         assert first > 0 and second > 0, label
     assert "batch-size-1 training step (fwd + bwd + step) of the continual CNN" in out
     for label in ("AdamW+fixed", "AdamW+Adam scalar", "AdamW+Adam last_layer_and_others"):
         assert all(v > 0 for v in row(out, label + " ")), label
+
+
+@pytest.mark.slow
+def test_bench_optimizer_around_prints_the_ratio_and_its_floor():
+    out = bench("bench_optimizer.py", "--around", "--skip-steps", "--skip-loop", "--skip-first-step", "--rounds", 1,
+                "--sets", "resnet18", "--threads", 1)
+    assert "== MetaOptimize.around(AdamW fused).step() on the resnet18 parameter set, cpu, 1 threads ==" in out
+    for label, extra in (("around(AdamW fused) Adam, impl=fused", 2.0), ("around(AdamW fused) fixed, impl=fused", 1.0),
+                         ("floor: AdamW + w0 copy + 4R/2W", 0.0)):
+        low, median, x_fused, _, per_weight = row(out, label + " ")
+        assert 0 < low <= median and x_fused > 0 and per_weight == extra, label
 
 
 def test_bench_train_quick():

@@ -3,9 +3,11 @@
 import json
 import sys
 
+import pytest
 import torch
 
-from common.benchmark import interleaved, markdown_table, write_results
+from common.benchmark import interleaved, markdown_table, stream_pass, write_results
+from common.optimizers import kernels
 
 
 def test_interleaved_alternates_order_and_skips_warmup():
@@ -47,3 +49,18 @@ def test_bench_baselines_records_its_table(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["torch AdamW", "Prodigy"]
     data = json.loads((tmp_path / "bb.json").read_text())
     assert data["raw"] == rows and "| transformer15m | Prodigy |" in (tmp_path / "bb.md").read_text()
+
+
+@pytest.mark.skipif(kernels.compiler() is None, reason="needs a C compiler: apt-get install -y gcc")
+def test_stream_pass_reads_every_stream_and_writes_the_first_ones():
+    shapes = [torch.Size([70000]), torch.Size([3, 5]), torch.Size([0])]  # over a chunk, small, empty
+    run = stream_pass(shapes, reads=3, writes=2)
+    before = [[x.clone() for x in ts] for ts in run.tensors]
+    run()
+    for old, new in zip(before, run.tensors):
+        total = old[0] + old[1] + old[2]
+        torch.testing.assert_close(new[0], 0.5 * old[0] + 1e-3 * total)
+        torch.testing.assert_close(new[1], 0.5 * old[1] + 1e-3 * total)
+        assert torch.equal(new[2], old[2])
+    with pytest.raises(ValueError, match="writes"):
+        stream_pass(shapes, reads=2, writes=3)

@@ -530,8 +530,10 @@ def compiler() -> str | None:
     return None
 
 
-def load_kernel(source: str, name: str = "mo_step"):
-    """Compile `source` (or take it from the cache) and return its function `name`."""
+def load_kernel(source: str, name: str = "mo_step", pointers: int | None = None):
+    """Compile `source` (or take it from the cache) and return its function `name`, whose arguments
+    are an int64, `pointers` pointers and an int (the thread count); by default the count of the
+    kernels here."""
     global _ANNOUNCED
     cc = compiler()
     if cc is None:
@@ -559,7 +561,8 @@ def load_kernel(source: str, name: str = "mo_step"):
             _ANNOUNCED = True
     fn = getattr(ctypes.CDLL(str(path)), name)
     fn.restype = None
-    pointers = {"mo_step": 8, "mo_step_meta": 8}.get(name, 3)  # mo_meta, around.py's around_copy: 3
+    if pointers is None:
+        pointers = {"mo_step": 8, "mo_step_meta": 8}.get(name, 3)  # mo_meta, around.py's around_copy: 3
     fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int] \
         + ([ctypes.c_void_p] * 3 if name == "mo_step_meta" else [])
     _LOADED[key] = fn
