@@ -460,8 +460,11 @@ def test_weightwise_fused_step_does_the_meta_update_in_its_own_pass(meta, dtype,
     for a, b in zip(pf, pe):
         torch.testing.assert_close(a, b, **tol)
     torch.testing.assert_close(af, ae, **tol)
+    # exp(beta) in the C loop (glibc's vector and scalar expf) and torch.exp differ in the last bit;
+    # over 20 steps the meta state, normalised by Adam's and RMSProp's sqrt, carries up to ~2e-5 of it
+    meta_tol = dict(tol, rtol=3e-5) if dtype == torch.float32 else tol
     for k in sf:
-        torch.testing.assert_close(sf[k], se[k], **tol)
+        torch.testing.assert_close(sf[k], se[k], **meta_tol)
 
 
 def test_weightwise_fused_meta_update_keeps_beta_where_z_is_not_finite_and_counts_it():
