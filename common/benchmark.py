@@ -109,8 +109,7 @@ void stream_pass(int64_t nchunks, const int64_t* restrict chunks, float* const* 
     fn = kernels.load_kernel(source, "stream_pass", pointers=2)
     gen = torch.Generator().manual_seed(0)
     tensors = [[torch.randn(s, generator=gen) for _ in range(reads)] for s in shapes]
-    chunks = [x for t, s in enumerate(shapes) for lo in range(0, s.numel(), kernels.CHUNK)
-              for x in (t, lo, min(s.numel(), lo + kernels.CHUNK))]
+    chunks = [x for t, s in enumerate(shapes) for lo, hi in kernels.pieces(s.numel()) for x in (t, lo, hi)]
     chunk_array = (ctypes.c_int64 * max(1, len(chunks)))(*chunks)
     ptr_array = (ctypes.c_void_p * (reads * len(shapes)))(*[x.data_ptr() for ts in tensors for x in ts])
 

@@ -150,8 +150,8 @@ def bench_steps(args, device, set_name):
     variants, memory = prepared_steps(factories, shapes, device)
     if device.type == "cpu":  # what moving the streams alone costs here (common.benchmark.stream_pass)
         for reads, writes, what in STEP_FLOORS:
-            variants[f"floor {reads}R/{writes}W ({what})"] = stream_pass(shapes, reads, writes)
-            memory[f"floor {reads}R/{writes}W ({what})"] = 0.0
+            name = f"floor {reads}R/{writes}W ({what})"
+            variants[name], memory[name] = stream_pass(shapes, reads, writes), 0.0
     return table(f"optimizer.step(), {set_name} parameter set ({len(shapes)} tensors, "
                  f"{sum(s.numel() for s in shapes):,} weights), {threads} threads, {args.rounds} interleaved rounds",
                  interleaved(variants, args.rounds, device, warmup_rounds=2), memory=memory)

@@ -178,10 +178,10 @@ class CImpl:
             if layout.kind == "nodewise":
                 rows = layout.units[i]
                 per = max(1, CHUNK // max(1, w.numel() // max(1, rows)))  # zero-size tensors: no rows
-                pieces = [(lo, min(rows, lo + per)) for lo in range(0, rows, per)]
+                units = kernels.pieces(rows, per)
             else:
-                pieces = [(lo, min(w.numel(), lo + CHUNK)) for lo in range(0, w.numel(), CHUNK)]
-            for lo, hi in pieces:
+                units = kernels.pieces(w.numel())
+            for lo, hi in units:
                 chunks += [k, lo, hi]
                 chunk_block.append(layout.starts[i])
         n = len(items)

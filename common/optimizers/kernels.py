@@ -321,6 +321,11 @@ _C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "ui
 CHUNK = 1 << 15  # elements per unit of work: the streams of a chunk stay in the core's cache
 EXP_BLOCK = 256  # weight-wise fused meta update: exp(beta) of this many weights ahead of the step's loop
 
+
+def pieces(n: int, per: int = CHUNK) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of at most `per` that cover range(n): the C loop's units of work."""
+    return [(lo, min(n, lo + per)) for lo in range(0, n, per)]
+
 _C_PRELUDE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -421,9 +426,9 @@ def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: to
         alpha_load = f"const {ctype} alpha_v = alpha_buf[i - b0];"
         exp = "expf" if mtype == "float" else "exp"
         loop = f"""int64_t nskip = 0;
-        {ctype} alpha_buf[EXP_BLOCK];
-        for (int64_t b0 = lo; b0 < hi; b0 += EXP_BLOCK) {{
-        const int64_t b1 = b0 + EXP_BLOCK < hi ? b0 + EXP_BLOCK : hi;
+        {ctype} alpha_buf[{EXP_BLOCK}];
+        for (int64_t b0 = lo; b0 < hi; b0 += {EXP_BLOCK}) {{
+        const int64_t b1 = b0 + {EXP_BLOCK} < hi ? b0 + {EXP_BLOCK} : hi;
         #pragma omp simd
         for (int64_t i = b0; i < b1; ++i) alpha_buf[i - b0] = ({ctype}){exp}(mbeta_p[i]);
         #pragma omp simd reduction(+:nskip)
@@ -462,7 +467,7 @@ def c_source(prog: Program, kind: str, param_dtype: torch.dtype, state_dtype: to
         }}"""
     extra_args = (", void* const* restrict meta_ptrs, const double* restrict meta_scalars, int64_t* restrict skips"
                   if fused_meta else "")
-    return _C_PRELUDE + (_C_VECTOR_EXP + f"#define EXP_BLOCK {EXP_BLOCK}\n" if fused_meta else "") + f"""
+    return _C_PRELUDE + (_C_VECTOR_EXP if fused_meta else "") + f"""
 void {"mo_step_meta" if fused_meta else "mo_step"}(int64_t nchunks, const int64_t* restrict chunks,
              void* const* restrict ptrs, const double* restrict scalars, const int64_t* restrict scalar_row,
              const {mtype}* restrict alpha, const int64_t* restrict block_at, const int64_t* restrict row_len,
